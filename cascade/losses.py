@@ -1,0 +1,81 @@
+"""Training losses of a denoising network: L_simple and the hybrid L_simple + λ L_vlb.
+
+A loss holds only hyperparameters and returns a per-example loss; the training loop
+reduces it (EDM ``training/loss.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from cascade.denoiser import split_learned_variance
+from cascade.diffusion import (
+    Parameterization,
+    at,
+    mean_flat,
+    model_log_variance,
+    prediction_target,
+    q_posterior,
+    q_sample,
+    vlb_term,
+    x0_eps_from_prediction,
+)
+from cascade.schedules import NoiseSchedule
+
+__all__ = ["DiffusionLoss"]
+
+
+class DiffusionLoss:
+    """L_simple = ‖target − net(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, cond)‖² (Ho et al. eq. 14), optionally hybrid.
+
+    With ``learned_variance`` the network outputs 2C channels, the second half setting the
+    "learned range" variance, and the loss is L_simple + λ·T·L_t (Nichol & Dhariwal 2021,
+    eq. 16): L_t in bits/dim with a stop-gradient on the mean, so the variance alone learns
+    from the bound. λ·T is ADM's weighting (λ = 0.001 gives 1 at T = 1000).
+    """
+
+    def __init__(
+        self,
+        parameterization: Parameterization = "eps",  # what the network predicts
+        learned_variance: bool = False,  # second half of the output channels sets Σ
+        vb_weight: float = 0.001,  # λ of the hybrid loss
+    ) -> None:
+        self.parameterization = parameterization
+        self.learned_variance = learned_variance
+        self.vb_weight = vb_weight
+
+    def __call__(
+        self,
+        net: Callable[..., Tensor],
+        schedule: NoiseSchedule,
+        x0: Tensor,
+        k: Tensor,
+        noise: Tensor,
+        **cond: Tensor,
+    ) -> Tensor:
+        """Per-example loss (B,) for clean data x0 (B, C, H, W) at schedule positions k (B,)."""
+        x_t = q_sample(schedule, x0, k, noise)  # (B, C, H, W)
+        out = net(x_t, schedule.timesteps.to(k.device)[k], **cond).float()  # (B, C or 2C, H, W)
+        var_frac = None
+        if self.learned_variance:
+            out, var_frac = split_learned_variance(out)
+        alpha_bar = at(schedule.alphas_cumprod, k, x0)  # (B, 1, 1, 1)
+        target = prediction_target(self.parameterization, x0, noise, alpha_bar)
+        loss = mean_flat((target - out) ** 2)  # (B,)
+        if self.learned_variance:
+            # Stop-gradient on the mean: L_vlb trains the variance only (Nichol & Dhariwal §3.1).
+            x0_hat, _ = x0_eps_from_prediction(out.detach(), self.parameterization, x_t, alpha_bar)
+            model_mean, _, _ = q_posterior(schedule, x0_hat, x_t, k)
+            log_var = model_log_variance(schedule, k, var_frac, x_t)
+            vb = vlb_term(schedule, x0, x_t, k, model_mean, log_var)  # (B,)
+            loss = loss + self.vb_weight * len(schedule) * vb
+        return loss
+
+    def __repr__(self) -> str:
+        return (
+            f"DiffusionLoss(parameterization={self.parameterization!r}, "
+            f"learned_variance={self.learned_variance}, vb_weight={self.vb_weight})"
+        )
+

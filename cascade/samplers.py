@@ -1,0 +1,162 @@
+"""Samplers: pure functions of a model function, a starting noise and a step schedule.
+
+Every sampler has the signature
+``sampler(model_fn, x_T, schedule, *, cond=None, generator=None, progress=True) -> x_0``
+(plus its own keyword options), walks ``schedule`` from its last step to its first, and
+ends on the clean sample (ᾱ_{−1} = 1). Respacing is simply passing a respaced schedule.
+Guidance is applied by wrapping ``model_fn`` (see :mod:`cascade.guidance`); samplers never
+know about it. They run under ``torch.no_grad`` (not inference mode, so that classifier
+guidance can still take input gradients inside the model function).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from cascade.denoiser import ModelFn
+from cascade.diffusion import model_log_variance, x0_from_eps
+from cascade.schedules import NoiseSchedule
+
+__all__ = ["SamplerName", "SAMPLERS", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "get_sampler"]
+
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
+
+
+def _steps(schedule: NoiseSchedule, x: Tensor, desc: str, progress: bool) -> Iterator[tuple[int, Tensor]]:
+    """Positions k = K−1 … 0 with the batch's training timesteps t (B,), under a progress bar."""
+    for k in tqdm(range(len(schedule) - 1, -1, -1), desc=desc, disable=not progress, leave=False, unit="step"):
+        yield k, torch.full((x.shape[0],), int(schedule.timesteps[k]), device=x.device, dtype=torch.long)
+
+
+def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def sample_ddpm(
+    model_fn: ModelFn,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    cond: Mapping[str, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> Tensor:
+    """Ancestral sampling of p_θ(x_{t−1} | x_t) = N(μ̃(x_t, x̂_0), Σ) (Ho et al. 2020, Alg. 2).
+
+    μ̃ is the posterior mean (eq. 7) at the predicted x̂_0; Σ is β̃, β or the learned range
+    (Nichol & Dhariwal eq. 15), from the model output's ``var_frac``. On a respaced schedule
+    β and β̃ are those of the kept steps (Nichol & Dhariwal §4).
+    """
+    cond = dict(cond or {})
+    ab_all, ab_prev_all, betas = schedule.alphas_cumprod, schedule.alphas_cumprod_prev, schedule.betas
+    x = x_T
+    for k, t in _steps(schedule, x, "DDPM", progress):
+        out = model_fn(x, t, **cond)
+        ab, ab_prev, beta = float(ab_all[k]), float(ab_prev_all[k]), float(betas[k])
+        x0 = x0_from_eps(x, out.eps, torch.tensor(ab, dtype=x.dtype))  # (B, C, H, W)
+        mean = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x
+        if k == 0:
+            x = mean
+        else:
+            kk = torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
+            log_var = model_log_variance(schedule, kk, out.var_frac, x)  # (B, C, H, W)
+            x = mean + torch.exp(0.5 * log_var) * _noise_like(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(
+    model_fn: ModelFn,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    eta: float = 0.0,
+    cond: Mapping[str, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12): x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1−ᾱ_{t−1}−σ²) ε̂ + σ z.
+
+    σ = η √((1−ᾱ_{t−1})/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t−1}); η = 0 is the deterministic probability-flow
+    discretisation, η = 1 is ancestral sampling with Σ = β̃ of the schedule's steps.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    cond = dict(cond or {})
+    x = x_T
+    for k, t in _steps(schedule, x, "DDIM", progress):
+        out = model_fn(x, t, **cond)
+        ab, ab_prev = float(schedule.alphas_cumprod[k]), float(schedule.alphas_cumprod_prev[k])
+        x0 = x0_from_eps(x, out.eps, torch.tensor(ab, dtype=x.dtype))  # (B, C, H, W)
+        sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab)) * math.sqrt(1 - ab / ab_prev)
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * out.eps
+        if sigma > 0:
+            x = x + sigma * _noise_like(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    model_fn: ModelFn,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    cond: Mapping[str, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    lower_order_final: bool = True,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second-order multistep solver of the diffusion ODE.
+
+    In the data-prediction form with λ = log(α/σ), α = √ᾱ, σ = √(1−ᾱ), h_i = λ_{i} − λ_{i−1}:
+    x_i = (σ_i/σ_{i−1}) x_{i−1} − α_i (e^{−h_i} − 1) D_i, with D_i = (1 + 1/(2r_i)) x̂_0^{(i−1)}
+    − 1/(2r_i) x̂_0^{(i−2)}, r_i = h_{i−1}/h_i. The first step is first order (DDIM); so is the
+    step onto the schedule's first step when ``lower_order_final`` (the usual remedy for the
+    large last log-SNR jump of few-step schedules; Lu et al. 2022b §5); the final jump, to
+    σ = 0, returns x̂_0. One model evaluation per schedule step.
+    ``generator`` is accepted for the shared signature; the solver is deterministic.
+    """
+    del generator
+    cond = dict(cond or {})
+    alpha = schedule.alphas_cumprod.sqrt()  # (K,)
+    sigma = (1.0 - schedule.alphas_cumprod).sqrt()  # (K,)
+    lam = (alpha / sigma).log()  # (K,)
+    x = x_T
+    x0_prev: Tensor | None = None
+    h_prev = 0.0
+    for k, t in _steps(schedule, x, "DPM-Solver++(2M)", progress):
+        out = model_fn(x, t, **cond)
+        x0 = x0_from_eps(x, out.eps, torch.tensor(float(alpha[k]) ** 2, dtype=x.dtype))  # (B, C, H, W)
+        if k == 0:
+            return x0
+        h = float(lam[k - 1] - lam[k])
+        if x0_prev is None or (k == 1 and lower_order_final):
+            d = x0  # first order: the first step has no history; the last one is too long to extrapolate
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = (float(sigma[k - 1]) / float(sigma[k])) * x - float(alpha[k - 1]) * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+
+
+def get_sampler(name: SamplerName) -> Callable[..., Tensor]:
+    """The sampler function called ``name``; an unknown name is a one-line error listing the choices."""
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None

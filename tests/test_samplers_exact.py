@@ -1,0 +1,127 @@
+"""Samplers and guidance against the exact model of a Gaussian mixture (closed forms, no golden numbers).
+
+With the exact ε-predictor plugged in, every sampler must reproduce the mixture: the
+component weights and each component's per-pixel mean and standard deviation. With the
+exact log p(y | x_t) as the classifier, guidance at scale 1 on the *unconditional* model
+must sample the requested component.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cascade.guidance import classifier_free_guidance, classifier_guidance
+from cascade.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m
+from cascade.schedules import cosine_schedule, linear_schedule, respace
+from tests.mixture import GaussianMixture, MixtureModel
+
+NUM_SAMPLES = 3000
+MIXTURE = GaussianMixture()
+SCHEDULES = {"linear": linear_schedule(1000), "cosine": cosine_schedule(1000)}
+# (sampler, steps = model evaluations, spacing, tolerance on the std ratio).
+# DDIM is first order: on a Gaussian of std s each step contracts the deviation by cos Δθ,
+# θ = atan(σ_t / (√ᾱ_t s)), so 50 steps lose ≥ 2.4 % of the spread even with ideal spacing
+# (Σ Δθ² ≥ (π/2)²/50); we allow 8 %. DDPM-1000 and DPM-Solver++(2M)-20 must be within 4 %.
+SAMPLER_CASES = [(sample_ddpm, 1000, "uniform", 0.04), (sample_ddim, 50, "logsnr", 0.08), (sample_dpmpp_2m, 20, "logsnr", 0.04)]
+CASE_IDS = [f"{s.__name__}-{n}" for s, n, _, _ in SAMPLER_CASES]
+
+
+def component_statistics(samples: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Assign samples to components by p(k | x_0) and compare each component with the truth."""
+    ones = torch.ones(len(samples))
+    labels = MIXTURE.component_posterior(samples, ones).argmax(1)  # (N,)
+    fractions, mean_err, std_ratio = [], [], []
+    for k in range(MIXTURE.num_classes):
+        xs = samples[labels == k]
+        if len(xs) < 2:  # a component nobody sampled (e.g. under guidance towards another)
+            fractions.append(len(xs) / len(samples))
+            mean_err.append(torch.tensor(float("inf")))
+            std_ratio.append(torch.tensor(float("inf")))
+            continue
+        fractions.append(len(xs) / len(samples))
+        # Mean error in units of the component's std, RMS over pixels; std ratio averaged over pixels.
+        mean_err.append((((xs.mean(0) - MIXTURE.means[k]) / MIXTURE.stds[k]) ** 2).mean().sqrt())
+        std_ratio.append((xs.std(0) / MIXTURE.stds[k]).mean())
+    return {
+        "labels": labels,
+        "fractions": torch.tensor(fractions),
+        "mean_err": torch.stack(mean_err),
+        "std_ratio": torch.stack(std_ratio),
+    }
+
+
+def draw(sampler, steps, schedule_name, model_fn=None, cond=None, spacing="uniform", seed=0) -> torch.Tensor:
+    schedule = SCHEDULES[schedule_name]
+    steps_schedule = respace(schedule, steps, spacing)
+    model_fn = model_fn or MixtureModel(MIXTURE, schedule)
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((NUM_SAMPLES, *MIXTURE.shape), generator=g)
+    return sampler(model_fn, x_T, steps_schedule, cond=cond, generator=g, progress=False)
+
+
+@pytest.mark.parametrize("schedule_name", list(SCHEDULES))
+@pytest.mark.parametrize("sampler,steps,spacing,std_tol", SAMPLER_CASES, ids=CASE_IDS)
+def test_sampler_reproduces_mixture(sampler, steps, spacing, std_tol, schedule_name):
+    stats = component_statistics(draw(sampler, steps, schedule_name, spacing=spacing))
+    # Component weights within 3 points (sampling s.e. ≈ 0.9 points at N = 3000).
+    torch.testing.assert_close(stats["fractions"], MIXTURE.weights, atol=0.03, rtol=0)
+    # Per-pixel means within 0.15 std (sampling s.e. ≈ 0.03–0.06 std for 600–1500 samples).
+    assert (stats["mean_err"] < 0.15).all(), stats["mean_err"]
+    # Per-pixel standard deviations on average within the sampler's tolerance.
+    assert ((stats["std_ratio"] - 1).abs() < std_tol).all(), stats["std_ratio"]
+
+
+def test_dpm_solver_uses_one_evaluation_per_step():
+    model = MixtureModel(MIXTURE, SCHEDULES["cosine"])
+    draw(sample_dpmpp_2m, 20, "cosine", model_fn=model)
+    assert model.calls == 20
+    model.calls = 0
+    draw(sample_dpmpp_2m, 25, "linear", model_fn=MixtureModel(MIXTURE, SCHEDULES["linear"]), spacing="logsnr")
+    assert len(respace(SCHEDULES["linear"], 25, "logsnr")) <= 25
+
+
+GUIDED_CASES = [(*case, mode) for case, mode in zip(SAMPLER_CASES, ["mean", "eps", "eps"])]
+
+
+@pytest.mark.parametrize("sampler,steps,spacing,std_tol,mode", GUIDED_CASES, ids=[f"{i}-{c[-1]}" for i, c in zip(CASE_IDS, GUIDED_CASES)])
+def test_classifier_guidance_samples_requested_component(sampler, steps, spacing, std_tol, mode):
+    schedule = SCHEDULES["cosine"]
+    steps_schedule = respace(schedule, steps, spacing)
+    unconditional = MixtureModel(MIXTURE, schedule)
+    target = 2  # the rarest component (π = 0.2)
+    guided = classifier_guidance(
+        lambda x, t, **_: unconditional(x, t), unconditional.log_prob, steps_schedule, 1.0, mode=mode
+    )
+    labels = torch.full((NUM_SAMPLES,), target)
+    cond = {"class_labels": labels}
+    stats = component_statistics(draw(sampler, steps, "cosine", model_fn=guided, cond=cond, spacing=spacing))
+    assert stats["fractions"][target] >= 0.99, stats["fractions"]
+    assert stats["mean_err"][target] < 0.15, stats["mean_err"]
+    assert abs(float(stats["std_ratio"][target]) - 1) < std_tol, stats["std_ratio"]
+
+
+CFG_CASES = [(sample_ddpm, 100, "uniform"), (sample_ddim, 50, "logsnr"), (sample_dpmpp_2m, 20, "logsnr")]
+
+
+@pytest.mark.parametrize("sampler,steps,spacing", CFG_CASES, ids=[f"{s.__name__}-{n}" for s, n, _ in CFG_CASES])
+def test_classifier_free_guidance_at_one_is_the_conditional_sampler(sampler, steps, spacing):
+    schedule = SCHEDULES["linear"]
+    model = MixtureModel(MIXTURE, schedule)
+    labels = torch.arange(NUM_SAMPLES) % MIXTURE.num_classes
+    cond = {"class_labels": labels}
+    conditional = draw(sampler, steps, "linear", model_fn=model, cond=cond, spacing=spacing)
+    cfg_fn = classifier_free_guidance(model, 1.0, MIXTURE.num_classes)
+    cfg = draw(sampler, steps, "linear", model_fn=cfg_fn, cond=cond, spacing=spacing)
+    torch.testing.assert_close(cfg, conditional, atol=1e-4, rtol=1e-4)
+    # And the conditional sampler really draws each requested component.
+    assert (component_statistics(conditional)["labels"] == labels).float().mean() > 0.99
+
+
+def test_classifier_free_guidance_at_zero_is_unconditional():
+    schedule = SCHEDULES["cosine"]
+    model = MixtureModel(MIXTURE, schedule)
+    labels = torch.zeros(NUM_SAMPLES, dtype=torch.long)
+    unconditional = draw(sample_ddim, 50, "cosine", model_fn=model)
+    cfg = draw(sample_ddim, 50, "cosine", model_fn=classifier_free_guidance(model, 0.0, 3), cond={"class_labels": labels})
+    torch.testing.assert_close(cfg, unconditional, atol=1e-4, rtol=1e-4)
