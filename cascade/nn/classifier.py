@@ -1,0 +1,70 @@
+"""The noisy classifier p_φ(y | x_t, t) used for classifier guidance (Dhariwal & Nichol 2021, §4).
+
+It is the encoder half of the ADM U-Net (:class:`~cascade.nn.unet.UNetEncoder`, shared code),
+conditioned on t through the same time embedding, followed by GroupNorm–SiLU and attention
+pooling (:class:`~cascade.nn.layers.AttentionPool2d`) to class logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from cascade.nn.layers import AttentionPool2d, GroupNorm32, TimestepEmbedding, attention_num_heads, batch_vector
+from cascade.nn.unet import UNetEncoder
+
+__all__ = ["EncoderClassifier"]
+
+
+class EncoderClassifier(nn.Module):
+    """ADM's noisy ImageNet classifier: U-Net encoder + attention pooling → (B, num_classes) logits.
+
+    The attention pool's positional embedding fixes the input size to ``resolution``.
+    """
+
+    def __init__(
+        self,
+        *,
+        resolution: int = 64,  # input resolution (fixed by the attention pool)
+        in_channels: int = 3,  # channels of x_t
+        model_channels: int = 128,  # base width ("classifier_width")
+        channel_mult: Sequence[int] = (1, 2, 3, 4),  # width multiplier per level
+        num_res_blocks: int | Sequence[int] = 4,  # ResBlocks per level ("classifier_depth")
+        attention_resolutions: Sequence[int] = (32, 16, 8),  # resolutions with self-attention
+        num_heads: int = 1,  # attention heads, unless head_channels is set
+        head_channels: int | None = 64,  # channels per head (also for the pool); overrides num_heads
+        dropout: float = 0.0,  # ResBlock dropout
+        num_classes: int = 1000,  # logits
+        use_scale_shift_norm: bool = True,  # adaptive group norm conditioning
+        resblock_updown: bool = True,  # BigGAN-style down-sampling ResBlocks
+        grad_checkpointing: bool = False,  # recompute res/attention blocks in backward
+    ) -> None:
+        super().__init__()
+        emb_channels = 4 * model_channels
+        self.time_embed = TimestepEmbedding(model_channels, emb_channels)
+        self.encoder = UNetEncoder(
+            resolution=resolution,
+            in_channels=in_channels,
+            model_channels=model_channels,
+            emb_channels=emb_channels,
+            channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions,
+            num_heads=num_heads,
+            head_channels=head_channels,
+            dropout=dropout,
+            use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown,
+            grad_checkpointing=grad_checkpointing,
+        )
+        ch = self.encoder.out_channels
+        self.norm = GroupNorm32(ch)
+        heads = attention_num_heads(ch, num_heads, head_channels)
+        self.pool = AttentionPool2d(resolution // self.encoder.downsampling, ch, num_classes, num_heads=heads)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """Logits (B, num_classes) of p_φ(y | x_t, t) for x_t (B, in_channels, resolution, resolution), t (B,)."""
+        emb = self.time_embed(batch_vector(t, x_t.shape[0]))  # (B, E)
+        h, _ = self.encoder(x_t, emb)  # (B, C_mid, r, r)
+        return self.pool(nn.functional.silu(self.norm(h)))  # (B, num_classes)

@@ -1,0 +1,263 @@
+"""Building blocks of the ADM U-Net (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image
+Synthesis", appendix A) and its noisy classifier.
+
+Every block works on (B, C, H, W) feature maps; the ones that are conditioned take the
+(B, emb_channels) time/class/augmentation embedding as a second argument. Channel counts
+must be multiples of 32 (group normalisation with 32 groups).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "timestep_embedding",
+    "zero_init",
+    "GroupNorm32",
+    "TimestepEmbedding",
+    "ResBlock",
+    "Downsample",
+    "Upsample",
+    "AttentionBlock",
+    "AttentionPool2d",
+    "EmbedSequential",
+    "attention_num_heads",
+    "batch_vector",
+]
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps.
+
+    The positional encoding of Vaswani et al. 2017 ("Attention is all you need", §3.5) applied
+    to the diffusion timestep as in DDPM/ADM: frequencies ω_i = max_period^(−i/half), features
+    [cos(t ω), sin(t ω)], zero-padded when ``dim`` is odd.
+
+    Args:
+        t: (B,) timesteps, int or float.
+        dim: embedding width.
+    Returns:
+        (B, dim) float32 embedding.
+    """
+    half = dim // 2
+    i = torch.arange(half, dtype=torch.float32, device=t.device)  # (half,)
+    freqs = torch.exp(-math.log(max_period) * i / half)  # (half,)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))  # (B, dim)
+    return emb
+
+
+def batch_vector(t: Tensor, batch: int) -> Tensor:
+    """A (B,) tensor from a (B,) or 0-d tensor (timesteps, augmentation levels)."""
+    if t.ndim == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"expected shape ({batch},) or a scalar, got {tuple(t.shape)}")
+    return t
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero every parameter of ``module`` (ADM ``zero_module``): residual branches start as identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """Group normalisation with 32 groups, computed in float32 whatever the input dtype (ADM)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(num_groups=32, num_channels=channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal embedding followed by a 2-layer SiLU MLP (DDPM/ADM ``time_embed``)."""
+
+    def __init__(self, channels: int, emb_channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.mlp = nn.Sequential(nn.Linear(channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+
+    def forward(self, t: Tensor) -> Tensor:
+        emb = timestep_embedding(t, self.channels).to(self.mlp[0].weight.dtype)  # (B, channels)
+        return self.mlp(emb)  # (B, emb_channels)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3×3 convolution (``use_conv``) or 2×2 average pooling."""
+
+    def __init__(self, channels: int, use_conv: bool = True) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Double H and W by nearest-neighbour interpolation, then an optional 3×3 convolution."""
+
+    def __init__(self, channels: int, use_conv: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        return self.conv(x)
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on an embedding (ADM appendix A; BigGAN-style up/down).
+
+    h = conv(SiLU(GN(x))); then with ``use_scale_shift_norm`` the "adaptive group norm"
+    GN(h)·(1 + scale) + shift, with (scale, shift) a linear projection of SiLU(emb) — otherwise
+    h + proj(emb) before GN; then SiLU, dropout and a zero-initialised conv, so a fresh block is
+    the identity (or its skip projection). With ``up``/``down`` the resample is applied to h
+    after the first norm+activation and to the skip path (Brock et al. 2019, as in ADM).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        *,
+        out_channels: int | None = None,  # defaults to ``channels``
+        dropout: float = 0.0,  # dropout before the last conv
+        use_scale_shift_norm: bool = True,  # adaptive group norm instead of adding the embedding
+        up: bool = False,  # nearest-neighbour ×2 inside the block
+        down: bool = False,  # average-pool ÷2 inside the block
+    ) -> None:
+        super().__init__()
+        if up and down:
+            raise ValueError("ResBlock cannot both up- and down-sample")
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_norm = GroupNorm32(channels)
+        self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        if up:
+            self.resample: nn.Module = Upsample(channels, use_conv=False)
+        elif down:
+            self.resample = Downsample(channels, use_conv=False)
+        else:
+            self.resample = nn.Identity()
+        self.emb_proj = nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
+        self.out_norm = GroupNorm32(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.out_conv = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = F.silu(self.in_norm(x))  # (B, C_in, H, W)
+        h = self.in_conv(self.resample(h))  # (B, C_out, H', W')
+        x = self.resample(x)  # (B, C_in, H', W')
+        e = self.emb_proj(F.silu(emb)).to(h.dtype)[:, :, None, None]  # (B, 2·C_out or C_out, 1, 1)
+        if self.use_scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)  # (B, C_out, 1, 1) each
+            h = self.out_norm(h) * (1 + scale) + shift
+        else:
+            h = self.out_norm(h + e)
+        h = self.out_conv(self.dropout(F.silu(h)))  # (B, C_out, H', W')
+        return self.skip(x) + h
+
+
+def attention_num_heads(channels: int, num_heads: int, head_channels: int | None) -> int:
+    """Heads for ``channels``: ``channels // head_channels`` when set (overrides ``num_heads``; ADM)."""
+    if head_channels is None:
+        heads = num_heads
+    else:
+        if channels % head_channels:
+            raise ValueError(f"{channels} channels are not divisible by head_channels={head_channels}")
+        heads = channels // head_channels
+    if heads < 1 or channels % heads:
+        raise ValueError(f"{channels} channels cannot be split into {heads} heads")
+    return heads
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over spatial positions with a residual connection (DDPM/ADM).
+
+    x + proj(MHA(qkv(GN(x)))) with softmax(QKᵀ/√d)V computed by
+    ``torch.nn.functional.scaled_dot_product_attention``; ``proj`` is zero-initialised.
+    The head count is ``channels // head_channels`` when ``head_channels`` is set, else
+    ``num_heads`` (ADM ``num_head_channels`` semantics).
+    """
+
+    def __init__(self, channels: int, *, num_heads: int = 1, head_channels: int | None = None) -> None:
+        super().__init__()
+        self.num_heads = attention_num_heads(channels, num_heads, head_channels)
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)  # (B, C, T)
+        qkv = self.qkv(self.norm(x))  # (B, 3C, T)
+        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, -1).transpose(-1, -2)  # (B, 3, heads, T, d)
+        q, k, v = qkv.unbind(1)  # (B, heads, T, d) each
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d)
+        h = h.transpose(-1, -2).reshape(b, c, -1)  # (B, C, T)
+        return (x + self.proj(h)).reshape(b, c, *spatial)  # (B, C, H, W)
+
+
+class AttentionPool2d(nn.Module):
+    """Attention pooling of the ADM classifier (after CLIP, Radford et al. 2021).
+
+    Flattens the (H, W) grid, prepends the mean token, adds a learned positional embedding,
+    lets the mean token attend to all tokens (multi-head, SDPA) and projects it to
+    ``out_channels``. The positional embedding fixes the input size to ``spatial`` × ``spatial``.
+    """
+
+    def __init__(self, spatial: int, channels: int, out_channels: int, *, num_heads: int) -> None:
+        super().__init__()
+        self.spatial = spatial
+        self.num_heads = num_heads
+        self.pos_emb = nn.Parameter(torch.randn(spatial**2 + 1, channels) / channels**0.5)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.out = nn.Linear(channels, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        if (h, w) != (self.spatial, self.spatial):
+            raise ValueError(f"AttentionPool2d expects {self.spatial}×{self.spatial} features, got {h}×{w}")
+        tokens = x.flatten(2).transpose(1, 2)  # (B, T, C)
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # (B, T + 1, C)
+        tokens = tokens + self.pos_emb.to(tokens.dtype)  # (B, T + 1, C)
+        qkv = self.qkv(tokens).reshape(b, -1, 3, self.num_heads, c // self.num_heads)  # (B, T + 1, 3, heads, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, T + 1, d) each
+        # Only the mean token's output is kept, so only its query is needed.
+        pooled = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, heads, 1, d)
+        return self.out(pooled.reshape(b, c))  # (B, out_channels)
+
+
+class EmbedSequential(nn.Sequential):
+    """Applies its layers in order, giving the embedding to the ones that take it (``ResBlock``).
+
+    With ``grad_checkpointing`` each res/attention layer is recomputed in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant) while training with gradients enabled.
+    """
+
+    def __init__(self, *layers: nn.Module, grad_checkpointing: bool = False) -> None:
+        super().__init__(*layers)
+        self.grad_checkpointing = grad_checkpointing
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self:
+            args = (x, emb) if isinstance(layer, ResBlock) else (x,)
+            if use_ckpt and isinstance(layer, (ResBlock, AttentionBlock)):
+                x = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
+        return x

@@ -1,0 +1,239 @@
+"""The ADM U-Net (Dhariwal & Nichol 2021, appendix A; Nichol & Dhariwal 2021, "Improved DDPM")
+with cascade conditioning (Ho et al. 2021, "Cascaded Diffusion Models"; Saharia et al. 2022,
+"Imagen").
+
+Layout: input conv → per level ``num_res_blocks`` ResBlocks (+ attention) and a down-sampling
+ResBlock between levels → middle ResBlock–Attention–ResBlock → decoder with one more block
+per level than the encoder, consuming the encoder's skip connections, and an up-sampling
+ResBlock at the end of every level but the last → GroupNorm–SiLU–zero conv.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from cascade.nn.layers import (
+    AttentionBlock,
+    Downsample,
+    EmbedSequential,
+    GroupNorm32,
+    ResBlock,
+    TimestepEmbedding,
+    Upsample,
+    batch_vector,
+    zero_init,
+)
+
+__all__ = ["UNet", "UNetEncoder", "per_level", "attention_levels"]
+
+
+def per_level(num_res_blocks: int | Sequence[int], num_levels: int) -> list[int]:
+    """Blocks per level: an int for every level, or one count per level (Imagen "Efficient U-Net")."""
+    if isinstance(num_res_blocks, int):
+        return [num_res_blocks] * num_levels
+    counts = [int(n) for n in num_res_blocks]
+    if len(counts) != num_levels:
+        raise ValueError(f"num_res_blocks has {len(counts)} entries but channel_mult has {num_levels} levels")
+    return counts
+
+
+def attention_levels(resolution: int, attention_resolutions: Sequence[int], num_levels: int) -> list[bool]:
+    """Level i has attention iff its nominal resolution ``resolution // 2**i`` is listed (ADM)."""
+    return [resolution // 2**i in set(attention_resolutions) for i in range(num_levels)]
+
+
+class UNetEncoder(nn.Module):
+    """The encoder half of the ADM U-Net: input conv, down levels and the middle block.
+
+    Shared by :class:`UNet` and the noisy classifier. ``forward`` returns the middle block's
+    output and the skip activations (input conv, every encoder block) in order.
+    """
+
+    def __init__(
+        self,
+        *,
+        resolution: int,  # nominal training resolution; fixes where attention goes
+        in_channels: int,  # input conv channels (image + any concatenated conditioning)
+        model_channels: int,  # base width
+        emb_channels: int,  # width of the conditioning embedding
+        channel_mult: Sequence[int],  # width multiplier per level
+        num_res_blocks: int | Sequence[int],  # ResBlocks per level
+        attention_resolutions: Sequence[int],  # resolutions with self-attention
+        num_heads: int,  # attention heads, unless head_channels is set
+        head_channels: int | None,  # channels per head; overrides num_heads
+        dropout: float,  # ResBlock dropout
+        use_scale_shift_norm: bool,  # adaptive group norm
+        resblock_updown: bool,  # BigGAN up/down ResBlocks instead of plain conv resampling
+        grad_checkpointing: bool,  # recompute blocks in the backward pass
+        middle_attention: bool = True,  # attention in the middle block
+    ) -> None:
+        super().__init__()
+        levels = len(channel_mult)
+        blocks = per_level(num_res_blocks, levels)
+        attention = attention_levels(resolution, attention_resolutions, levels)
+
+        res = partial(ResBlock, emb_channels=emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm)
+        attn = partial(AttentionBlock, num_heads=num_heads, head_channels=head_channels)
+
+        ch = model_channels * channel_mult[0]
+        self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.skip_channels: list[int] = [ch]
+        self.blocks = nn.ModuleList()
+        for level, mult in enumerate(channel_mult):
+            for _ in range(blocks[level]):
+                layers: list[nn.Module] = [res(ch, out_channels=model_channels * mult)]
+                ch = model_channels * mult
+                if attention[level]:
+                    layers.append(attn(ch))
+                self.blocks.append(EmbedSequential(*layers, grad_checkpointing=grad_checkpointing))
+                self.skip_channels.append(ch)
+            if level != levels - 1:
+                down = res(ch, down=True) if resblock_updown else Downsample(ch)
+                self.blocks.append(EmbedSequential(down, grad_checkpointing=grad_checkpointing))
+                self.skip_channels.append(ch)
+        middle = [res(ch), attn(ch), res(ch)] if middle_attention else [res(ch), res(ch)]
+        self.middle = EmbedSequential(*middle, grad_checkpointing=grad_checkpointing)
+        self.out_channels = ch
+        self.downsampling = 2 ** (levels - 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> tuple[Tensor, list[Tensor]]:
+        if x.shape[-2] % self.downsampling or x.shape[-1] % self.downsampling:
+            raise ValueError(f"spatial size {tuple(x.shape[-2:])} must be divisible by {self.downsampling}")
+        h = self.input_conv(x)  # (B, C_0, H, W)
+        skips = [h]
+        for block in self.blocks:
+            h = block(h, emb)  # (B, C_level, H_level, W_level)
+            skips.append(h)
+        return self.middle(h, emb), skips  # (B, C_mid, H / 2^(L-1), W / 2^(L-1))
+
+
+class UNet(nn.Module):
+    """Class- and cascade-conditional ADM U-Net, fully convolutional.
+
+    The conditioning embedding is emb = MLP(sinusoid(t)) [+ class_embedding(y)]
+    [+ MLP'(sinusoid(aug_level))] (ADM adds the class embedding to the time embedding; CDM /
+    Imagen embed the noise-augmentation level like t). Row ``num_classes`` of the class table
+    is the null class for classifier-free guidance (Ho & Salimans 2022). Upsamplers get the
+    low-res image, already resized to x_t's size, concatenated on channels (CDM §3).
+    The layer structure is fixed by ``resolution``; any input whose sides are divisible by
+    2**(len(channel_mult) - 1) is accepted (Imagen trains the 1024px stage on 256px crops).
+    """
+
+    def __init__(
+        self,
+        *,
+        resolution: int = 64,  # nominal training resolution; decides the attention levels
+        in_channels: int = 3,  # channels of x_t
+        out_channels: int = 3,  # 6 with learned variance (Improved DDPM)
+        lowres_channels: int = 0,  # channels of the concatenated low-res conditioning; 0 = none
+        model_channels: int = 192,  # base width
+        channel_mult: Sequence[int] = (1, 2, 3, 4),  # width multiplier per level
+        num_res_blocks: int | Sequence[int] = 3,  # ResBlocks per level (encoder; decoder has one more)
+        attention_resolutions: Sequence[int] = (32, 16, 8),  # resolutions with self-attention
+        num_heads: int = 4,  # attention heads, unless head_channels is set
+        head_channels: int | None = 64,  # channels per attention head; overrides num_heads
+        dropout: float = 0.1,  # ResBlock dropout
+        num_classes: int | None = None,  # class-conditional with this many classes (+1 null row)
+        aug_level_embedding: bool = False,  # embed the noise-augmentation level (CDM / Imagen)
+        use_scale_shift_norm: bool = True,  # adaptive group norm conditioning (ADM)
+        resblock_updown: bool = True,  # BigGAN-style up/down ResBlocks (ADM)
+        grad_checkpointing: bool = False,  # recompute res/attention blocks in backward
+        middle_attention: bool = True,  # attention in the middle block; False for attention-free SR
+    ) -> None:
+        super().__init__()
+        self.lowres_channels = lowres_channels
+        self.num_classes = num_classes
+        emb_channels = 4 * model_channels
+        self.time_embed = TimestepEmbedding(model_channels, emb_channels)
+        self.class_embed = nn.Embedding(num_classes + 1, emb_channels) if num_classes is not None else None
+        self.aug_embed = TimestepEmbedding(model_channels, emb_channels) if aug_level_embedding else None
+
+        self.encoder = UNetEncoder(
+            resolution=resolution,
+            in_channels=in_channels + lowres_channels,
+            model_channels=model_channels,
+            emb_channels=emb_channels,
+            channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions,
+            num_heads=num_heads,
+            head_channels=head_channels,
+            dropout=dropout,
+            use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown,
+            grad_checkpointing=grad_checkpointing,
+            middle_attention=middle_attention,
+        )
+
+        levels = len(channel_mult)
+        blocks = per_level(num_res_blocks, levels)
+        attention = attention_levels(resolution, attention_resolutions, levels)
+        res = partial(ResBlock, emb_channels=emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm)
+        skips = list(self.encoder.skip_channels)
+        ch = self.encoder.out_channels
+        self.decoder = nn.ModuleList()
+        for level in reversed(range(levels)):
+            for i in range(blocks[level] + 1):
+                c_out = model_channels * channel_mult[level]
+                layers: list[nn.Module] = [res(ch + skips.pop(), out_channels=c_out)]
+                ch = c_out
+                if attention[level]:
+                    layers.append(AttentionBlock(ch, num_heads=num_heads, head_channels=head_channels))
+                if level > 0 and i == blocks[level]:
+                    layers.append(res(ch, up=True) if resblock_updown else Upsample(ch))
+                self.decoder.append(EmbedSequential(*layers, grad_checkpointing=grad_checkpointing))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
+
+    def embed(self, t: Tensor, batch: int, class_labels: Tensor | None, aug_level: Tensor | None) -> Tensor:
+        """The (B, 4·model_channels) conditioning embedding; checks which conditioning is given."""
+        _expect("class_labels", class_labels, self.class_embed is not None)
+        _expect("aug_level", aug_level, self.aug_embed is not None)
+        emb = self.time_embed(batch_vector(t, batch))  # (B, E)
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(class_labels)  # (B, E)
+        if self.aug_embed is not None:
+            emb = emb + self.aug_embed(batch_vector(aug_level, batch))  # (B, E)
+        return emb
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        *,
+        class_labels: Tensor | None = None,
+        lowres: Tensor | None = None,
+        aug_level: Tensor | None = None,
+    ) -> Tensor:
+        """Predict from x_t (B, in_channels, H, W) at timesteps t (B,).
+
+        Args:
+            class_labels: (B,) long in [0, num_classes]; ``num_classes`` is the null class.
+            lowres: (B, lowres_channels, H, W) low-res conditioning resized to x_t's size.
+            aug_level: (B,) noise-augmentation level of ``lowres``, in timestep units.
+        Returns:
+            (B, out_channels, H, W).
+        """
+        emb = self.embed(t, x_t.shape[0], class_labels, aug_level)  # (B, E)
+        _expect("lowres", lowres, self.lowres_channels > 0)
+        if lowres is not None:
+            if lowres.shape[1] != self.lowres_channels or lowres.shape[-2:] != x_t.shape[-2:]:
+                expected = (x_t.shape[0], self.lowres_channels, *x_t.shape[-2:])
+                raise ValueError(f"lowres must have shape {expected}, got {tuple(lowres.shape)}")
+            x_t = torch.cat([x_t, lowres.to(x_t.dtype)], dim=1)  # (B, in + lowres, H, W)
+        h, skips = self.encoder(x_t, emb)  # (B, C_mid, H / 2^(L-1), W / 2^(L-1))
+        for block in self.decoder:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_level, H_level, W_level)
+        return self.out(h)  # (B, out_channels, H, W)
+
+
+def _expect(name: str, value: Tensor | None, required: bool) -> None:
+    """Raise a clear ValueError when a conditioning input is missing or unexpected."""
+    if required and value is None:
+        raise ValueError(f"this network is conditioned on {name}; pass {name}=...")
+    if not required and value is not None:
+        raise ValueError(f"this network is not conditioned on {name}, but {name} was given")
+
