@@ -1,0 +1,64 @@
+"""PNG plots a person wants to look at: loss curves and per-bucket bars."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["read_metrics", "plot_loss_curve", "plot_bars"]
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The JSON objects of a ``metrics.jsonl`` file (empty if it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_path: str | Path, out_path: str | Path, title: str = "training loss") -> None:
+    """Loss against step (log scale) with an exponential moving average on top."""
+    rows = [r for r in read_metrics(metrics_path) if "loss" in r]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    smooth, ema = [], losses[0]
+    for value in losses:
+        ema = 0.9 * ema + 0.1 * value
+        smooth.append(ema)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(steps, losses, alpha=0.35, label="logged")
+    ax.plot(steps, smooth, label="EMA 0.9")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if min(losses) > 0:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+
+
+def plot_bars(labels: Sequence[str], values: Sequence[float], out_path: str | Path, *, title: str, ylabel: str, chance: float | None = None) -> None:
+    """A bar chart, e.g. accuracy per noise bucket, with an optional chance line."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.bar(list(labels), list(values))
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle="--", label="chance")
+        ax.legend()
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)

@@ -1,0 +1,162 @@
+"""Stages, configs and the training loop: compose the real configs, shrink them, run them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from PIL import Image
+
+from cascade.checkpoint import load_checkpoint, load_stage
+from cascade.nn import EncoderClassifier, UNet
+from cascade.schedules import cosine_schedule, linear_schedule
+from stages.base import BaseStage, check_same_schedule
+from stages.classifier import ClassifierStage
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+STAGES = sorted(p.stem for p in (CONFIGS / "stage").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONFIGS / "preset").glob("*.yaml"))
+# Small enough for a 2-step smoke run on CPU in seconds.
+SMOKE = [
+    "preset=tiny", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.log_every=1", "trainer.ckpt_every=2",
+    "trainer.sample_every=2", "trainer.num_workers=0", "trainer.progress=false", "data.train.size=64", "data.val.size=8",
+    "device=cpu",
+]
+STAGE_SMOKE = {
+    "base": ["stage.preview_steps=2", "stage.preview_per_class=2", "stage.preview_max_classes=3"],
+    "classifier": ["stage.eval_images=8", "stage.eval_batch_size=8"],
+}
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_config_composes_and_instantiates(stage, preset):
+    cfg = compose_train([f"stage={stage}", f"preset={preset}"])
+    built = instantiate(cfg.stage)
+    assert built.name == stage
+    trainer = instantiate(cfg.trainer)
+    assert trainer.max_steps == cfg.trainer.max_steps
+    dataset = instantiate(cfg.data.train, resolution=built.resolution)
+    image, label = dataset[0]
+    assert image.shape == (3, built.resolution, built.resolution) and 0 <= label < dataset.num_classes
+    with torch.device("meta"):  # full-size networks build instantly on the meta device
+        net = built.build(num_classes=dataset.num_classes)
+    assert sum(p.numel() for p in net.parameters()) > 0
+
+
+def test_default_base_is_adm_imagenet64():
+    cfg = compose_train(["stage=base"])
+    stage = instantiate(cfg.stage)
+    with torch.device("meta"):
+        net = stage.build(num_classes=1000)
+    assert isinstance(net, UNet)
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(295.9e6, rel=0.01)
+    assert stage.objective.learned_variance and stage.out_channels == 6
+    # Cosine schedule of DESIGN §1.
+    torch.testing.assert_close(stage.schedule.alphas_cumprod, cosine_schedule(1000).alphas_cumprod)
+
+
+def test_default_classifier_is_adm_64px_classifier():
+    stage = instantiate(compose_train(["stage=classifier"]).stage)
+    with torch.device("meta"):
+        net = stage.build(num_classes=1000)
+    assert isinstance(net, EncoderClassifier)
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(65.4e6, rel=0.01)
+
+
+def test_imagefolder_data_config(tmp_path):
+    for name in ["cat", "dog"]:
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (80 + 10 * i, 70), color=(40 * i, 100, 200)).save(tmp_path / name / f"{i}.png")
+    cfg = compose_train(["stage=base", "data=imagefolder", f"data.root={tmp_path}"])
+    dataset = instantiate(cfg.data.train, resolution=64)
+    assert dataset.class_names == ["cat", "dog"] and len(dataset) == 6
+    assert dataset[0][0].shape == (3, 64, 64)
+
+
+def train(tmp_path: Path, stage: str, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_stage.py"), f"stage={stage}", f"run_dir={tmp_path / stage}",
+           *SMOKE, *STAGE_SMOKE[stage], *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_smoke_training_writes_a_checkpoint_that_rebuilds_the_stage(tmp_path, stage):
+    result = train(tmp_path, stage)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / stage
+    for produced in ["checkpoints/last.pt", "checkpoints/step_0000002.pt", "config.yaml", "metrics.jsonl", "loss.png"]:
+        assert (run / produced).is_file(), produced
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    if stage == "base":
+        assert (run / "samples" / "step_0000002.png").is_file()
+    else:
+        assert any(key.startswith("acc_t") for key in rows[-1])
+
+    # The checkpoint alone rebuilds the stage: config, class names, weights (loadable with weights_only=True).
+    payload = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert payload["stage"] == stage and payload["step"] == 2 and payload["resolution"] == 64
+    assert len(payload["class_names"]) == 10
+    rebuilt, net, _ = load_stage(run / "checkpoints" / "last.pt")
+    assert rebuilt.name == stage and not net.training
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(value, payload["ema"][name])
+
+    # Running the same command again continues from last.pt.
+    result = train(tmp_path, stage, "trainer.max_steps=3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
+
+
+def test_bad_device_is_one_line_and_exit_code_2(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = train(tmp_path, "base", "device=cuda")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "device=cuda" in result.stderr and "Traceback" not in result.stderr
+
+
+def tiny_base_and_classifier() -> tuple[BaseStage, torch.nn.Module, ClassifierStage, torch.nn.Module]:
+    cfg = compose_train(["stage=base", "preset=tiny"])
+    base = instantiate(cfg.stage)
+    base_net = base.build(num_classes=10).eval()
+    clf_cfg = compose_train(["stage=classifier", "preset=tiny"])
+    clf = instantiate(clf_cfg.stage)
+    clf_net = clf.build(num_classes=10).eval()
+    return base, base_net, clf, clf_net
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_guided_base_sampling_runs_every_sampler(sampler):
+    base, base_net, clf, clf_net = tiny_base_and_classifier()
+    labels = torch.tensor([0, 3])
+    run = lambda scale, cfg_scale=1.0: base.sample(  # noqa: E731
+        base_net, labels, sampler=sampler, steps=4, classifier=clf_net, classifier_schedule=clf.schedule,
+        classifier_scale=scale, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0), progress=False)
+    plain, guided = run(0.0), run(3.0)
+    assert plain.shape == (2, 3, 64, 64) and plain.abs().max() <= 1
+    assert not torch.equal(plain, guided)  # the classifier gradient reaches the sample
+    assert torch.equal(plain, run(0.0))  # reproducible from the generator
+    assert torch.isfinite(run(0.0, cfg_scale=3.0)).all()
+
+
+def test_classifier_on_another_schedule_is_refused():
+    with pytest.raises(ValueError, match="another noise schedule"):
+        check_same_schedule(cosine_schedule(1000), linear_schedule(1000), "the classifier")
