@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,13 +30,14 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path, title: str =
         return
     steps = [r["step"] for r in rows]
     losses = [r["loss"] for r in rows]
-    smooth, ema = [], losses[0]
-    for value in losses:
-        ema = 0.9 * ema + 0.1 * value
-        smooth.append(ema)
+    # Smooth in log space, bias-corrected: a loss that falls by decades is not dominated by its start.
+    smooth, ema = [], 0.0
+    for i, value in enumerate(losses, start=1):
+        ema = 0.9 * ema + 0.1 * math.log(max(value, 1e-12))
+        smooth.append(math.exp(ema / (1 - 0.9**i)))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(steps, losses, alpha=0.35, label="logged")
-    ax.plot(steps, smooth, label="EMA 0.9")
+    ax.plot(steps, smooth, label="smoothed (log-space EMA)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if min(losses) > 0:

@@ -157,7 +157,6 @@ class Trainer:
         ckpt_dir, sample_dir = run_dir / "checkpoints", run_dir / "samples"
         class_names = list(dataset.class_names)
 
-        torch.manual_seed(seed + rank)  # initialisation and dropout; data order and noise have their own generators
         net = stage.build(num_classes=len(class_names)).to(device)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         net = net.to(memory_format=memory_format)
@@ -232,8 +231,9 @@ class Trainer:
             ema.module.eval()
             metrics = stage.report(ema.module, step=step, out_dir=sample_dir, class_names=class_names, val_data=val_data,
                                    device=device, generator=torch.Generator(device).manual_seed(seed))
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            if metrics:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
             return metrics
 
         bar = tqdm(total=self.max_steps, initial=step, desc=stage.name, unit="step", disable=not (is_main and self.progress), dynamic_ncols=True)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +27,8 @@ from cascade.train import resolve_device  # noqa: E402
 def main(cfg: DictConfig) -> None:
     try:
         device = resolve_device(cfg.device)
+        # Global RNG: weight initialisation and dropout only; data order and diffusion noise have their own generators.
+        torch.manual_seed(cfg.seed + int(os.environ.get("RANK", "0")))
         stage = instantiate(cfg.stage)
         dataset = instantiate(cfg.data.train, resolution=stage.resolution)
         val_data = instantiate(cfg.data.val, resolution=stage.resolution) if cfg.data.get("val") else None

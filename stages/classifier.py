@@ -12,35 +12,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from cascade.diffusion import q_sample
+from cascade.metrics import accuracy_by_noise_level
 from cascade.plots import plot_bars
 from cascade.schedules import NoiseSchedule
 
-__all__ = ["ClassifierStage", "accuracy_by_noise_level"]
-
-
-@torch.no_grad()
-def accuracy_by_noise_level(
-    net: nn.Module, schedule: NoiseSchedule, data: Dataset, *, buckets: int, num_images: int,
-    batch_size: int, device: torch.device, generator: torch.Generator,
-) -> dict[str, float]:
-    """Top-1 accuracy on noised images, t drawn uniformly inside each of ``buckets`` equal t-ranges."""
-    edges = torch.linspace(0, len(schedule), buckets + 1).long().tolist()
-    correct = [0] * buckets
-    seen = [0] * buckets
-    loader = DataLoader(torch.utils.data.Subset(data, range(min(num_images, len(data)))), batch_size=batch_size)
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        for b in range(buckets):
-            k = torch.randint(edges[b], edges[b + 1], (len(images),), generator=generator, device=device)
-            noise = torch.randn(images.shape, generator=generator, device=device)
-            x_t = q_sample(schedule, images, k, noise)
-            logits = net(x_t, schedule.timesteps.to(device)[k])
-            correct[b] += int((logits.argmax(-1) == labels).sum())
-            seen[b] += len(labels)
-    return {f"acc_t{edges[b]}-{edges[b + 1] - 1}": correct[b] / max(seen[b], 1) for b in range(buckets)}
+__all__ = ["ClassifierStage"]
 
 
 class ClassifierStage:

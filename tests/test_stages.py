@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,12 +94,20 @@ def train(tmp_path: Path, stage: str, *extra: str) -> subprocess.CompletedProces
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory) -> Path:
+    """Both stages trained for 2 steps with the real configs, shrunk (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("runs")
+    for stage in STAGES:
+        result = train(root, stage)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
-def test_smoke_training_writes_a_checkpoint_that_rebuilds_the_stage(tmp_path, stage):
-    result = train(tmp_path, stage)
-    assert result.returncode == 0, result.stderr[-2000:]
-    run = tmp_path / stage
+def test_smoke_training_writes_a_checkpoint_that_rebuilds_the_stage(smoke_runs, stage):
+    run = smoke_runs / stage
     for produced in ["checkpoints/last.pt", "checkpoints/step_0000002.pt", "config.yaml", "metrics.jsonl", "loss.png"]:
         assert (run / produced).is_file(), produced
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -118,11 +127,44 @@ def test_smoke_training_writes_a_checkpoint_that_rebuilds_the_stage(tmp_path, st
     for name, value in net.state_dict().items():
         torch.testing.assert_close(value, payload["ema"][name])
 
-    # Running the same command again continues from last.pt.
-    result = train(tmp_path, stage, "trainer.max_steps=3")
+
+@pytest.mark.slow
+def test_running_the_same_command_again_resumes(smoke_runs, tmp_path):
+    shutil.copytree(smoke_runs / "classifier", tmp_path / "classifier")
+    result = train(tmp_path, "classifier", "trainer.max_steps=3")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "resumed from" in result.stdout
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
+    assert "resumed from" in result.stdout and "at step 2" in result.stdout
+    assert load_checkpoint(tmp_path / "classifier" / "checkpoints" / "last.pt")["step"] == 3
+    steps = [json.loads(line)["step"] for line in (tmp_path / "classifier" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 3
+
+
+def evaluate(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_stage.py"), "device=cpu", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.slow
+def test_evaluate_stage_on_smoke_checkpoints(smoke_runs, tmp_path):
+    clf = smoke_runs / "classifier" / "checkpoints" / "last.pt"
+    result = evaluate(tmp_path, f"ckpt={clf}", f"out_dir={tmp_path / 'clf'}", "eval_images=8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "clf" / "metrics.json").read_text())
+    assert len(report["accuracy_by_t"]) == 4 and (tmp_path / "clf" / "accuracy_by_t.png").is_file()
+
+    base = smoke_runs / "base" / "checkpoints" / "last.pt"
+    result = evaluate(tmp_path, f"ckpt={base}", f"classifier_ckpt={clf}", f"out_dir={tmp_path / 'base'}", "num_samples=10",
+                      "batch_size=10", "steps=2", "classifier_scales=[0,1]", "reference.steps=2", "reference.batch_size=8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "base" / "metrics.json").read_text())
+    assert [g["classifier_scale"] for g in report["guidance"]] == [0, 1]
+    assert all(0 <= g["requested_class_accuracy"] <= 1 for g in report["guidance"])
+    assert (tmp_path / "base" / "guidance_accuracy.png").is_file() and (tmp_path / "base" / "reference_resnet18.pt").is_file()
+
+
+def test_evaluate_missing_checkpoint_is_one_line(tmp_path):
+    result = evaluate(tmp_path, f"ckpt={tmp_path / 'nope.pt'}")
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bad_device_is_one_line_and_exit_code_2(tmp_path):
