@@ -66,19 +66,27 @@ class BaseStage:
     def out_channels(self) -> int:
         return 6 if self.objective.learned_variance else 3
 
+    def net_kwargs(self, num_classes: int) -> dict[str, object]:
+        """What ``build`` fills into the network constructor (subclasses add their conditioning)."""
+        return {"resolution": self.resolution, "num_classes": num_classes, "out_channels": self.out_channels}
+
     def build(self, num_classes: int) -> nn.Module:
         """The network for ``num_classes`` classes (plus the null class)."""
-        self.num_classes = num_classes
-        return self.net(resolution=self.resolution, num_classes=num_classes, out_channels=self.out_channels)
+        kwargs = self.net_kwargs(num_classes)
+        self.num_classes = kwargs["num_classes"]
+        return self.net(**kwargs)
+
+    def drop_labels(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        """Labels with each one replaced by the null class ``num_classes`` at rate ``p_uncond`` (CFG training)."""
+        drop = torch.rand(labels.shape[0], generator=generator, device=labels.device) < self.p_uncond  # (B,)
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def loss(self, net: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
         """Per-example diffusion loss at uniformly drawn t, with labels dropped to ∅ at rate p_uncond."""
         batch, device = images.shape[0], images.device
         k = torch.randint(0, len(self.schedule), (batch,), generator=generator, device=device)  # (B,)
         noise = torch.randn(images.shape, generator=generator, device=device)  # (B, 3, H, W)
-        drop = torch.rand(batch, generator=generator, device=device) < self.p_uncond  # (B,)
-        labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        return self.objective(net, self.schedule, images, k, noise, class_labels=labels)
+        return self.objective(net, self.schedule, images, k, noise, class_labels=self.drop_labels(labels, generator))
 
     def model_fn(
         self,
@@ -120,15 +128,36 @@ class BaseStage:
         progress: bool = True,
     ) -> Tensor:
         """Images (B, 3, R, R) in [−1, 1] of the classes ``class_labels`` (B,)."""
+        shape = (len(class_labels), 3, self.resolution, self.resolution)
+        x_T = torch.randn(shape, generator=generator, device=class_labels.device)  # (B, 3, R, R)
+        return self.run_sampler(net, x_T, {"class_labels": class_labels}, sampler=sampler, steps=steps, spacing=spacing,
+                                classifier=classifier, classifier_schedule=classifier_schedule,
+                                classifier_scale=classifier_scale, cfg_scale=cfg_scale, generator=generator, progress=progress)
+
+    @torch.no_grad()
+    def run_sampler(
+        self,
+        net: nn.Module,
+        x_T: Tensor,
+        cond: dict[str, Tensor],
+        *,
+        sampler: SamplerName = "dpmpp_2m",
+        steps: int = 25,
+        spacing: Spacing | None = None,
+        classifier: nn.Module | None = None,
+        classifier_schedule: NoiseSchedule | None = None,
+        classifier_scale: float = 0.0,
+        cfg_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+    ) -> Tensor:
+        """Denoise ``x_T`` (B, 3, H, W) under the conditioning ``cond`` (passed to the network as keywords) into [−1, 1]."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        device = class_labels.device
         sampling_schedule = respace(self.schedule, steps, spacing or default_spacing(sampler))
         fn = self.model_fn(net, sampling_schedule=sampling_schedule, sampler=sampler, classifier=classifier,
                            classifier_schedule=classifier_schedule, classifier_scale=classifier_scale, cfg_scale=cfg_scale)
-        shape = (len(class_labels), 3, self.resolution, self.resolution)
-        x_T = torch.randn(shape, generator=generator, device=device)  # (B, 3, R, R)
-        x0 = get_sampler(sampler)(fn, x_T, sampling_schedule, cond={"class_labels": class_labels}, generator=generator, progress=progress)
+        x0 = get_sampler(sampler)(fn, x_T, sampling_schedule, cond=cond, generator=generator, progress=progress)
         return x0.clamp(-1.0, 1.0)
 
     def report(

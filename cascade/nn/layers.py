@@ -71,10 +71,12 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """Group normalisation with 32 groups, computed in float32 whatever the input dtype (ADM)."""
+    """Group normalisation computed in float32 whatever the input dtype (ADM), 32 groups by default."""
 
-    def __init__(self, channels: int) -> None:
-        super().__init__(num_groups=32, num_channels=channels)
+    def __init__(self, channels: int, groups: int = 32) -> None:
+        if channels % groups:
+            raise ValueError(f"{channels} channels cannot be split into {groups} normalisation groups")
+        super().__init__(num_groups=groups, num_channels=channels)
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.weight.float(), self.bias.float()
@@ -137,13 +139,14 @@ class ResBlock(nn.Module):
         use_scale_shift_norm: bool = True,  # adaptive group norm instead of adding the embedding
         up: bool = False,  # nearest-neighbour ×2 inside the block
         down: bool = False,  # average-pool ÷2 inside the block
+        norm_groups: int = 32,  # group-norm groups
     ) -> None:
         super().__init__()
         if up and down:
             raise ValueError("ResBlock cannot both up- and down-sample")
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_norm = GroupNorm32(channels)
+        self.in_norm = GroupNorm32(channels, norm_groups)
         self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
         if up:
             self.resample: nn.Module = Upsample(channels, use_conv=False)
@@ -152,7 +155,7 @@ class ResBlock(nn.Module):
         else:
             self.resample = nn.Identity()
         self.emb_proj = nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
-        self.out_norm = GroupNorm32(out_channels)
+        self.out_norm = GroupNorm32(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
@@ -193,10 +196,10 @@ class AttentionBlock(nn.Module):
     ``num_heads`` (ADM ``num_head_channels`` semantics).
     """
 
-    def __init__(self, channels: int, *, num_heads: int = 1, head_channels: int | None = None) -> None:
+    def __init__(self, channels: int, *, num_heads: int = 1, head_channels: int | None = None, norm_groups: int = 32) -> None:
         super().__init__()
         self.num_heads = attention_num_heads(channels, num_heads, head_channels)
-        self.norm = GroupNorm32(channels)
+        self.norm = GroupNorm32(channels, norm_groups)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv1d(channels, channels, 1))
 

@@ -70,14 +70,16 @@ class UNetEncoder(nn.Module):
         resblock_updown: bool,  # BigGAN up/down ResBlocks instead of plain conv resampling
         grad_checkpointing: bool,  # recompute blocks in the backward pass
         middle_attention: bool = True,  # attention in the middle block
+        norm_groups: int = 32,  # group-norm groups (ADM: 32)
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
         blocks = per_level(num_res_blocks, levels)
         attention = attention_levels(resolution, attention_resolutions, levels)
 
-        res = partial(ResBlock, emb_channels=emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm)
-        attn = partial(AttentionBlock, num_heads=num_heads, head_channels=head_channels)
+        res = partial(ResBlock, emb_channels=emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm,
+                      norm_groups=norm_groups)
+        attn = partial(AttentionBlock, num_heads=num_heads, head_channels=head_channels, norm_groups=norm_groups)
 
         ch = model_channels * channel_mult[0]
         self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -143,9 +145,14 @@ class UNet(nn.Module):
         resblock_updown: bool = True,  # BigGAN-style up/down ResBlocks (ADM)
         grad_checkpointing: bool = False,  # recompute res/attention blocks in backward
         middle_attention: bool = True,  # attention in the middle block; False for attention-free SR
+        norm_groups: int = 32,  # group-norm groups (ADM: 32); fewer keep more channels per group in narrow nets
+        lowres_skip: bool = False,  # add ``lowres`` to the first channels of the output (residual over the low-res image)
     ) -> None:
         super().__init__()
+        if lowres_skip and not 0 < lowres_channels <= out_channels:
+            raise ValueError("lowres_skip needs low-res conditioning with at most out_channels channels")
         self.lowres_channels = lowres_channels
+        self.lowres_skip = lowres_skip
         self.num_classes = num_classes
         emb_channels = 4 * model_channels
         self.time_embed = TimestepEmbedding(model_channels, emb_channels)
@@ -167,12 +174,14 @@ class UNet(nn.Module):
             resblock_updown=resblock_updown,
             grad_checkpointing=grad_checkpointing,
             middle_attention=middle_attention,
+            norm_groups=norm_groups,
         )
 
         levels = len(channel_mult)
         blocks = per_level(num_res_blocks, levels)
         attention = attention_levels(resolution, attention_resolutions, levels)
-        res = partial(ResBlock, emb_channels=emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm)
+        res = partial(ResBlock, emb_channels=emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm,
+                      norm_groups=norm_groups)
         skips = list(self.encoder.skip_channels)
         ch = self.encoder.out_channels
         self.decoder = nn.ModuleList()
@@ -182,11 +191,11 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [res(ch + skips.pop(), out_channels=c_out)]
                 ch = c_out
                 if attention[level]:
-                    layers.append(AttentionBlock(ch, num_heads=num_heads, head_channels=head_channels))
+                    layers.append(AttentionBlock(ch, num_heads=num_heads, head_channels=head_channels, norm_groups=norm_groups))
                 if level > 0 and i == blocks[level]:
                     layers.append(res(ch, up=True) if resblock_updown else Upsample(ch))
                 self.decoder.append(EmbedSequential(*layers, grad_checkpointing=grad_checkpointing))
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(GroupNorm32(ch, norm_groups), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def embed(self, t: Tensor, batch: int, class_labels: Tensor | None, aug_level: Tensor | None) -> Tensor:
         """The (B, 4·model_channels) conditioning embedding; checks which conditioning is given."""
@@ -227,7 +236,10 @@ class UNet(nn.Module):
         h, skips = self.encoder(x_t, emb)  # (B, C_mid, H / 2^(L-1), W / 2^(L-1))
         for block in self.decoder:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_level, H_level, W_level)
-        return self.out(h)  # (B, out_channels, H, W)
+        out = self.out(h)  # (B, out_channels, H, W)
+        if self.lowres_skip:  # the network's first channels are a residual over the conditioning image
+            out = torch.cat([out[:, : self.lowres_channels] + lowres.to(out.dtype), out[:, self.lowres_channels :]], dim=1)
+        return out
 
 
 def _expect(name: str, value: Tensor | None, required: bool) -> None:
