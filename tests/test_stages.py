@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -19,27 +17,7 @@ from cascade.nn import EncoderClassifier, UNet
 from cascade.schedules import cosine_schedule, linear_schedule
 from stages.base import BaseStage, check_same_schedule
 from stages.classifier import ClassifierStage
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-STAGES = sorted(p.stem for p in (CONFIGS / "stage").glob("*.yaml"))
-PRESETS = sorted(p.stem for p in (CONFIGS / "preset").glob("*.yaml"))
-# Small enough for a 2-step smoke run on CPU in seconds.
-SMOKE = [
-    "preset=tiny", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.log_every=1", "trainer.ckpt_every=2",
-    "trainer.sample_every=2", "trainer.num_workers=0", "trainer.progress=false", "data.train.size=64", "data.val.size=8",
-    "device=cpu",
-]
-STAGE_SMOKE = {
-    "base": ["stage.preview_steps=2", "stage.preview_per_class=2", "stage.preview_max_classes=3"],
-    "classifier": ["stage.eval_images=8", "stage.eval_batch_size=8"],
-}
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
+from tests.helpers import PRESETS, STAGES, compose_train, run_script, train
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("stage", STAGES)
@@ -88,24 +66,8 @@ def test_imagefolder_data_config(tmp_path):
     assert dataset[0][0].shape == (3, 64, 64)
 
 
-def train(tmp_path: Path, stage: str, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_stage.py"), f"stage={stage}", f"run_dir={tmp_path / stage}",
-           *SMOKE, *STAGE_SMOKE[stage], *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory) -> Path:
-    """Both stages trained for 2 steps with the real configs, shrunk (shared by the tests below)."""
-    root = tmp_path_factory.mktemp("runs")
-    for stage in STAGES:
-        result = train(root, stage)
-        assert result.returncode == 0, result.stderr[-2000:]
-    return root
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", ["base", "classifier"])
 def test_smoke_training_writes_a_checkpoint_that_rebuilds_the_stage(smoke_runs, stage):
     run = smoke_runs / stage
     for produced in ["checkpoints/last.pt", "checkpoints/step_0000002.pt", "config.yaml", "metrics.jsonl", "loss.png"]:
@@ -140,8 +102,7 @@ def test_running_the_same_command_again_resumes(smoke_runs, tmp_path):
 
 
 def evaluate(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_stage.py"), "device=cpu", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
+    return run_script("evaluate_stage.py", "device=cpu", *overrides, cwd=cwd)
 
 
 @pytest.mark.slow

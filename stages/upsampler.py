@@ -1,0 +1,513 @@
+"""The super-resolution stages of the cascade: 64→256 (``sr256``) and 256→1024 (``sr1024``).
+
+What is conditioned on what (Ho et al. 2021, "Cascaded Diffusion Models" (CDM), §3–4; Saharia
+et al. 2022, "Imagen", §2.4 and App. B):
+
+* **Low-res making**: the low-res image is the hi-res training image downsampled by the
+  stage's factor (4) with kornia's antialiased resize (Gaussian prefilter, then bilinear).
+* **Blur augmentation** (CDM §4.3): on ``blur_prob`` of the training examples the low-res
+  image is Gaussian-blurred with σ drawn uniformly in ``blur_sigma`` (low-res pixels).
+  Never at sampling.
+* **Noise conditioning augmentation** (CDM §4.3, non-truncated): the (blurred) low-res image
+  is corrupted with the forward process of ``aug_schedule``,
+  z = √ᾱ_s x_lr + √(1−ᾱ_s) ε, at a level s drawn per example uniformly in {0, …, s_max}
+  (``aug_max_level``, a timestep of ``aug_schedule``); the network gets s as ``aug_level``
+  (embedded like t). At sampling s is one fixed level (``sample_aug_level`` or the caller's).
+* z is resized back up to the output resolution (``lowres_upsample``: bicubic by default)
+  and the U-Net concatenates it with x_t on channels (``lowres``).
+* **Crop training** (Imagen App. B): with ``crop_size`` the loss sees random ``crop_size``
+  crops of the hi-res image, at offsets that are multiples of the factor, with the
+  conditioning of exactly the aligned low-res region. The conditioning of a crop is
+  computed on a window of the hi-res image a few low-res pixels larger than the crop, so it
+  equals (up to float rounding) the crop of the full image's conditioning — what a
+  full-image sampler sees — without degrading whole 1024px images. The network must be
+  attention-free (fully convolutional) for crop training and full-size sampling to agree.
+
+Randomness comes only from the ``torch.Generator`` passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import kornia
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from torchvision.utils import make_grid, save_image
+
+from cascade.denoiser import VarianceType
+from cascade.diffusion import q_sample
+from cascade.losses import DiffusionLoss
+from cascade.samplers import SamplerName
+from cascade.schedules import NoiseSchedule, Spacing
+from stages.base import BaseStage
+
+__all__ = [
+    "UpsampleMode",
+    "UpsamplerStage",
+    "TrainingInputs",
+    "downsample",
+    "upsample",
+    "gaussian_blur",
+    "random_crop_offsets",
+    "windowed_crops",
+    "highfreq_energy",
+    "super_resolution_metrics",
+    "aug_level_sweep",
+    "load_image",
+    "prepare_lowres",
+    "super_resolve",
+]
+
+UpsampleMode = Literal["bicubic", "bilinear", "nearest"]
+# Low-res pixels of context a conditioning crop is computed with, besides the blur kernel's radius: the
+# antialiased downsample reaches 1 low-res pixel, bicubic upsampling 2; one more for safety.
+CROP_CONTEXT = 4
+
+
+# --- Resizing, blur, crops: pure functions --------------------------------------------------------
+
+
+def downsample(images: Tensor, factor: int) -> Tensor:
+    """(B, C, H, W) → (B, C, H/f, W/f), antialiased (kornia: Gaussian prefilter σ = (f−1)/2, then bilinear)."""
+    h, w = images.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(f"image size {h}x{w} is not divisible by the downsampling factor {factor}")
+    return kornia.geometry.transform.resize(images, (h // factor, w // factor), interpolation="bilinear",
+                                            align_corners=False, antialias=True)
+
+
+def upsample(images: Tensor, factor: int, mode: UpsampleMode = "bicubic") -> Tensor:
+    """(B, C, h, w) → (B, C, f·h, f·w) by ``mode`` interpolation (kornia; half-pixel centres, edges replicated)."""
+    h, w = images.shape[-2:]
+    return kornia.geometry.transform.resize(images, (factor * h, factor * w), interpolation=mode,
+                                            align_corners=None if mode == "nearest" else False)
+
+
+def gaussian_blur(images: Tensor, apply: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Gaussian-blur the images (B, C, H, W) flagged in ``apply`` (B,) with their own σ (B,) (kornia, reflected edges)."""
+    if not bool(apply.any()):
+        return images
+    blurred = kornia.filters.gaussian_blur2d(images, kernel_size, torch.stack([sigma, sigma], dim=-1), border_type="reflect")
+    return torch.where(apply[:, None, None, None], blurred, images)
+
+
+def random_crop_offsets(
+    batch: int, lowres_size: tuple[int, int], crop: int, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """(B, 2) long (top, left) of uniformly random ``crop``×``crop`` windows inside a low-res image."""
+    h, w = lowres_size
+    if crop > min(h, w):
+        raise ValueError(f"low-res crop {crop} is larger than the low-res image {h}x{w}")
+    top = torch.randint(0, h - crop + 1, (batch,), generator=generator, device=device)
+    left = torch.randint(0, w - crop + 1, (batch,), generator=generator, device=device)
+    return torch.stack([top, left], dim=1)
+
+
+def windowed_crops(
+    images: Tensor, offsets: Tensor, crop: int, factor: int, context: int, fn: Callable[[Tensor, int], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Aligned hi-res crops and the crops of ``fn`` (hi-res image → conditioning), computed on windows only.
+
+    Low-res window [y, y+c) × [x, x+c) (``offsets`` (B, 2), ``crop`` = c) pairs with the hi-res
+    window [f·y, f·(y+c)) × [f·x, f·(x+c)). ``fn(window, b)`` maps a (1, C, f·h, f·w) piece of
+    example b to a same-size conditioning; it is evaluated on the crop grown by ``context``
+    low-res pixels on every side (clipped at the image border). If ``fn`` reaches no further
+    than ``context`` low-res pixels and treats the image border as it treats a window's, the
+    result equals the crop of ``fn(full image)`` — at a fraction of the cost for 1024px images.
+
+    Returns the (B, C, f·c, f·c) hi-res crops and the (B, C, f·c, f·c) conditioning crops.
+    """
+    f = factor
+    h, w = images.shape[-2] // f, images.shape[-1] // f  # low-res size
+    hi, cond = [], []
+    for b, (y, x) in enumerate(offsets.tolist()):
+        y0, y1, x0, x1 = max(0, y - context), min(h, y + crop + context), max(0, x - context), min(w, x + crop + context)
+        window = fn(images[b : b + 1, :, f * y0 : f * y1, f * x0 : f * x1], b)  # (1, C, f·(y1−y0), f·(x1−x0))
+        top, left = f * (y - y0), f * (x - x0)
+        cond.append(window[0, :, top : top + f * crop, left : left + f * crop])  # (C, f·c, f·c)
+        hi.append(images[b, :, f * y : f * (y + crop), f * x : f * (x + crop)])  # (C, f·c, f·c)
+    return torch.stack(hi), torch.stack(cond)
+
+
+# --- Metrics ------------------------------------------------------------------------------------
+
+
+def highfreq_energy(images: Tensor, factor: int) -> Tensor:
+    """Per-image energy (B,) of the spatial frequencies a 1/``factor`` low-res image cannot hold.
+
+    The mean |FFT|² over frequencies with max(|f_y|, |f_x|) > 1/(2·factor) cycles/pixel (above
+    the low-res Nyquist limit): the detail a super-resolution model has to invent. Compare
+    it with the ground truth's: bicubic upsampling has almost none.
+    """
+    x = images.float() - images.float().mean(dim=(-2, -1), keepdim=True)
+    spectrum = torch.fft.fft2(x, norm="ortho").abs().square()  # (B, C, H, W)
+    fy = torch.fft.fftfreq(x.shape[-2], device=x.device).abs()[:, None]  # (H, 1)
+    fx = torch.fft.fftfreq(x.shape[-1], device=x.device).abs()[None, :]  # (1, W)
+    band = torch.maximum(fy, fx) > 0.5 / factor  # (H, W)
+    return (spectrum * band).flatten(1).sum(dim=1) / x[0].numel()  # (B,)
+
+
+@torch.no_grad()
+def super_resolution_metrics(output: Tensor, target: Tensor, lowres: Tensor, factor: int) -> dict[str, float]:
+    """PSNR / SSIM against the ground truth for the model and for bicubic, consistency and sharpness.
+
+    All images in [−1, 1]: ``output`` and ``target`` (B, 3, H, W), ``lowres`` (B, 3, H/f, W/f),
+    the input the output was made from. PSNR and SSIM (kornia, 11×11 window) are on [0, 1]
+    images, averaged over images. ``consistency_psnr`` compares downsample(output) with
+    ``lowres``. ``hf_ratio`` is the output's high-frequency energy over the truth's
+    (:func:`highfreq_energy`; 1 is the truth's sharpness, bicubic is far below).
+    """
+    to01 = lambda x: ((x.float().clamp(-1, 1) + 1) / 2)  # noqa: E731
+    out, gt, lo = to01(output), to01(target), to01(lowres)
+    bicubic = to01(upsample(lowres.float(), factor, "bicubic"))
+
+    def psnr(a: Tensor, b: Tensor) -> float:
+        return float(torch.stack([kornia.metrics.psnr(x, y, 1.0) for x, y in zip(a, b)]).mean())
+
+    def ssim(a: Tensor, b: Tensor) -> float:
+        return float(kornia.metrics.ssim(a, b, 11, max_val=1.0).mean())
+
+    hf_truth = highfreq_energy(gt, factor).sum()
+    return {
+        "psnr": psnr(out, gt),
+        "psnr_bicubic": psnr(bicubic, gt),
+        "ssim": ssim(out, gt),
+        "ssim_bicubic": ssim(bicubic, gt),
+        "consistency_psnr": psnr(downsample(out, factor), lo),
+        "consistency_psnr_bicubic": psnr(downsample(bicubic, factor), lo),
+        "hf_ratio": float(highfreq_energy(out, factor).sum() / hf_truth),
+        "hf_ratio_bicubic": float(highfreq_energy(bicubic, factor).sum() / hf_truth),
+    }
+
+
+# --- The stage ----------------------------------------------------------------------------------
+
+
+class TrainingInputs(NamedTuple):
+    """What one training batch of an upsampler is made of."""
+
+    images: Tensor  # (B, 3, h, w) hi-res targets (crops when crop training)
+    lowres: Tensor  # (B, 3, h, w) augmented low-res conditioning, resized up to the targets' size
+    aug_level: Tensor  # (B,) long noise-augmentation level s (timesteps of aug_schedule)
+    blurred: Tensor  # (B,) bool: blur augmentation applied
+    offsets: Tensor | None  # (B, 2) low-res (top, left) of the crops; None without crop training
+
+
+class UpsamplerStage(BaseStage):
+    """Class-conditional super-resolution diffusion stage with noise and blur conditioning augmentation."""
+
+    def __init__(
+        self,
+        *,
+        net: Callable[..., nn.Module],  # U-Net constructor; resolution, classes, channels and conditioning filled in here
+        schedule: NoiseSchedule,  # the training noise process of the hi-res image
+        objective: DiffusionLoss,  # L_simple or hybrid, and the parameterisation
+        aug_schedule: NoiseSchedule,  # forward process used to corrupt the low-res conditioning
+        name: str = "sr256",  # stage name: checkpoints and run dirs carry it
+        resolution: int = 256,  # output resolution
+        lowres_resolution: int = 64,  # input resolution; resolution / lowres_resolution is the factor
+        class_conditional: bool = True,  # condition on the class (with a null class for CFG)
+        p_uncond: float = 0.1,  # label dropout (CFG); unlabelled super-resolution uses the null class
+        fixed_variance: VarianceType = "large",  # Σ at sampling when the variance is not learned
+        aug_max_level: int = 500,  # s_max: training levels s ~ U{0..s_max}, timesteps of aug_schedule
+        sample_aug_level: int = 50,  # the fixed s at sampling (≤ s_max); sweep it for the best result
+        lowres_upsample: UpsampleMode = "bicubic",  # how the conditioning is resized up to the output size
+        blur_prob: float = 0.0,  # fraction of training examples whose low-res image is blurred
+        blur_sigma: Sequence[float] = (0.4, 0.6),  # σ range of the blur, low-res pixels (CDM)
+        blur_kernel_size: int | None = None,  # blur kernel side; None → 2·⌈3σ_max⌉ + 1
+        crop_size: int | None = None,  # train on random aligned crops of this hi-res size; None → full images
+        preview_sampler: SamplerName = "dpmpp_2m",  # sampler of the periodic report grids
+        preview_steps: int = 25,  # its number of steps
+        preview_images: int = 4,  # held-out images in the report (grid rows)
+        preview_crop: int | None = None,  # report on aligned crops of this hi-res size (cheap 1024px reports on CPU)
+        lowres_skip: bool = False,  # x0-prediction as a residual over the conditioning image (needs parameterization x0)
+    ) -> None:
+        super().__init__(net=net, schedule=schedule, objective=objective, name=name, resolution=resolution,
+                         p_uncond=p_uncond, fixed_variance=fixed_variance, preview_sampler=preview_sampler,
+                         preview_steps=preview_steps)
+        if resolution % lowres_resolution or resolution // lowres_resolution < 2:
+            raise ValueError(f"resolution {resolution} must be an integer multiple (≥ 2) of lowres_resolution {lowres_resolution}")
+        self.factor = resolution // lowres_resolution
+        for what, size in (("crop_size", crop_size), ("preview_crop", preview_crop)):
+            if size is not None and (size % self.factor or not 0 < size <= resolution):
+                raise ValueError(f"{what}={size} must be a multiple of {self.factor} in (0, {resolution}]")
+        if not 0 <= aug_max_level < len(aug_schedule):
+            raise ValueError(f"aug_max_level must be a timestep of aug_schedule, 0..{len(aug_schedule) - 1}; got {aug_max_level}")
+        if not 0 <= sample_aug_level <= aug_max_level:
+            raise ValueError(f"sample_aug_level must be in 0..aug_max_level={aug_max_level} (the trained levels); got {sample_aug_level}")
+        if not 0.0 <= blur_prob <= 1.0:
+            raise ValueError(f"blur_prob must be in [0, 1], got {blur_prob}")
+        sigma = tuple(float(s) for s in blur_sigma)
+        if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
+            raise ValueError(f"blur_sigma must be a range (low, high) with 0 < low <= high, got {list(blur_sigma)}")
+        if lowres_skip and objective.parameterization != "x0":
+            raise ValueError(f"lowres_skip makes the network predict x0 as a residual over the low-res image; set "
+                             f"objective.parameterization=x0 (got {objective.parameterization!r})")
+        self.lowres_skip = lowres_skip
+        if lowres_upsample not in ("bicubic", "bilinear", "nearest"):
+            raise ValueError(f"unknown lowres_upsample {lowres_upsample!r}; use bicubic, bilinear or nearest")
+        self.aug_schedule = aug_schedule
+        self.lowres_resolution, self.class_conditional = lowres_resolution, class_conditional
+        self.aug_max_level, self.sample_aug_level, self.lowres_upsample = aug_max_level, sample_aug_level, lowres_upsample
+        self.blur_prob, self.blur_sigma = blur_prob, sigma
+        self.blur_kernel_size = blur_kernel_size or 2 * math.ceil(3 * sigma[1]) + 1
+        self.crop_size, self.preview_images, self.preview_crop = crop_size, preview_images, preview_crop
+
+    def net_kwargs(self, num_classes: int) -> dict[str, object]:
+        return {**super().net_kwargs(num_classes if self.class_conditional else None),
+                "lowres_channels": 3, "aug_level_embedding": True, "lowres_skip": self.lowres_skip}
+
+    # --- training ---
+
+    def conditioning(self, images: Tensor, k: Tensor, blur: Tensor, sigma: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The training conditioning of hi-res images (B, 3, H, W): downsample → blur → q_sample at s → upsample.
+
+        ``k`` (B,): augmentation levels (positions in ``aug_schedule``); ``blur`` (B,) bool and
+        ``sigma`` (B,): which images are blurred and how much (low-res pixels). The noise ε is
+        drawn from ``generator``. Returns (B, 3, H, W).
+        """
+        lowres = downsample(images, self.factor)  # (B, 3, h, w)
+        lowres = gaussian_blur(lowres, blur, sigma, self.blur_kernel_size)  # (B, 3, h, w)
+        noise = torch.randn(lowres.shape, generator=generator, device=lowres.device)  # (B, 3, h, w)
+        z = q_sample(self.aug_schedule, lowres, k, noise)  # (B, 3, h, w) √ᾱ_s x_lr + √(1−ᾱ_s) ε
+        return upsample(z, self.factor, self.lowres_upsample)  # (B, 3, H, W)
+
+    def training_inputs(self, images: Tensor, generator: torch.Generator | None) -> TrainingInputs:
+        """Make a batch's targets and conditioning (:meth:`conditioning`), cropped when ``crop_size`` is set.
+
+        ``images`` (B, 3, R, R) in [−1, 1] at the stage resolution. Computed in float32 even
+        under autocast. Random draws, in order: blur flags, blur σ, levels s, crop offsets, then ε
+        (per example when cropping: the conditioning of a crop is computed on a window around it,
+        see :func:`windowed_crops`, and equals the crop of the full image's conditioning).
+        """
+        batch, device = images.shape[0], images.device
+        with torch.autocast(device.type, enabled=False):
+            images = images.float()
+            blur = torch.rand(batch, generator=generator, device=device) < self.blur_prob  # (B,)
+            low, high = self.blur_sigma
+            sigma = low + (high - low) * torch.rand(batch, generator=generator, device=device)  # (B,)
+            k = torch.randint(0, self.aug_max_level + 1, (batch,), generator=generator, device=device)  # (B,)
+            offsets = None
+            if self.crop_size is None:
+                cond = self.conditioning(images, k, blur, sigma, generator)  # (B, 3, R, R)
+            else:
+                crop, f = self.crop_size // self.factor, self.factor
+                offsets = random_crop_offsets(batch, (images.shape[-2] // f, images.shape[-1] // f), crop, generator, device)
+                context = CROP_CONTEXT + self.blur_kernel_size // 2
+                images, cond = windowed_crops(  # (B, 3, c, c) each
+                    images, offsets, crop, f, context,
+                    lambda window, b: self.conditioning(window, k[b : b + 1], blur[b : b + 1], sigma[b : b + 1], generator))
+        aug_level = self.aug_schedule.timesteps.to(device)[k]  # (B,)
+        return TrainingInputs(images, cond, aug_level, blur, offsets)
+
+    def loss(self, net: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+        """Per-example diffusion loss of the hi-res (crop) at uniformly drawn t, given the augmented low-res."""
+        inputs = self.training_inputs(images, generator)
+        x0 = inputs.images  # (B, 3, h, w)
+        k = torch.randint(0, len(self.schedule), (x0.shape[0],), generator=generator, device=x0.device)  # (B,)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)  # (B, 3, h, w)
+        cond = {"lowres": inputs.lowres, "aug_level": inputs.aug_level}
+        if self.class_conditional:
+            cond["class_labels"] = self.drop_labels(labels, generator)
+        return self.objective(net, self.schedule, x0, k, noise, **cond)
+
+    # --- sampling ---
+
+    def sampling_condition(self, lowres: Tensor, aug_level: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """The conditioning at sampling: ``lowres`` (B, 3, h, w) corrupted at the fixed level s, resized up.
+
+        No blur (blur is a training augmentation only). Returns (B, 3, f·h, f·w) and s (B,).
+        """
+        if not 0 <= aug_level <= self.aug_max_level:
+            raise ValueError(f"aug_level must be in 0..{self.aug_max_level} (the levels this stage was trained on), got {aug_level}")
+        batch, device = lowres.shape[0], lowres.device
+        k = torch.full((batch,), int(aug_level), dtype=torch.long, device=device)  # (B,)
+        noise = torch.randn(lowres.shape, generator=generator, device=device)  # (B, 3, h, w)
+        z = q_sample(self.aug_schedule, lowres.float(), k, noise)  # (B, 3, h, w)
+        return upsample(z, self.factor, self.lowres_upsample), self.aug_schedule.timesteps.to(device)[k]
+
+    @torch.no_grad()
+    def sample(  # type: ignore[override]  # an upsampler samples from a low-res image, not from labels alone
+        self,
+        net: nn.Module,
+        lowres: Tensor,
+        class_labels: Tensor | None = None,
+        *,
+        aug_level: int | None = None,
+        sampler: SamplerName = "dpmpp_2m",
+        steps: int = 25,
+        spacing: Spacing | None = None,
+        cfg_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+    ) -> Tensor:
+        """Super-resolve ``lowres`` (B, 3, h, w) in [−1, 1] to (B, 3, f·h, f·w) in [−1, 1].
+
+        Any size works (the networks are convolutional; attention-free ones exactly as trained
+        on crops). ``class_labels`` (B,): the classes; ``None`` on a class-conditional stage uses
+        the null class (the unconditional model trained through ``p_uncond``). ``aug_level``:
+        the fixed noise-augmentation level s (default ``sample_aug_level``). Random draws, in
+        order: the augmentation noise, x_T, then the sampler's.
+        """
+        if lowres.ndim != 4 or lowres.shape[1] != 3:
+            raise ValueError(f"lowres must be a (B, 3, H, W) batch, got shape {tuple(lowres.shape)}")
+        s = self.sample_aug_level if aug_level is None else aug_level
+        cond_image, s_vec = self.sampling_condition(lowres, s, generator)  # (B, 3, H, W), (B,)
+        cond: dict[str, Tensor] = {"lowres": cond_image, "aug_level": s_vec}
+        batch = lowres.shape[0]
+        if self.class_conditional:
+            if class_labels is None:
+                class_labels = torch.full((batch,), self._num_classes(net), dtype=torch.long, device=lowres.device)  # null class
+            null = self._num_classes(net)
+            if class_labels.shape != (batch,):
+                raise ValueError(f"class_labels must have shape ({batch},), got {tuple(class_labels.shape)}")
+            if bool(((class_labels < 0) | (class_labels > null)).any()):
+                raise ValueError(f"class labels must be in 0..{null - 1} (or {null}, the null class), got {class_labels.tolist()}")
+            cond["class_labels"] = class_labels.to(lowres.device)
+        elif class_labels is not None:
+            raise ValueError(f"stage {self.name!r} is not class-conditional; give no class")
+        x_T = torch.randn(cond_image.shape, generator=generator, device=lowres.device)  # (B, 3, H, W)
+        return self.run_sampler(net, x_T, cond, sampler=sampler, steps=steps, spacing=spacing, cfg_scale=cfg_scale,
+                                generator=generator, progress=progress)
+
+    # --- reporting ---
+
+    def report(
+        self, net: nn.Module, *, step: int, out_dir: Path, class_names: list[str], val_data: Dataset | None,
+        device: torch.device, generator: torch.Generator,
+    ) -> dict[str, float]:
+        """Super-resolve the first ``preview_images`` held-out images; save a grid and return metrics.
+
+        Grid rows: low-res input (nearest), bicubic, model output, ground truth, saved as
+        ``samples/step_NNNNNNN.png`` and ``samples/latest.png``. Metrics: see
+        :func:`super_resolution_metrics` (PSNR, SSIM, consistency, sharpness; model and bicubic).
+        """
+        if val_data is None or self.preview_images < 1:
+            return {}
+        n = min(self.preview_images, len(val_data))
+        items = [val_data[i] for i in range(n)]
+        hi = torch.stack([image for image, _ in items]).to(device)  # (n, 3, R, R)
+        labels = torch.tensor([int(label) for _, label in items], device=device)  # (n,)
+        lowres = downsample(hi, self.factor)  # (n, 3, r, r)
+        if self.preview_crop is not None:  # the central aligned crop: full-size sampling costs too much on a CPU
+            c = self.preview_crop // self.factor
+            y, x = (lowres.shape[-2] - c) // 2, (lowres.shape[-1] - c) // 2
+            lowres = lowres[..., y : y + c, x : x + c]
+            hi = hi[..., self.factor * y : self.factor * (y + c), self.factor * x : self.factor * (x + c)]
+        output = self.sample(net, lowres, labels if self.class_conditional else None, sampler=self.preview_sampler,
+                             steps=self.preview_steps, generator=generator, progress=False)
+        bicubic = upsample(lowres, self.factor, "bicubic").clamp(-1, 1)
+        nearest = upsample(lowres, self.factor, "nearest")
+        columns = torch.stack([nearest, bicubic, output, hi], dim=1).flatten(0, 1)  # (4n, 3, R, R) row-major
+        grid = make_grid((columns.float().cpu() + 1) / 2, nrow=4, padding=2, pad_value=1.0)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_image(grid, out_dir / f"step_{step:07d}.png")
+        save_image(grid, out_dir / "latest.png")
+        return super_resolution_metrics(output, hi, lowres, self.factor)
+
+
+@torch.no_grad()
+def aug_level_sweep(
+    stage: UpsamplerStage,
+    net: nn.Module,
+    data: Dataset,
+    *,
+    aug_levels: Sequence[int],
+    num_images: int = 16,
+    batch_size: int = 8,
+    sampler: SamplerName = "dpmpp_2m",
+    steps: int = 25,
+    device: torch.device = torch.device("cpu"),
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """:func:`super_resolution_metrics` of the first ``num_images`` of ``data`` (at the stage resolution) per level s.
+
+    Each level super-resolves the same images from the same seed; one dict per level (with ``aug_level``).
+    """
+    results = []
+    for s in aug_levels:
+        generator = torch.Generator(device).manual_seed(seed)
+        outputs, targets, inputs = [], [], []
+        for start in range(0, min(num_images, len(data)), batch_size):
+            items = [data[i] for i in range(start, min(start + batch_size, num_images, len(data)))]
+            hi = torch.stack([image for image, _ in items]).to(device)  # (b, 3, R, R)
+            labels = torch.tensor([int(label) for _, label in items], device=device) if stage.class_conditional else None
+            lowres = downsample(hi, stage.factor)  # (b, 3, r, r)
+            outputs.append(stage.sample(net, lowres, labels, aug_level=s, sampler=sampler, steps=steps, generator=generator,
+                                        progress=False).cpu())
+            targets.append(hi.cpu())
+            inputs.append(lowres.cpu())
+        metrics = super_resolution_metrics(torch.cat(outputs), torch.cat(targets), torch.cat(inputs), stage.factor)
+        results.append({"aug_level": int(s), **metrics})
+    return results
+
+
+# --- Super-resolving a user's image -----------------------------------------------------------------
+
+
+def load_image(path: str | Path) -> Tensor:
+    """An image file as float32 (3, H, W) in [−1, 1]; a clear error when missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    except OSError as error:
+        raise ValueError(f"cannot read {path} as an image ({error})") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def prepare_lowres(image: Tensor, size: int) -> tuple[Tensor, list[str]]:
+    """Fit a (3, H, W) image in [−1, 1] to the stage's (3, size, size) input; notes say what was changed.
+
+    Non-square images are centre-cropped to a square; other sizes are resized with kornia
+    (antialiased when shrinking, bicubic when enlarging).
+    """
+    notes: list[str] = []
+    h, w = image.shape[-2:]
+    if h != w:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        image = image[:, top : top + side, left : left + side]
+        notes.append(f"centre-cropped {w}x{h} to {side}x{side}")
+    side = image.shape[-1]
+    if side != size:
+        image = kornia.geometry.transform.resize(image[None], (size, size), interpolation="bicubic" if side < size else "bilinear",
+                                                 align_corners=False, antialias=side > size)[0].clamp(-1, 1)
+        notes.append(f"resized {side}x{side} to the stage's low-res input {size}x{size}"
+                     + (" (antialiased)" if side > size else " (bicubic; the input had fewer pixels than the stage expects)"))
+    return image, notes
+
+
+def super_resolve(
+    stage: UpsamplerStage,
+    net: nn.Module,
+    image: Tensor,
+    *,
+    class_label: int | None = None,
+    aug_level: int | None = None,
+    sampler: SamplerName = "dpmpp_2m",
+    steps: int = 25,
+    cfg_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> tuple[Tensor, list[str]]:
+    """Super-resolve one image (3, H, W) in [−1, 1] with a trained upsampler: (3, R, R) in [−1, 1] and notes.
+
+    The image is first fitted to the stage's low-res input (:func:`prepare_lowres`).
+    """
+    device = next(net.parameters()).device
+    lowres, notes = prepare_lowres(image.float(), stage.lowres_resolution)
+    labels = None if class_label is None else torch.tensor([class_label], device=device)
+    out = stage.sample(net, lowres[None].to(device), labels, aug_level=aug_level, sampler=sampler, steps=steps,
+                       cfg_scale=cfg_scale, generator=generator, progress=progress)
+    return out[0], notes

@@ -1,0 +1,43 @@
+"""Shared test helpers: the real hydra configs, shrunk, and the training command they feed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+STAGES = sorted(p.stem for p in (CONFIGS / "stage").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONFIGS / "preset").glob("*.yaml"))
+# Small enough for a 2-step smoke run of any stage on CPU in seconds.
+SMOKE = [
+    "preset=tiny", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.log_every=1", "trainer.ckpt_every=2",
+    "trainer.sample_every=2", "trainer.num_workers=0", "trainer.progress=false", "data.train.size=64", "data.val.size=8",
+    "device=cpu",
+]
+STAGE_SMOKE = {
+    "base": ["stage.preview_steps=2", "stage.preview_per_class=2", "stage.preview_max_classes=3"],
+    "classifier": ["stage.eval_images=8", "stage.eval_batch_size=8"],
+    "sr256": ["stage.preview_steps=2", "stage.preview_images=2"],
+    "sr1024": ["stage.preview_steps=2", "stage.preview_images=1"],
+}
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python scripts/<script> args…`` in ``cwd``, output captured."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def train(root: Path, stage: str, *extra: str) -> subprocess.CompletedProcess:
+    """The smoke training of ``stage`` into ``root/stage`` (resumes if a checkpoint is there)."""
+    return run_script("train_stage.py", f"stage={stage}", f"run_dir={root / stage}", *SMOKE, *STAGE_SMOKE[stage], *extra,
+                      cwd=root)
