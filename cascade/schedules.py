@@ -23,6 +23,7 @@ __all__ = [
     "logsnr_spaced_timesteps",
     "Spacing",
     "respace",
+    "check_same_schedule",
 ]
 
 
@@ -179,3 +180,9 @@ def respace(schedule: NoiseSchedule, timesteps: Tensor | int, spacing: Spacing =
     timesteps = torch.unique(torch.as_tensor(timesteps, dtype=torch.int64))
     k = schedule.positions(timesteps)
     return NoiseSchedule(schedule.timesteps[k], schedule.alphas_cumprod[k])
+
+
+def check_same_schedule(a: NoiseSchedule, b: NoiseSchedule, what: str) -> None:
+    """Guidance needs the classifier to be trained on the very noise process of the model it steers."""
+    if len(a) != len(b) or not torch.allclose(a.alphas_cumprod, b.alphas_cumprod, rtol=1e-6, atol=0):
+        raise ValueError(f"{what} was trained on another noise schedule than the model it should guide; retrain it with the model's schedule")

@@ -3,14 +3,13 @@
 A stage (see ``stages/``) says *what* is learned: it builds its network, computes a
 per-example loss from a batch, and reports (sample grids, accuracies). The trainer says
 *how*: AdamW with linear warm-up, EMA of the weights (timm ``ModelEmaV3``), gradient
-clipping, bf16 autocast on CUDA, data-parallel training under ``torchrun``, periodic
+clipping, bf16 autocast (CUDA, and CPUs with native bf16), data-parallel training under ``torchrun``, periodic
 self-describing checkpoints, resume from ``last.pt``, ``metrics.jsonl``, ``loss.png``
 and a progress bar with loss, rate and ETA.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -28,9 +27,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cascade.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from cascade.device import bf16_autocast
 from cascade.plots import plot_loss_curve, read_metrics
 
-__all__ = ["Stage", "Trainer", "resolve_device", "count_parameters", "StepBatchSampler"]
+__all__ = ["Stage", "Trainer", "count_parameters", "StepBatchSampler"]
 
 
 class Stage(Protocol):
@@ -47,17 +47,6 @@ class Stage(Protocol):
         self, net: nn.Module, *, step: int, out_dir: Path, class_names: list[str], val_data: Dataset | None,
         device: torch.device, generator: torch.Generator,
     ) -> dict[str, float]: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device=cuda was asked for but no CUDA GPU is visible; use device=cpu or device=auto")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
 
 
 def count_parameters(net: nn.Module) -> int:
@@ -122,7 +111,7 @@ class Trainer:
         sample_every: int = 5000,  # report period: sample grids / accuracies (also at the end)
         log_every: int = 100,  # metrics.jsonl period
         num_workers: int = 4,  # data loader workers per rank
-        bf16: bool = True,  # bf16 autocast on CUDA
+        bf16: bool = True,  # bf16 autocast where native: CUDA, CPUs with AMX / AVX512-BF16
         channels_last: bool = False,  # NHWC memory format (faster convolutions on CPU oneDNN and tensor cores)
         progress: bool = True,  # progress bar
     ) -> None:
@@ -204,7 +193,6 @@ class Trainer:
             pin_memory=device.type == "cuda",
             persistent_workers=self.num_workers > 0,
         )
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and self.bf16 else contextlib.nullcontext()
 
         def checkpoint(numbered: bool) -> None:
             gen_states = [generator.get_state().cpu()]
@@ -244,7 +232,7 @@ class Trainer:
             images, labels = next(data)
             images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
-            with autocast:
+            with bf16_autocast(device, self.bf16):
                 loss = stage.loss(model, images, labels, generator).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cascade.checkpoint import CheckpointError, load_stage  # noqa: E402
+from cascade.device import resolve_device  # noqa: E402
 from cascade.evaluate import classifier_noise_accuracy, guidance_sweep  # noqa: E402
 from cascade.metrics import top1_accuracy, train_reference_classifier  # noqa: E402
-from cascade.train import resolve_device  # noqa: E402
 
 
 def reference_classifier(cfg: DictConfig, train_data, val_data, out_dir: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:

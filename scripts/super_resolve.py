@@ -10,7 +10,6 @@ class-conditional stage uses its null class (unconditional super-resolution).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,16 +19,11 @@ import torch  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
 from cascade.checkpoint import CheckpointError, load_stage  # noqa: E402
+from cascade.cli import OneLineParser  # noqa: E402
 from cascade.data import class_index  # noqa: E402
+from cascade.device import resolve_device  # noqa: E402
 from cascade.samplers import SAMPLERS  # noqa: E402
-from cascade.train import resolve_device  # noqa: E402
 from stages.upsampler import UpsamplerStage, load_image, super_resolve  # noqa: E402
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit code 2, like every other input error
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main() -> None:

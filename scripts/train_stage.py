@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cascade.checkpoint import CheckpointError  # noqa: E402
-from cascade.train import resolve_device  # noqa: E402
+from cascade.device import resolve_device  # noqa: E402
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")

@@ -1,0 +1,271 @@
+"""The orchestrator: chains stage checkpoints in memory, base → (augment → upsampler)* (CDM, Ho et al. 2021, §3).
+
+Every stage is rebuilt from its checkpoint alone (:func:`~cascade.checkpoint.load_stage`).
+:func:`check_chain` says everything that keeps the stages from forming one cascade;
+:meth:`Cascade.sample` then runs the 64px base (classifier and/or classifier-free guidance),
+noise-augments its output at the chosen level and super-resolves it, stage after stage,
+batch by batch, handing tensors from stage to stage (files are only written by the caller).
+
+Randomness: stage j of batch b draws from its own ``torch.Generator`` seeded with
+``stage_seed(seed, j, b)``, so a stage's images do not depend on whether later stages run,
+and the same settings give bit-identical images on the same machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cascade.checkpoint import CheckpointError, load_stage
+from cascade.device import bf16_autocast
+from cascade.samplers import SAMPLERS, SamplerName
+from cascade.schedules import check_same_schedule
+
+__all__ = ["StageSettings", "LoadedStage", "ChainError", "Cascade", "check_chain", "check_settings", "stage_seed"]
+
+
+@dataclass
+class StageSettings:
+    """How one stage samples. ``aug_level`` is for upsamplers (None → the stage's trained default)."""
+
+    sampler: SamplerName = "dpmpp_2m"  # ddpm | ddim | dpmpp_2m
+    steps: int = 25  # sampler steps (= model evaluations, ×2 with CFG)
+    batch_size: int = 16  # images per sampler call (bounds memory; 1024px wants small batches)
+    cfg_scale: float = 1.0  # classifier-free guidance w (1 = the conditional model)
+    classifier_scale: float = 0.0  # classifier guidance s (base only)
+    aug_level: int | None = None  # noise-augmentation level s of the low-res input (upsamplers only)
+
+
+@dataclass
+class LoadedStage:
+    """A stage rebuilt from its checkpoint: the stage object, its network (EMA weights, eval mode), its checkpoint."""
+
+    path: str
+    stage: Any
+    net: nn.Module
+    payload: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.payload["stage"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.payload["class_names"])
+
+    # Roles, told by what a stage can do (the library knows no stage classes): a generator samples from
+    # labels, an upsampler from a low-res image, a classifier does not sample.
+    @property
+    def is_upsampler(self) -> bool:
+        return hasattr(self.stage, "lowres_resolution") and hasattr(self.stage, "sample")
+
+    @property
+    def is_generator(self) -> bool:
+        return hasattr(self.stage, "sample") and not self.is_upsampler
+
+    @property
+    def is_classifier(self) -> bool:
+        return not hasattr(self.stage, "sample") and hasattr(self.stage, "schedule")
+
+    @property
+    def class_conditional(self) -> bool:
+        return bool(getattr(self.stage, "class_conditional", True))
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this stage in a ``cascade.json``."""
+        return {"path": self.path, "stage": self.name, "step": int(self.payload["step"]), "resolution": int(self.stage.resolution)}
+
+
+class ChainError(ValueError):
+    """Stages that do not form one cascade; the message lists every mismatch."""
+
+
+def load(path: str | Path, device: torch.device) -> LoadedStage:
+    stage, net, payload = load_stage(path, device=device)
+    return LoadedStage(str(path), stage, net, payload)
+
+
+def check_chain(base: LoadedStage, classifier: LoadedStage | None, upsamplers: Sequence[LoadedStage]) -> None:
+    """Raise :class:`ChainError` naming every way the stages fail to chain; return quietly when they fit.
+
+    Checked: each checkpoint is of the kind its slot needs; the classifier sees the base's
+    resolution and was trained on the base's noise process; every upsampler's low-res input is
+    the previous stage's output resolution; class-conditional stages share one class list.
+    """
+    problems: list[str] = []
+    if not base.is_generator:
+        problems.append(f"{base.path} is a {base.name!r} checkpoint, not a base stage")
+    if classifier is not None:
+        if not classifier.is_classifier:
+            problems.append(f"{classifier.path} is a {classifier.name!r} checkpoint, not a noisy classifier")
+        else:
+            if classifier.stage.resolution != base.stage.resolution:
+                problems.append(f"the classifier sees {classifier.stage.resolution}px images but the base makes "
+                                f"{base.stage.resolution}px ones")
+            try:
+                check_same_schedule(base.stage.schedule, classifier.stage.schedule, "the classifier")
+            except ValueError as error:
+                problems.append(str(error))
+            if classifier.class_names != base.class_names:
+                problems.append(f"the classifier's {len(classifier.class_names)} classes differ from the base's "
+                                f"{len(base.class_names)} (first difference: {_first_difference(classifier.class_names, base.class_names)})")
+    previous = base
+    for up in upsamplers:
+        if not up.is_upsampler:
+            problems.append(f"{up.path} is a {up.name!r} checkpoint, not an upsampler")
+            previous = up
+            continue
+        if up.stage.lowres_resolution != previous.stage.resolution:
+            problems.append(f"{up.name} upsamples {up.stage.lowres_resolution}px images but {previous.name} makes "
+                            f"{previous.stage.resolution}px ones")
+        if up.class_conditional and up.class_names != base.class_names:
+            problems.append(f"{up.name} was trained on {len(up.class_names)} classes that differ from the base's "
+                            f"{len(base.class_names)} (first difference: {_first_difference(up.class_names, base.class_names)})")
+        previous = up
+    if problems:
+        raise ChainError("the stages do not chain: " + "; ".join(problems))
+
+
+def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"class {i} is {x!r} vs {y!r}"
+    return f"{len(a)} vs {len(b)} classes"
+
+
+def check_settings(name: str, stage: Any, settings: StageSettings, *, guided: bool) -> None:
+    """One clear ValueError for sampler settings that cannot run."""
+    if settings.sampler not in SAMPLERS:
+        raise ValueError(f"{name}: unknown sampler {settings.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if settings.steps < 1:
+        raise ValueError(f"{name}: steps must be >= 1, got {settings.steps}")
+    if settings.steps > len(stage.schedule):
+        raise ValueError(f"{name}: steps must be <= {len(stage.schedule)} (the training process), got {settings.steps}")
+    if settings.batch_size < 1:
+        raise ValueError(f"{name}: batch size must be >= 1, got {settings.batch_size}")
+    if settings.cfg_scale < 0 or settings.classifier_scale < 0:
+        raise ValueError(f"{name}: guidance scales must be >= 0, got cfg {settings.cfg_scale}, classifier {settings.classifier_scale}")
+    if settings.classifier_scale > 0 and not guided:
+        raise ValueError(f"{name}: classifier guidance scale {settings.classifier_scale} needs a noisy classifier checkpoint")
+    if hasattr(stage, "aug_max_level") and settings.aug_level is not None and not 0 <= settings.aug_level <= stage.aug_max_level:
+        raise ValueError(f"{name}: aug level must be in 0..{stage.aug_max_level} (the levels it was trained on), got {settings.aug_level}")
+
+
+def stage_seed(seed: int, stage_index: int, batch_index: int) -> int:
+    """The seed of stage ``stage_index``'s generator for batch ``batch_index`` (see module docstring)."""
+    return (seed * 1_000_003 + stage_index * 10_007 + batch_index) % (2**63)
+
+
+def _batches(n: int, size: int) -> Iterator[tuple[int, slice]]:
+    for b, start in enumerate(range(0, n, size)):
+        yield b, slice(start, min(start + size, n))
+
+
+class Cascade:
+    """Base (+ noisy classifier) and upsamplers, validated to chain; samples them in memory."""
+
+    def __init__(self, base: LoadedStage, upsamplers: Sequence[LoadedStage] = (), classifier: LoadedStage | None = None,
+                 *, device: torch.device = torch.device("cpu"), bf16: bool = True) -> None:
+        check_chain(base, classifier, upsamplers)
+        self.base, self.upsamplers, self.classifier = base, list(upsamplers), classifier
+        self.device, self.bf16 = device, bf16
+
+    @classmethod
+    def from_checkpoints(cls, base: str | Path, upsamplers: Sequence[str | Path] = (), classifier: str | Path | None = None,
+                         *, device: torch.device = torch.device("cpu"), bf16: bool = True) -> Cascade:
+        """Rebuild every stage from its checkpoint and check the chain (:class:`ChainError` if it does not fit)."""
+        try:
+            loaded_base = load(base, device)
+            loaded_clf = load(classifier, device) if classifier is not None else None
+            loaded_ups = [load(p, device) for p in upsamplers]
+        except (KeyError, TypeError) as error:  # a checkpoint whose config does not rebuild a stage
+            raise CheckpointError(f"a checkpoint does not describe a stage of this version ({error})") from None
+        return cls(loaded_base, loaded_ups, loaded_clf, device=device, bf16=bf16)
+
+    @property
+    def stages(self) -> list[LoadedStage]:
+        return [self.base, *self.upsamplers]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.base.class_names
+
+    def check(self, settings: Sequence[StageSettings]) -> None:
+        """Validate one :class:`StageSettings` per stage (base first)."""
+        if len(settings) != len(self.stages):
+            raise ValueError(f"expected settings for {len(self.stages)} stages, got {len(settings)}")
+        for loaded, s in zip(self.stages, settings):
+            check_settings(loaded.name, loaded.stage, s, guided=loaded is self.base and self.classifier is not None)
+
+    def aug_levels(self, settings: Sequence[StageSettings]) -> list[int | None]:
+        """The augmentation level each stage will use (None for the base)."""
+        return [None] + [s.aug_level if s.aug_level is not None else up.stage.sample_aug_level
+                         for up, s in zip(self.upsamplers, settings[1:])]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        class_labels: Tensor,
+        settings: Sequence[StageSettings],
+        *,
+        seed: int = 0,
+        progress: bool = True,
+        on_stage_output: Callable[[int, slice, Tensor], None] | None = None,
+    ) -> list[Tensor]:
+        """Images of every stage for the classes ``class_labels`` (N,): [(N, 3, 64, 64), (N, 3, 256, 256), …] in [−1, 1], on CPU.
+
+        Stage after stage, each over the N images in batches of its ``batch_size``; the
+        previous stage's output (in memory) is the low-res input, noise-augmented at the
+        stage's ``aug_level``. ``on_stage_output(stage_index, slice, images)`` is called on
+        every finished batch (e.g. to write PNGs as they come). One progress bar per stage.
+        """
+        self.check(settings)
+        labels = class_labels.to(self.device).long()  # (N,)
+        levels = self.aug_levels(settings)
+        outputs: list[Tensor] = []
+        for j, (loaded, s) in enumerate(zip(self.stages, settings)):
+            res = loaded.stage.resolution
+            bar = tqdm(total=len(labels), desc=f"{loaded.name} {res}px", unit="img", disable=not progress, dynamic_ncols=True)
+            produced = []
+            for b, part in _batches(len(labels), s.batch_size):
+                generator = torch.Generator(self.device).manual_seed(stage_seed(seed, j, b))
+                with bf16_autocast(self.device, self.bf16):
+                    if j == 0:
+                        images = self.base.stage.sample(
+                            self.base.net, labels[part], sampler=s.sampler, steps=s.steps,
+                            classifier=self.classifier.net if self.classifier else None,
+                            classifier_schedule=self.classifier.stage.schedule if self.classifier else None,
+                            classifier_scale=s.classifier_scale, cfg_scale=s.cfg_scale, generator=generator, progress=progress)
+                    else:
+                        lowres = outputs[j - 1][part].to(self.device)  # (b, 3, r, r)
+                        class_cond = labels[part] if loaded.class_conditional else None
+                        images = loaded.stage.sample(loaded.net, lowres, class_cond, aug_level=levels[j], sampler=s.sampler,
+                                                     steps=s.steps, cfg_scale=s.cfg_scale, generator=generator, progress=progress)
+                images = images.float().cpu()  # (b, 3, R, R)
+                produced.append(images)
+                if on_stage_output is not None:
+                    on_stage_output(j, part, images)
+                bar.update(len(images))
+            bar.close()
+            outputs.append(torch.cat(produced))
+        return outputs
+
+    def describe(self, settings: Sequence[StageSettings]) -> dict[str, Any]:
+        """Every stage and setting, JSON-ready (the core of ``cascade.json``)."""
+        levels = self.aug_levels(settings)
+        described = []
+        for loaded, s, level in zip(self.stages, settings, levels):
+            entry = {**loaded.describe(), **asdict(s)}
+            if level is not None:
+                entry["aug_level"] = level
+            else:
+                entry.pop("aug_level")
+            described.append(entry)
+        return {"stages": described, "classifier": self.classifier.describe() if self.classifier else None,
+                "bf16": self.bf16, "device": str(self.device)}

@@ -1,0 +1,185 @@
+"""The orchestrator and scripts/cascade_sample.py: chain validation, the CLI end to end, reproducibility."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cascade.pipeline import Cascade, ChainError, StageSettings, check_chain, load
+from cascade.schedules import linear_schedule
+from tests.helpers import run_script
+
+CPU = torch.device("cpu")
+
+
+def ckpt(runs: Path, stage: str) -> Path:
+    return runs / stage / "checkpoints" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def loaded(smoke_runs):
+    """Every smoke stage rebuilt from its checkpoint (fresh objects per test: tests mutate them)."""
+    return lambda stage: load(ckpt(smoke_runs, stage), CPU)
+
+
+# --- chain validation -------------------------------------------------------------------------------
+
+
+def test_a_matching_chain_passes(loaded):
+    check_chain(loaded("base"), loaded("classifier"), [loaded("sr256"), loaded("sr1024")])
+    check_chain(loaded("base"), None, [])
+
+
+def test_wrong_kind_of_checkpoint_in_a_slot_is_named(loaded):
+    with pytest.raises(ChainError, match="is a 'classifier' checkpoint, not a base stage"):
+        check_chain(loaded("classifier"), None, [])
+    with pytest.raises(ChainError, match="is a 'sr256' checkpoint, not a noisy classifier"):
+        check_chain(loaded("base"), loaded("sr256"), [])
+    with pytest.raises(ChainError, match="is a 'base' checkpoint, not an upsampler"):
+        check_chain(loaded("base"), None, [loaded("base")])
+
+
+def test_resolution_mismatch_is_named(loaded):
+    with pytest.raises(ChainError, match="sr1024 upsamples 256px images but base makes 64px ones"):
+        check_chain(loaded("base"), None, [loaded("sr1024")])
+    with pytest.raises(ChainError, match="sr256 upsamples 64px images but sr1024 makes 1024px ones"):
+        check_chain(loaded("base"), None, [loaded("sr256"), loaded("sr1024"), loaded("sr256")])
+
+
+def test_class_set_mismatch_is_named(loaded):
+    other = loaded("sr256")
+    other.payload["class_names"] = [f"class {i}" for i in range(10)]
+    with pytest.raises(ChainError, match=r"sr256 was trained on 10 classes that differ .* class 0 is 'class 0'"):
+        check_chain(loaded("base"), None, [other])
+    unconditional = loaded("sr256")
+    unconditional.payload["class_names"] = ["a", "b"]
+    unconditional.stage.class_conditional = False  # a class-free upsampler may come from any data set
+    check_chain(loaded("base"), None, [unconditional])
+    clf = loaded("classifier")
+    clf.payload["class_names"] = clf.payload["class_names"][:5]
+    with pytest.raises(ChainError, match="the classifier's 5 classes differ from the base's 10"):
+        check_chain(loaded("base"), clf, [])
+
+
+def test_classifier_on_another_schedule_or_resolution_is_named(loaded):
+    clf = loaded("classifier")
+    clf.stage.schedule = linear_schedule(1000)
+    clf.stage.resolution = 32
+    with pytest.raises(ChainError) as error:
+        check_chain(loaded("base"), clf, [])
+    message = str(error.value)
+    assert "another noise schedule" in message and "sees 32px images but the base makes 64px" in message
+    assert message.count("\n") == 0  # every problem, on one line
+
+
+def test_settings_that_cannot_run_are_refused(loaded):
+    cascade = Cascade(loaded("base"), [loaded("sr256")], None)
+    good = [StageSettings(steps=2), StageSettings(steps=2)]
+    cascade.check(good)
+    for bad, match in [
+        ([StageSettings(steps=0), StageSettings()], "steps must be >= 1"),
+        ([StageSettings(cfg_scale=-1), StageSettings()], "guidance scales must be >= 0"),
+        ([StageSettings(classifier_scale=1), StageSettings()], "needs a noisy classifier"),
+        ([StageSettings(), StageSettings(aug_level=10_000)], "aug level must be in 0..500"),
+        ([StageSettings(), StageSettings(sampler="euler")], "unknown sampler"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            cascade.check(bad)
+
+
+def test_stage_outputs_do_not_depend_on_later_stages_or_batching(loaded):
+    """Each stage draws from its own generators: the 64px images are the same with or without the upsampler."""
+    labels = torch.tensor([0, 1, 2])
+    short = Cascade(loaded("base"), [], None).sample(labels, [StageSettings(steps=2)], seed=3, progress=False)
+    long = Cascade(loaded("base"), [loaded("sr256")], None).sample(
+        labels, [StageSettings(steps=2), StageSettings(steps=2, batch_size=2, aug_level=0)], seed=3, progress=False)
+    assert torch.equal(short[0], long[0])
+    assert long[1].shape == (3, 3, 256, 256) and long[1].abs().max() <= 1
+
+
+# --- the CLI ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(smoke_runs, tmp_path_factory) -> Path:
+    """A folder whose runs/ holds the smoke checkpoints, so cascade_sample.py finds them at their default paths."""
+    root = tmp_path_factory.mktemp("cascade_cli")
+    (root / "runs").symlink_to(smoke_runs, target_is_directory=True)
+    return root
+
+
+def sample(cwd: Path, *args: str):
+    return run_script("cascade_sample.py", "--device", "cpu", "--base-steps", "2", "--sr256-steps", "2", *args, cwd=cwd)
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.mark.slow
+def test_cli_runs_all_three_stages_and_records_everything(workdir):
+    result = sample(workdir, "--class", "red disc with stripes", "--num", "1", "--sr1024-steps", "1", "--out", "full")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = workdir / "full"
+    for name, size in [("000_64px.png", 64), ("000_256px.png", 256), ("000_1024px.png", 1024)]:
+        assert Image.open(out / name).size == (size, size)
+    assert Image.open(out / "000_strip.png").size == (3 * 512, 512)
+    record = json.loads((out / "cascade.json").read_text())
+    assert record["class"] == {"index": 0, "name": "red disc with stripes"} and record["seed"] == 0
+    assert [s["name"] for s in record["stages"]] == ["base", "sr256", "sr1024"]
+    assert [s["steps"] for s in record["stages"]] == [2, 2, 1]
+    assert record["stages"][0]["classifier_scale"] == 1.0 and record["classifier"]["stage"] == "classifier"
+    assert record["stages"][1]["aug_level"] == 50 and len(record["stages"][2]["sha256"]) == 64
+    assert "sr1024 1024px" in result.stderr  # one progress bar per stage
+
+
+@pytest.mark.slow
+def test_same_command_twice_and_replay_give_identical_images(workdir):
+    args = ["--class", "3", "--num", "2", "--seed", "7", "--stop-at", "256", "--guidance-scale", "2"]
+    first, second = sample(workdir, *args, "--out", "a"), sample(workdir, *args, "--out", "b")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    replay = run_script("cascade_sample.py", "--replay", "a/cascade.json", "--out", "c", cwd=workdir)
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    for name in ["000_64px.png", "001_64px.png", "000_256px.png", "001_256px.png"]:
+        assert np.array_equal(pixels(workdir / "a" / name), pixels(workdir / "b" / name))
+        assert np.array_equal(pixels(workdir / "a" / name), pixels(workdir / "c" / name))
+    assert not (workdir / "a" / "000_1024px.png").exists()
+    other_seed = sample(workdir, *args[:-4], "--seed", "8", "--stop-at", "64", "--out", "d")
+    assert other_seed.returncode == 0
+    assert not np.array_equal(pixels(workdir / "a" / "000_64px.png"), pixels(workdir / "d" / "000_64px.png"))
+
+
+@pytest.mark.slow
+def test_cascade_stops_early_when_later_stages_are_absent(smoke_runs, tmp_path):
+    (tmp_path / "runs").mkdir()
+    for stage in ["base", "classifier"]:
+        (tmp_path / "runs" / stage).symlink_to(smoke_runs / stage, target_is_directory=True)
+    result = sample(tmp_path, "--class", "1", "--num", "1", "--out", "o")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no sr256 checkpoint at runs/sr256/checkpoints/last.pt: the cascade stops at 64px" in result.stdout
+    assert (tmp_path / "o" / "000_64px.png").is_file() and not (tmp_path / "o" / "000_256px.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--class", "golden retriever"], "unknown class 'golden retriever'"),
+    (["--class", "10"], "class index 10 is out of range: valid indices are 0..9"),
+    (["--class", "-1"], "out of range"),
+    (["--class", "1", "--base-steps", "0"], "steps must be >= 1"),
+    (["--class", "1", "--guidance-scale", "-1"], "guidance scales must be >= 0"),
+    (["--class", "1", "--sr256-aug-level", "999"], "aug level must be in 0..500"),
+    (["--class", "1", "--sr256-ckpt", "nope.pt"], "sr256 checkpoint nope.pt does not exist"),
+    (["--class", "1", "--base-ckpt", "runs/classifier/checkpoints/last.pt"], "not a base stage"),
+    (["--class", "1", "--sr256-ckpt", "runs/sr1024/checkpoints/last.pt"], "sr1024 upsamples 256px images but base makes 64px"),
+    (["--num", "1"], "give the class to sample"),
+    (["--class", "1", "--sampler-typo"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(workdir, args, message):
+    result = sample(workdir, "--stop-at", "256", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
