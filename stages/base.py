@@ -20,7 +20,7 @@ from cascade.denoiser import ModelFn, VarianceType, network_model_fn
 from cascade.guidance import classifier_free_guidance, classifier_guidance, classifier_log_prob
 from cascade.losses import DiffusionLoss
 from cascade.samplers import SamplerName, get_sampler
-from cascade.schedules import NoiseSchedule, Spacing, respace
+from cascade.schedules import NoiseSchedule, Spacing, check_same_schedule, respace
 
 __all__ = ["BaseStage", "default_spacing", "check_same_schedule"]
 
@@ -28,12 +28,6 @@ __all__ = ["BaseStage", "default_spacing", "check_same_schedule"]
 def default_spacing(sampler: SamplerName) -> Spacing:
     """Ancestral sampling keeps uniform steps (ADM respacing); DDIM and DPM-Solver use log-SNR spacing."""
     return "uniform" if sampler == "ddpm" else "logsnr"
-
-
-def check_same_schedule(a: NoiseSchedule, b: NoiseSchedule, what: str) -> None:
-    """Guidance needs the classifier to be trained on the very noise process of the model it steers."""
-    if len(a) != len(b) or not torch.allclose(a.alphas_cumprod, b.alphas_cumprod, rtol=1e-6, atol=0):
-        raise ValueError(f"{what} was trained on another noise schedule than the model it should guide; retrain it with the model's schedule")
 
 
 class BaseStage:

@@ -36,7 +36,6 @@ from typing import Literal, NamedTuple
 import kornia
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
