@@ -217,8 +217,9 @@ class Trainer:
             if not is_main:
                 return {}
             ema.module.eval()
-            metrics = stage.report(ema.module, step=step, out_dir=sample_dir, class_names=class_names, val_data=val_data,
-                                   device=device, generator=torch.Generator(device).manual_seed(seed))
+            with bf16_autocast(device, self.bf16):
+                metrics = stage.report(ema.module, step=step, out_dir=sample_dir, class_names=class_names, val_data=val_data,
+                                       device=device, generator=torch.Generator(device).manual_seed(seed))
             if metrics:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
