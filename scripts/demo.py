@@ -5,11 +5,12 @@
 Runs, and prints, the very commands a user would type:
 ``scripts/train_stage.py stage=<base|classifier|sr256|sr1024> preset=tiny`` (into runs/<stage>),
 then ``scripts/cascade_sample.py``. A stage already trained to its last step is reused, not
-retrained, so running the demo again only samples. About 13 minutes on 2 CPU cores.
+retrained, so running the demo again only samples. About 20 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -26,7 +27,8 @@ STAGES = ("base", "classifier", "sr256", "sr1024")
 
 def run(command: list[str]) -> None:
     """Run one step of the demo, showing its command; stop the demo with its exit code if it fails."""
-    print(f"\n$ {shlex.join(['python', *command[1:]])}", flush=True)
+    shown = ["python", os.path.relpath(command[1]), *command[2:]]  # as the user would type it from here
+    print(f"\n$ {shlex.join(shown)}", flush=True)
     code = subprocess.call(command)
     if code:
         print(f"error: the step above failed (exit code {code}); fix what it says and run the demo again: "
