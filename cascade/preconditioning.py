@@ -1,0 +1,107 @@
+"""Preconditioning of an upsampler's network around its low-res conditioning (a Gaussian prior skip).
+
+Karras et al. 2022 ("EDM", §5 and App. B.6) write the denoiser as
+D(x) = c_skip(σ)·x + c_out(σ)·F(x): the skip is the exact denoiser of data ~ N(0, σ_data²), and
+F only has to learn what that Gaussian misses, with a unit-variance target at every noise level.
+For super-resolution the prior should not be centred on 0 but on the low-res image: we take
+the hi-res image as x_0 ~ N(m, τ² I), centred on the (upsampled) conditioning. In the
+variance-preserving process x_t = α x_0 + σ ε (α = √ᾱ_t, σ = √(1−ᾱ_t)) that prior's exact
+posterior mean and standard deviation are
+
+    E[x_0 | x_t] = m + c (x_t − α m),   c = α τ² / (α² τ² + σ²),
+    std[x_0 | x_t] = c_out = σ τ / √(α² τ² + σ²),
+
+and the network's x̂_0 is E[x_0 | x_t] + c_out · F. At high noise x̂_0 starts at the low-res
+image (a zero-initialised F gives bicubic upsampling), at low noise at x_t / α (the noisy image
+itself): a briefly trained network is right at both ends, where plain ε-, x_0- or v-prediction
+has to learn to copy its input through the U-Net's normalisations first.
+
+The conditioning is noise-augmented (Ho et al. 2021, "Cascaded Diffusion Models", §4.3):
+z = √ᾱ_s x_lr + σ_s ε. The prior's centre is the Bayes estimate of x_lr from z for
+x_lr ~ N(0, σ_d²), m = √ᾱ_s σ_d² / (ᾱ_s σ_d² + σ_s²) · z, and its spread adds that
+estimate's variance, τ² = τ_0² + σ_d² σ_s² / (ᾱ_s σ_d² + σ_s²): the more the conditioning is
+corrupted, the less the skip trusts it. τ_0 is the typical size of the detail the low-res
+image lacks.
+
+The wrapped network returns v = (α x_t − x̂_0) / σ (Salimans & Ho 2022), so the stage trains
+and samples it as a v-prediction network with the usual losses and samplers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cascade.schedules import NoiseSchedule
+
+__all__ = ["LowresPrior", "gaussian_lowres_estimate"]
+
+
+def gaussian_lowres_estimate(z: Tensor, alpha_bar_s: Tensor, data_std: float) -> tuple[Tensor, Tensor]:
+    """E[x | z] and Var[x | z] for x ~ N(0, σ_d²) seen through z = √ᾱ_s x + √(1−ᾱ_s) ε.
+
+    ``z`` (B, C, H, W); ``alpha_bar_s`` broadcastable to it. Returns the mean (like ``z``) and
+    the variance (like ``alpha_bar_s``).
+    """
+    signal = alpha_bar_s * data_std**2  # ᾱ_s σ_d²
+    total = signal + (1.0 - alpha_bar_s)  # Var z
+    return alpha_bar_s.sqrt() * data_std**2 / total * z, data_std**2 * (1.0 - alpha_bar_s) / total
+
+
+class LowresPrior(nn.Module):
+    """A network ``net(x_t, t, lowres=, aug_level=, ...)`` preconditioned around its low-res input; predicts v.
+
+    ``net``'s first ``channels`` outputs are F (see the module docstring); any further
+    channels (a learned variance) pass through unchanged. ``schedule`` is the stage's
+    training process (t → ᾱ_t), ``aug_schedule`` the conditioning augmentation's (s → ᾱ_s).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        schedule: NoiseSchedule,
+        aug_schedule: NoiseSchedule,
+        residual_std: float = 0.2,  # τ_0: std of the hi-res detail around the clean low-res image, [−1, 1] units
+        data_std: float = 0.5,  # σ_d: std of images in [−1, 1] (EDM's σ_data)
+        channels: int = 3,  # image channels (the rest of the output passes through)
+    ) -> None:
+        super().__init__()
+        if residual_std <= 0 or data_std <= 0:
+            raise ValueError(f"residual_std and data_std must be > 0, got {residual_std} and {data_std}")
+        self.net, self.channels = net, channels
+        self.residual_std, self.data_std = residual_std, data_std
+        self.schedule, self.aug_schedule = schedule, aug_schedule
+        # Rebuilt from the config, so not part of the state dict.
+        self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.clone().float(), persistent=False)
+        self.register_buffer("aug_alphas_cumprod", aug_schedule.alphas_cumprod.clone().float(), persistent=False)
+
+    def __getattr__(self, name: str):  # the wrapped network's attributes (num_classes, resolution, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("net"), name)
+
+    def prior(self, lowres: Tensor, aug_level: Tensor) -> tuple[Tensor, Tensor]:
+        """Centre m (B, C, H, W) and variance τ² (B, 1, 1, 1) of the Gaussian prior of x_0, from the conditioning."""
+        ab_s = self.aug_alphas_cumprod[self.aug_schedule.positions(aug_level)].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        mean, var = gaussian_lowres_estimate(lowres.float(), ab_s, self.data_std)
+        return mean, self.residual_std**2 + var
+
+    def denoise(self, x_t: Tensor, t: Tensor, mean: Tensor, tau2: Tensor, f: Tensor) -> Tensor:
+        """x̂_0 = m + c (x_t − α m) + c_out F; all (B, C, H, W) but t (B,) and τ² (B, 1, 1, 1)."""
+        alpha_bar = self.alphas_cumprod[self.schedule.positions(t)].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        alpha, sigma2 = alpha_bar.sqrt(), 1.0 - alpha_bar
+        spread = alpha_bar * tau2 + sigma2  # α² τ² + σ²: Var x_t under the prior
+        c_skip = alpha * tau2 / spread
+        c_out = (sigma2 * tau2 / spread).sqrt()
+        return mean + c_skip * (x_t - alpha * mean) + c_out * f
+
+    def forward(self, x_t: Tensor, t: Tensor, *, lowres: Tensor, aug_level: Tensor, **cond: Tensor) -> Tensor:
+        out = self.net(x_t, t, lowres=lowres, aug_level=aug_level, **cond).float()  # (B, C + extra, H, W)
+        f, extra = out[:, : self.channels], out[:, self.channels :]
+        mean, tau2 = self.prior(lowres, aug_level)
+        x0 = self.denoise(x_t.float(), t, mean, tau2, f)  # (B, C, H, W)
+        alpha_bar = self.alphas_cumprod[self.schedule.positions(t)].view(-1, 1, 1, 1)
+        v = (alpha_bar.sqrt() * x_t.float() - x0) / (1.0 - alpha_bar).sqrt()  # (B, C, H, W)
+        return torch.cat([v, extra], dim=1)

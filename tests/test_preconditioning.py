@@ -1,0 +1,96 @@
+"""The low-res prior preconditioning: its skip is the exact Gaussian posterior mean, its c_out the posterior std."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from cascade.diffusion import x0_eps_from_prediction
+from cascade.losses import DiffusionLoss
+from cascade.preconditioning import LowresPrior, gaussian_lowres_estimate
+from cascade.schedules import cosine_schedule, linear_schedule
+from stages.upsampler import UpsamplerStage
+
+N = 400_000  # scalar draws per statistical check: standard errors ≈ 0.2 %
+
+
+class Zero(nn.Module):
+    """A network with F ≡ 0 (or a constant): what is left is the preconditioning itself."""
+
+    def __init__(self, value: float = 0.0, channels: int = 3) -> None:
+        super().__init__()
+        self.value, self.channels, self.num_classes = value, channels, 7
+
+    def forward(self, x_t, t, *, lowres, aug_level, **cond):
+        return torch.full((x_t.shape[0], self.channels, *x_t.shape[-2:]), self.value)
+
+
+@pytest.mark.parametrize("alpha_bar_s", [0.999, 0.5, 0.08])
+def test_lowres_estimate_is_the_gaussian_posterior(alpha_bar_s):
+    g = torch.Generator().manual_seed(0)
+    data_std = 0.5
+    x = data_std * torch.randn(N, generator=g)
+    z = alpha_bar_s**0.5 * x + (1 - alpha_bar_s) ** 0.5 * torch.randn(N, generator=g)
+    mean, var = gaussian_lowres_estimate(z, torch.tensor(alpha_bar_s), data_std)
+    residual = x - mean
+    assert abs(float((residual * z).mean())) < 3e-3  # orthogonal to z: the least-squares (Bayes) estimate
+    assert float(residual.var()) == pytest.approx(float(var), rel=1e-2)
+
+
+@pytest.mark.parametrize("k", [0, 100, 500, 900, 999])
+def test_skip_is_the_posterior_mean_and_c_out_its_std(k):
+    """x_0 ~ N(m, τ²): with F = 0, x̂_0 is E[x_0 | x_t] (residual ⟂ x_t) and x̂_0(F=1) − x̂_0(F=0) = std[x_0 | x_t]."""
+    schedule = linear_schedule(1000)
+    prior = LowresPrior(Zero(), schedule=schedule, aug_schedule=schedule)
+    g = torch.Generator().manual_seed(k)
+    m = torch.rand(N, generator=g) * 2 - 1  # any centres
+    tau2 = torch.tensor(0.3) ** 2
+    x0 = m + tau2.sqrt() * torch.randn(N, generator=g)
+    ab = schedule.alphas_cumprod[k]
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn(N, generator=g)
+    shape = lambda v: v.view(1, 1, 1, -1)  # noqa: E731  one "image" of N pixels
+    t = schedule.timesteps[k : k + 1]
+    x0_hat = prior.denoise(shape(x_t), t, shape(m), tau2.view(1, 1, 1, 1), torch.zeros(1, 1, 1, N)).flatten()
+    residual = x0 - x0_hat
+    assert abs(float(residual.mean())) < 3e-3
+    assert abs(float((residual * (x_t - ab.sqrt() * m)).mean())) < 3e-3
+    c_out = prior.denoise(shape(x_t), t, shape(m), tau2.view(1, 1, 1, 1), torch.ones(1, 1, 1, N)).flatten() - x0_hat
+    assert float(c_out[0]) == pytest.approx(float(residual.std()), rel=1e-2)
+
+
+def test_output_is_v_and_limits():
+    """α x_t − σ v gives back x̂_0; at the last t x̂_0 is the prior centre, at aug level 0 that is the low-res image."""
+    schedule, aug = linear_schedule(1000), cosine_schedule(1000)
+    prior = LowresPrior(Zero(value=0.0, channels=6), schedule=schedule, aug_schedule=aug)
+    g = torch.Generator().manual_seed(0)
+    x_t, lowres = torch.randn(2, 3, 8, 8, generator=g), torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    t, s = schedule.timesteps[[999, 0]], aug.timesteps[[0, 0]]
+    out = prior(x_t, t, lowres=lowres, aug_level=s)
+    assert out.shape == (2, 6, 8, 8) and torch.equal(out[:, 3:], torch.zeros(2, 3, 8, 8))  # extra channels untouched
+    ab = schedule.alphas_cumprod[[999, 0]].view(-1, 1, 1, 1).float()
+    x0, _ = x0_eps_from_prediction(out[:, :3], "v", x_t, ab)
+    mean, tau2 = prior.prior(lowres, s)
+    assert torch.allclose(x0, prior.denoise(x_t, t, mean, tau2, torch.zeros_like(x_t)), atol=1e-5)
+    assert torch.allclose(x0[0], lowres[0], atol=2e-3)  # t = T: the (clean) low-res image
+    assert torch.allclose(x0[1], x_t[1] / ab[1].sqrt(), atol=2e-2)  # t = 0: about the noisy image itself (c_skip → 1/α)
+    assert prior.num_classes == 7  # the wrapped network's attributes show through
+
+
+def test_stage_wraps_its_network_and_requires_v():
+    net = instantiate({"_target_": "cascade.nn.UNet", "_partial_": True, "model_channels": 32, "channel_mult": [1, 2],
+                       "num_res_blocks": 1, "attention_resolutions": [], "middle_attention": False})
+    prior = instantiate({"_target_": "cascade.preconditioning.LowresPrior", "_partial_": True, "residual_std": 0.01})
+    kwargs = dict(net=net, schedule=linear_schedule(1000), aug_schedule=linear_schedule(1000), name="sr16", resolution=16,
+                  lowres_resolution=4, lowres_prior=prior)
+    stage = UpsamplerStage(objective=DiffusionLoss(parameterization="v"), **kwargs)
+    wrapped = stage.build(num_classes=3)
+    assert isinstance(wrapped, LowresPrior)
+    assert set(wrapped.state_dict()) == {f"net.{k}" for k in wrapped.net.state_dict()}  # schedules are not saved
+    out = stage.sample(wrapped, torch.zeros(2, 3, 4, 4), torch.tensor([0, 2]), aug_level=0, steps=2, progress=False)
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    # An untrained (zero-output) network samples the Gaussian prior N(bicubic image, τ_0²): here τ_0 = 0.01 around 0.
+    assert float(out.abs().max()) < 0.05
+    with pytest.raises(ValueError, match="parameterization=v"):
+        UpsamplerStage(objective=DiffusionLoss(parameterization="eps"), **kwargs)
