@@ -1,15 +1,33 @@
-"""Self-describing checkpoints: written atomically, loadable with ``torch.load(weights_only=True)``.
+"""Self-describing checkpoints: written atomically, verified on load, ``torch.load(weights_only=True)`` only.
 
 A checkpoint is a plain dict of tensors and containers:
 ``format``, ``stage`` (name), ``config`` (the resolved run config, whose ``stage`` entry
 rebuilds the stage with hydra), ``class_names``, ``resolution``, ``step``, ``model``,
-``ema``, ``optimizer``, ``lr_scheduler``, ``rng`` and ``trainer`` state.
+``ema``, ``optimizer``, ``lr_scheduler``, ``rng`` (per-rank states, see :func:`rng_state`),
+``trainer`` state, and ``sha256``.
+
+Integrity (format 2). ``sha256`` is a digest of every other entry, computed over a
+canonical walk of the payload (:func:`payload_digest`: type tags, dict keys in order,
+numbers exactly, each tensor's dtype, shape and raw bytes), stored inside the file, and
+recomputed after loading. The digest covers the *values* a run resumes from rather than
+the bytes of torch's zip container, so it lives in the one file that is renamed into place
+(no sidecar to fall out of step with it) and catches what the container does not check:
+a flipped bit in tensor data loads without complaint from ``torch.load`` but fails the
+digest. Truncation breaks the zip directory and fails ``torch.load``; both become a
+:class:`CheckpointError`. Format-1 checkpoints (no digest) still load, unverified.
+
+Writing: temporary file in the same folder, fsync, ``os.replace`` — a reader sees the old
+file or the new one, never half of one; a kill mid-write leaves only a ``.tmp`` file,
+which :func:`remove_temporaries` clears. Resuming (:func:`load_latest`) tries ``last.pt``,
+then the numbered checkpoints newest first, warning about each one that fails.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,37 +39,92 @@ __all__ = [
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
+    "load_latest",
     "load_stage",
     "checkpoint_paths",
+    "payload_digest",
     "prune_checkpoints",
+    "remove_temporaries",
+    "rng_state",
+    "set_rng_state",
 ]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: with the sha256 digest of the payload
+_READABLE_FORMATS = (1, 2)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or not one of ours (the message says which and what to do)."""
 
 
+def _feed(h: Any, obj: Any) -> None:
+    """Update hash ``h`` with a canonical, type-tagged encoding of ``obj`` (the types weights_only loading allows)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # raw bytes, any dtype
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for key, value in obj.items():
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):  # tuple includes torch.Size
+        h.update(f"L{len(obj)};".encode())
+        for value in obj:
+            _feed(h, value)
+    elif isinstance(obj, str):
+        data = obj.encode()
+        h.update(f"S{len(data)};".encode() + data)
+    elif obj is None or isinstance(obj, (bool, torch.dtype, torch.device)):
+        h.update(f"V{obj!r};".encode())
+    elif isinstance(obj, int):
+        h.update(f"I{obj};".encode())
+    elif isinstance(obj, float):
+        h.update(f"F{obj.hex()};".encode())  # exact, NaN and inf included
+    else:
+        raise TypeError(f"a checkpoint holds only tensors, containers and plain values; got {type(obj).__name__}")
+
+
+def payload_digest(payload: dict[str, Any]) -> str:
+    """SHA-256 (hex) of ``payload`` without its ``sha256`` entry, over the canonical walk of :func:`_feed`."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != "sha256"})
+    return h.hexdigest()
+
+
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
+    """Write ``payload`` (plus format and digest) to ``path`` atomically: temporary file in the same folder, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"format": CHECKPOINT_FORMAT, **payload}
+    body["sha256"] = payload_digest(body)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, **payload}, f)
+            torch.save(body, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX: the directory entry lives in the folder)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one of our checkpoints safely (no code execution: ``weights_only=True``)."""
+    """Load one of our checkpoints safely (``weights_only=True``: no code runs) and verify its digest."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train the stage first or pass the right path")
@@ -59,8 +132,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated, corrupt or foreign file
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}); it is corrupt or not a checkpoint") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "config" not in payload:
+    if not isinstance(payload, dict) or payload.get("format") not in _READABLE_FORMATS or "config" not in payload:
         raise CheckpointError(f"{path} is not a cascade checkpoint (format {CHECKPOINT_FORMAT})")
+    if payload["format"] >= 2:
+        try:
+            intact = payload.get("sha256") == payload_digest(payload)
+        except TypeError:
+            intact = False
+        if not intact:
+            raise CheckpointError(f"checkpoint {path} fails its sha256 check; it is corrupt (use an older checkpoint)")
+    payload.pop("sha256", None)
     return payload
 
 
@@ -71,12 +152,65 @@ def checkpoint_paths(folder: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def load_latest(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """The newest intact checkpoint in ``folder``: ``last.pt``, else numbered ones newest first; None if there are none.
+
+    Each candidate that fails to load or verify is skipped with a warning on stderr naming
+    the one used instead. If checkpoints exist but none is intact, raises
+    :class:`CheckpointError` (saying why each failed) rather than silently starting over.
+    """
+    folder = Path(folder)
+    candidates = [p for p in [folder / "last.pt", *reversed(checkpoint_paths(folder))] if p.is_file()]
+    failures: list[str] = []
+    for path in candidates:
+        try:
+            payload = load_checkpoint(path, map_location=map_location)
+        except CheckpointError as error:
+            failures.append(str(error))
+            continue
+        for failure in failures:
+            print(f"warning: {failure}; falling back to {path.name} (step {payload.get('step')})", file=sys.stderr, flush=True)
+        return path, payload
+    if candidates:
+        raise CheckpointError(f"no intact checkpoint in {folder} ({'; '.join(failures)}); move the folder away to train from scratch")
+    return None
+
+
 def prune_checkpoints(folder: str | Path, keep: int) -> None:
     """Delete all but the newest ``keep`` numbered checkpoints (``last.pt`` is never touched)."""
     if keep <= 0:
         return
     for old in checkpoint_paths(folder)[:-keep]:
         old.unlink(missing_ok=True)
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files a write killed midway left in ``folder``; returns them."""
+    stale = [p for p in Path(folder).glob(".*.pt.*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """One rank's random state: its training generator, torch's CPU generator and (on CUDA) the device generator.
+
+    torch's default generators drive weight initialisation and dropout; the training
+    generator drives the diffusion noise. Exact resume restores all of them.
+    """
+    state = {"generator": generator.get_state().cpu(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device) -> None:
+    """Restore what :func:`rng_state` captured (the CUDA state only when both sides are on CUDA)."""
+    generator.set_state(state["generator"].cpu())
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def load_stage(path: str | Path, *, device: str | torch.device = "cpu", weights: str = "ema") -> tuple[Any, torch.nn.Module, dict[str, Any]]:

@@ -3,7 +3,10 @@
     python scripts/train_stage.py stage=base [data=shapes] [preset=tiny] [trainer.max_steps=N] [run_dir=DIR]
     torchrun --nproc_per_node=8 scripts/train_stage.py stage=base data=imagefolder data.root=/data/imagenet/train
 
-Running the same command again with the same run_dir resumes from run_dir/checkpoints/last.pt.
+Running the same command again with the same run_dir resumes from run_dir/checkpoints/last.pt
+(or the newest intact numbered checkpoint if last.pt is corrupt). SIGTERM / SIGINT save a
+checkpoint and exit 0. Bad input is one line on stderr and exit code 2; a run stopped by
+non-finite losses is one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -14,13 +17,23 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cascade.checkpoint import CheckpointError  # noqa: E402
 from cascade.device import resolve_device  # noqa: E402
+from cascade.faults import TrainingDiverged  # noqa: E402
+
+BAD_INPUT = (ValueError, CheckpointError, FileNotFoundError)
+
+
+def fail(message: object, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
@@ -38,9 +51,17 @@ def main(cfg: DictConfig) -> None:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, Path(cfg.run_dir) / "config.yaml", resolve=True)
         trainer.fit(stage, dataset, run_dir=cfg.run_dir, config=config, seed=cfg.seed, device=device, val_data=val_data)
-    except (ValueError, CheckpointError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except BAD_INPUT as error:
+        fail(error, 2)
+    except InstantiationException as error:  # hydra wraps what a constructor raised: report the cause
+        if not isinstance(error.__cause__, BAD_INPUT):
+            raise
+        fail(error.__cause__, 2)
+    except MissingMandatoryValue as error:
+        hint = " (data=imagefolder needs data.root=/path/to/class/folders)" if error.full_key.startswith("data.") else ""
+        fail(f"missing config value {error.full_key}; set it on the command line{hint}", 2)
+    except TrainingDiverged as error:
+        fail(error, 1)
 
 
 if __name__ == "__main__":
