@@ -43,10 +43,16 @@ def classifier_log_prob(classifier: nn.Module) -> LogProbFn:
 
 
 def log_prob_gradient(log_prob_fn: LogProbFn, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
-    """∇_{x_t} log p(y | x_t, t) for every example at once (the batch sum separates per example)."""
-    with torch.enable_grad():
-        x = x_t.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(log_prob_fn(x, t, y).sum(), x)
+    """∇_{x_t} log p(y | x_t, t) for every example at once: one forward and one backward for the batch.
+
+    The examples are independent, so the gradient of the batch sum is every example's own
+    gradient. Only the input gradient is asked for, so autograd skips the classifier's weight
+    gradients. Works inside ``torch.inference_mode`` (the samplers run there): the inputs are
+    cloned out of inference mode, the only part of sampling that records a graph.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x_t.detach().clone().requires_grad_(True)  # (B, C, H, W), a normal tensor even if x_t is an inference tensor
+        (grad,) = torch.autograd.grad(log_prob_fn(x, t.clone(), y.clone()).sum(), x)
     return grad  # (B, C, H, W)
 
 

@@ -5,8 +5,9 @@ Every sampler has the signature
 (plus its own keyword options), walks ``schedule`` from its last step to its first, and
 ends on the clean sample (ᾱ_{−1} = 1). Respacing is simply passing a respaced schedule.
 Guidance is applied by wrapping ``model_fn`` (see :mod:`cascade.guidance`); samplers never
-know about it. They run under ``torch.no_grad`` (not inference mode, so that classifier
-guidance can still take input gradients inside the model function).
+know about it. They run under ``torch.inference_mode`` (no autograd bookkeeping at all);
+classifier guidance takes its input gradient by stepping out of it for that one call
+(:func:`cascade.guidance.log_prob_gradient`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_ddpm(
     model_fn: ModelFn,
     x_T: Tensor,
@@ -71,7 +72,7 @@ def sample_ddpm(
     return x
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_ddim(
     model_fn: ModelFn,
     x_T: Tensor,
@@ -102,7 +103,7 @@ def sample_ddim(
     return x
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_dpmpp_2m(
     model_fn: ModelFn,
     x_T: Tensor,
