@@ -1,14 +1,23 @@
-"""Metrics of a stage's outputs that need a judge independent of the stage itself.
+"""Per-image metrics of a stage's outputs: clean-image judges (accuracy, CAS) and super-resolution fidelity.
 
 A *reference classifier* is a timm network trained from scratch on clean images of the
 stage's own data set. It judges whether a generated sample shows the requested class
-(the "classification accuracy" of ADM's guidance study; the base of CDM's CAS). It is
-never the noisy classifier used for guidance: a guided sample is pushed towards whatever
-that classifier likes, so it cannot be its own judge.
+(the "classification accuracy" of ADM's guidance study, Dhariwal & Nichol 2021, §4) and its
+penultimate features can stand in for Inception features on small data sets. It is never
+the noisy classifier used for guidance: a guided sample is pushed towards whatever that
+classifier likes, so it cannot be its own judge. The same training recipe on generated
+images only gives the Classification Accuracy Score (CAS; Ravuri & Vinyals 2019, used by
+CDM, Ho et al. 2021, §4.1).
+
+Super-resolution fidelity (SR3, Saharia et al. 2021, §5; CDM §4.3): PSNR and SSIM against the
+ground truth, and consistency — the PSNR of the downsampled output against the low-res input.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import kornia
 import timm
 import torch
 import torch.nn.functional as F
@@ -16,10 +25,35 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from cascade.device import bf16_autocast
 from cascade.diffusion import q_sample
+from cascade.resize import downsample, upsample
 from cascade.schedules import NoiseSchedule
 
-__all__ = ["train_reference_classifier", "classify", "top1_accuracy", "accuracy_by_noise_level"]
+__all__ = [
+    "random_crops",
+    "train_reference_classifier",
+    "classify",
+    "topk_accuracy",
+    "accuracy_by_noise_level",
+    "psnr",
+    "ssim",
+    "highfreq_energy",
+    "super_resolution_metrics",
+]
+
+
+# --- Clean-image classifiers ---------------------------------------------------------------------
+
+
+def random_crops(images: Tensor, crop: int | None, generator: torch.Generator | None = None) -> Tensor:
+    """One uniformly placed ``crop``×``crop`` window per image (B, 3, c, c); the images themselves when they are not larger."""
+    size = images.shape[-1]
+    if crop is None or crop >= size:
+        return images
+    top = torch.randint(0, size - crop + 1, (len(images),), generator=generator).tolist()
+    left = torch.randint(0, size - crop + 1, (len(images),), generator=generator).tolist()
+    return torch.stack([im[:, y : y + crop, x : x + crop] for im, y, x in zip(images, top, left)])  # (B, 3, c, c)
 
 
 def train_reference_classifier(
@@ -30,22 +64,36 @@ def train_reference_classifier(
     steps: int = 400,
     batch_size: int = 64,
     lr: float = 2e-3,
+    crop: int | None = None,
     device: torch.device = torch.device("cpu"),
+    bf16: bool = False,
     seed: int = 0,
     progress: bool = True,
+    desc: str | None = None,
 ) -> nn.Module:
-    """A timm ``arch`` trained from scratch with AdamW + cosine decay on clean (image, label) pairs in [−1, 1]."""
-    torch.manual_seed(seed)
-    net = timm.create_model(arch, pretrained=False, num_classes=num_classes).to(device)
+    """A timm ``arch`` trained from scratch (AdamW, one-cycle schedule) on clean (image, label) pairs in [−1, 1].
+
+    With ``crop`` each step sees one random ``crop``×``crop`` window of every image (so the
+    network judges crops of large images). The initial weights and every draw come from
+    ``seed``; the global RNG state is left as it was. ``bf16``: the forward pass under bf16
+    autocast where the hardware has it natively (:func:`~cascade.device.bf16_autocast`).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = timm.create_model(arch, pretrained=False, num_classes=num_classes).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(data, batch_size=min(batch_size, len(data)), shuffle=True, drop_last=True, generator=generator)
     net.train()
-    bar = tqdm(total=steps, desc=f"reference {arch}", unit="step", disable=not progress)
+    bar = tqdm(total=steps, desc=desc or f"train {arch}", unit="step", disable=not progress, dynamic_ncols=True)
     step = 0
     while step < steps:
         for images, labels in loader:
-            loss = F.cross_entropy(net(images.to(device)), labels.to(device))
+            images = random_crops(images, crop, generator)  # (B, 3, c, c)
+            with bf16_autocast(device, bf16):
+                logits = net(images.to(device))  # (B, classes)
+            loss = F.cross_entropy(logits.float(), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -61,20 +109,16 @@ def train_reference_classifier(
 
 @torch.no_grad()
 def classify(net: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
-    """Predicted labels (N,) of images (N, 3, H, W) in [−1, 1]."""
+    """Logits (N, classes) of images (N, 3, H, W) in [−1, 1], on CPU."""
     device = next(net.parameters()).device
-    return torch.cat([net(chunk.to(device)).argmax(-1).cpu() for chunk in images.split(batch_size)])
+    return torch.cat([net(chunk.to(device)).float().cpu() for chunk in images.split(batch_size)])
 
 
-def top1_accuracy(net: nn.Module, data: Dataset, batch_size: int = 256, limit: int | None = None) -> float:
-    """Top-1 accuracy on (image, label) pairs (at most ``limit`` of them)."""
-    if limit is not None:
-        data = torch.utils.data.Subset(data, range(min(limit, len(data))))
-    correct = total = 0
-    for images, labels in DataLoader(data, batch_size=batch_size):
-        correct += int((classify(net, images, batch_size) == labels).sum())
-        total += len(labels)
-    return correct / max(total, 1)
+def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """``{"top1": …, "top5": …}``: the fraction of rows of ``logits`` (N, C) whose label is among the k largest (k ≤ C)."""
+    ranked = logits.argsort(dim=1, descending=True)  # (N, C)
+    hits = ranked == labels[:, None]  # (N, C)
+    return {f"top{k}": float(hits[:, : min(k, logits.shape[1])].any(dim=1).float().mean()) for k in ks}
 
 
 @torch.no_grad()
@@ -97,3 +141,59 @@ def accuracy_by_noise_level(
             correct[b] += int((logits.argmax(-1) == labels).sum())
             seen[b] += len(labels)
     return {f"acc_t{edges[b]}-{edges[b + 1] - 1}": correct[b] / max(seen[b], 1) for b in range(buckets)}
+
+
+# --- Super-resolution fidelity -------------------------------------------------------------------
+
+
+def _to01(images: Tensor) -> Tensor:
+    return (images.float().clamp(-1, 1) + 1) / 2
+
+
+def psnr(a: Tensor, b: Tensor) -> float:
+    """Mean over images of PSNR = 10 log10(1 / MSE) (kornia) of (B, 3, H, W) images in [−1, 1], measured on [0, 1]."""
+    return float(torch.stack([kornia.metrics.psnr(x, y, 1.0) for x, y in zip(_to01(a), _to01(b))]).mean())
+
+
+def ssim(a: Tensor, b: Tensor) -> float:
+    """Mean SSIM (Wang et al. 2004; kornia, 11×11 Gaussian window) of (B, 3, H, W) images in [−1, 1], on [0, 1]."""
+    return float(kornia.metrics.ssim(_to01(a), _to01(b), 11, max_val=1.0).mean())
+
+
+def highfreq_energy(images: Tensor, factor: int) -> Tensor:
+    """Per-image energy (B,) of the spatial frequencies a 1/``factor`` low-res image cannot hold.
+
+    The mean |FFT|² over frequencies with max(|f_y|, |f_x|) > 1/(2·factor) cycles/pixel (above
+    the low-res Nyquist limit): the detail a super-resolution model has to invent. Compare
+    it with the ground truth's: bicubic upsampling has almost none.
+    """
+    x = images.float() - images.float().mean(dim=(-2, -1), keepdim=True)
+    spectrum = torch.fft.fft2(x, norm="ortho").abs().square()  # (B, C, H, W)
+    fy = torch.fft.fftfreq(x.shape[-2], device=x.device).abs()[:, None]  # (H, 1)
+    fx = torch.fft.fftfreq(x.shape[-1], device=x.device).abs()[None, :]  # (1, W)
+    band = torch.maximum(fy, fx) > 0.5 / factor  # (H, W)
+    return (spectrum * band).flatten(1).sum(dim=1) / x[0].numel()  # (B,)
+
+
+@torch.no_grad()
+def super_resolution_metrics(output: Tensor, target: Tensor, lowres: Tensor, factor: int) -> dict[str, float]:
+    """PSNR / SSIM against the ground truth for the model and for bicubic, consistency and sharpness.
+
+    All images in [−1, 1]: ``output`` and ``target`` (B, 3, H, W), ``lowres`` (B, 3, H/f, W/f),
+    the input the output was made from. ``consistency_psnr`` compares downsample(output) with
+    ``lowres``. ``hf_ratio`` is the output's high-frequency energy over the truth's
+    (:func:`highfreq_energy`; 1 is the truth's sharpness, bicubic is far below).
+    """
+    output, target, lowres = output.float(), target.float(), lowres.float()
+    bicubic = upsample(lowres, factor, "bicubic").clamp(-1, 1)  # (B, 3, H, W)
+    hf_truth = highfreq_energy(target, factor).sum()
+    return {
+        "psnr": psnr(output, target),
+        "psnr_bicubic": psnr(bicubic, target),
+        "ssim": ssim(output, target),
+        "ssim_bicubic": ssim(bicubic, target),
+        "consistency_psnr": psnr(downsample(output, factor), lowres),
+        "consistency_psnr_bicubic": psnr(downsample(bicubic, factor), lowres),
+        "hf_ratio": float(highfreq_energy(output, factor).sum() / hf_truth),
+        "hf_ratio_bicubic": float(highfreq_energy(bicubic, factor).sum() / hf_truth),
+    }

@@ -1,7 +1,9 @@
 """The sampling job behind ``scripts/cascade_sample.py``: settings, stage selection, outputs, ``cascade.json``.
 
-Settings are merged in three layers: ``configs/cascade.yaml`` ← a replayed ``cascade.json``
-(``--replay``) ← the flags given. A stage whose *default* checkpoint is absent ends the cascade
+Settings are merged in layers: ``configs/cascade.yaml`` ← the tuned settings an evaluation sweep
+wrote beside a stage's checkpoint (``<ckpt>.tuned.json``, :mod:`cascade.tuned`) ← a replayed
+``cascade.json`` (``--replay``) ← the flags given; ``cascade.json`` records where each upsampler's
+augmentation level came from. A stage whose *default* checkpoint is absent ends the cascade
 at the previous resolution (with a note); a checkpoint that was asked for by path must exist.
 """
 
@@ -22,6 +24,7 @@ from torchvision.utils import save_image
 
 from cascade.data import class_index
 from cascade.pipeline import Cascade, LoadedStage, StageSettings, load
+from cascade.tuned import read_tuned, tuned_path
 
 __all__ = ["SR_STAGES", "StageRequest", "CascadeRequest", "run_cascade", "file_sha256", "strip"]
 
@@ -42,6 +45,8 @@ class StageRequest:
     ckpt: str
     explicit: bool  # named by a flag or a replayed cascade.json: it must exist
     settings: dict[str, Any]  # StageSettings fields plus its _target_
+    sources: dict[str, str] = field(default_factory=dict)  # setting → where it came from, when not configs/cascade.yaml
+    tuned: dict[str, Any] | None = None  # the <ckpt>.tuned.json record applied, if any
 
 
 @dataclass
@@ -73,6 +78,7 @@ class CascadeRequest:
         if flags.get("replay"):
             request.apply_replay(flags["replay"])
         request.apply_flags(flags)
+        request.apply_tuned()
         if not request.class_query:
             raise ValueError("give the class to sample: --class INDEX or --class NAME (or --replay a cascade.json)")
         if request.num < 1:
@@ -94,7 +100,9 @@ class CascadeRequest:
                 if name in ran:
                     entry = ran[name]
                     stage.ckpt, stage.explicit = entry["path"], True
-                    stage.settings.update({k: entry[k] for k in stage.settings if k in entry and k != "_target_"})
+                    replayed = {k: entry[k] for k in stage.settings if k in entry and k != "_target_"}
+                    stage.settings.update(replayed)
+                    stage.sources.update({k: f"--replay {path}" for k in replayed})
                     self.expected_sha256[entry["path"]] = entry["sha256"]
             self.stop_at = int(record["stages"][-1]["resolution"])
             clf = record.get("classifier")
@@ -128,6 +136,19 @@ class CascadeRequest:
             for option in ("steps", "sampler", "batch_size", "aug_level"):
                 if flags.get(f"{key}_{option}") is not None:
                     stage.settings[option] = flags[f"{key}_{option}"]
+                    stage.sources[option] = f"--{name}-{option.replace('_', '-')}"
+
+    def apply_tuned(self) -> None:
+        """Settings an evaluation sweep chose for each stage's checkpoint (``<ckpt>.tuned.json``), unless replayed or flagged."""
+        for stage in self.stages.values():
+            tuned = read_tuned(stage.ckpt)
+            if tuned is None:
+                continue
+            for key, value in tuned["settings"].items():
+                if key in stage.settings and key not in stage.sources:
+                    stage.settings[key] = value
+                    stage.sources[key] = f"{tuned_path(stage.ckpt)} ({tuned.get('chosen_by', 'evaluate_stage.py')})"
+                    stage.tuned = tuned
 
 
 def _slug(text: str) -> str:
@@ -195,6 +216,16 @@ def run_cascade(request: CascadeRequest, device: torch.device, *, progress: bool
     names = ["base", *[up.name for up in upsamplers]]
     settings: list[StageSettings] = [instantiate(request.stages[name].settings) for name in names]
     cascade.check(settings)
+    for name, loaded in zip(names, cascade.stages):
+        req = request.stages[name]
+        if req.tuned is not None:
+            for key in req.tuned["settings"]:
+                if req.sources.get(key, "").startswith(str(tuned_path(req.ckpt))):
+                    notes.append(f"{name} {key.replace('_', ' ')} {req.settings[key]} from {req.sources[key]}")
+            tuned_step = req.tuned.get("checkpoint", {}).get("step")
+            if tuned_step is not None and tuned_step != int(loaded.payload["step"]):
+                notes.append(f"{tuned_path(req.ckpt)} was chosen at step {tuned_step} but the checkpoint is at step "
+                             f"{loaded.payload['step']}: run evaluate_stage.py on it again")
     for loaded in [*cascade.stages, *([classifier] if classifier else [])]:
         expected = request.expected_sha256.get(loaded.path)
         if expected and file_sha256(loaded.path) != expected:
@@ -224,6 +255,10 @@ def run_cascade(request: CascadeRequest, device: torch.device, *, progress: bool
     described = cascade.describe(settings)
     for entry, name, loaded in zip(described["stages"], names, cascade.stages):
         entry |= {"name": name, "sha256": file_sha256(loaded.path)}
+        if "aug_level" in entry:
+            req = request.stages[name]
+            entry["aug_level_source"] = req.sources.get("aug_level") or (
+                "configs/cascade.yaml" if req.settings.get("aug_level") is not None else "the checkpoint's sample_aug_level")
     if classifier is not None:
         described["classifier"]["sha256"] = file_sha256(classifier.path)
     record = {

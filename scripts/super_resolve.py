@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args()
     try:
+        if args.cfg_scale < 0:
+            raise ValueError(f"--cfg-scale must be >= 0 (1 = no guidance), got {args.cfg_scale}")
         device = resolve_device(args.device)
         image = load_image(args.input)
         stage, net, payload = load_stage(args.ckpt, device=device)

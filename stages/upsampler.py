@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import kornia
 import numpy as np
@@ -44,6 +44,8 @@ from torchvision.utils import make_grid, save_image
 from cascade.denoiser import VarianceType
 from cascade.diffusion import q_sample
 from cascade.losses import DiffusionLoss
+from cascade.metrics import highfreq_energy, super_resolution_metrics  # re-exported: the report's metrics
+from cascade.resize import UpsampleMode, downsample, upsample  # re-exported: the stage's low-res making
 from cascade.samplers import SamplerName
 from cascade.schedules import NoiseSchedule, Spacing
 from stages.base import BaseStage
@@ -59,35 +61,17 @@ __all__ = [
     "windowed_crops",
     "highfreq_energy",
     "super_resolution_metrics",
-    "aug_level_sweep",
     "load_image",
     "prepare_lowres",
     "super_resolve",
 ]
 
-UpsampleMode = Literal["bicubic", "bilinear", "nearest"]
 # Low-res pixels of context a conditioning crop is computed with, besides the blur kernel's radius: the
 # antialiased downsample reaches 1 low-res pixel, bicubic upsampling 2; one more for safety.
 CROP_CONTEXT = 4
 
 
 # --- Resizing, blur, crops: pure functions --------------------------------------------------------
-
-
-def downsample(images: Tensor, factor: int) -> Tensor:
-    """(B, C, H, W) → (B, C, H/f, W/f), antialiased (kornia: Gaussian prefilter σ = (f−1)/2, then bilinear)."""
-    h, w = images.shape[-2:]
-    if h % factor or w % factor:
-        raise ValueError(f"image size {h}x{w} is not divisible by the downsampling factor {factor}")
-    return kornia.geometry.transform.resize(images, (h // factor, w // factor), interpolation="bilinear",
-                                            align_corners=False, antialias=True)
-
-
-def upsample(images: Tensor, factor: int, mode: UpsampleMode = "bicubic") -> Tensor:
-    """(B, C, h, w) → (B, C, f·h, f·w) by ``mode`` interpolation (kornia; half-pixel centres, edges replicated)."""
-    h, w = images.shape[-2:]
-    return kornia.geometry.transform.resize(images, (factor * h, factor * w), interpolation=mode,
-                                            align_corners=None if mode == "nearest" else False)
 
 
 def gaussian_blur(images: Tensor, apply: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
@@ -136,57 +120,6 @@ def windowed_crops(
     return torch.stack(hi), torch.stack(cond)
 
 
-# --- Metrics ------------------------------------------------------------------------------------
-
-
-def highfreq_energy(images: Tensor, factor: int) -> Tensor:
-    """Per-image energy (B,) of the spatial frequencies a 1/``factor`` low-res image cannot hold.
-
-    The mean |FFT|² over frequencies with max(|f_y|, |f_x|) > 1/(2·factor) cycles/pixel (above
-    the low-res Nyquist limit): the detail a super-resolution model has to invent. Compare
-    it with the ground truth's: bicubic upsampling has almost none.
-    """
-    x = images.float() - images.float().mean(dim=(-2, -1), keepdim=True)
-    spectrum = torch.fft.fft2(x, norm="ortho").abs().square()  # (B, C, H, W)
-    fy = torch.fft.fftfreq(x.shape[-2], device=x.device).abs()[:, None]  # (H, 1)
-    fx = torch.fft.fftfreq(x.shape[-1], device=x.device).abs()[None, :]  # (1, W)
-    band = torch.maximum(fy, fx) > 0.5 / factor  # (H, W)
-    return (spectrum * band).flatten(1).sum(dim=1) / x[0].numel()  # (B,)
-
-
-@torch.no_grad()
-def super_resolution_metrics(output: Tensor, target: Tensor, lowres: Tensor, factor: int) -> dict[str, float]:
-    """PSNR / SSIM against the ground truth for the model and for bicubic, consistency and sharpness.
-
-    All images in [−1, 1]: ``output`` and ``target`` (B, 3, H, W), ``lowres`` (B, 3, H/f, W/f),
-    the input the output was made from. PSNR and SSIM (kornia, 11×11 window) are on [0, 1]
-    images, averaged over images. ``consistency_psnr`` compares downsample(output) with
-    ``lowres``. ``hf_ratio`` is the output's high-frequency energy over the truth's
-    (:func:`highfreq_energy`; 1 is the truth's sharpness, bicubic is far below).
-    """
-    to01 = lambda x: ((x.float().clamp(-1, 1) + 1) / 2)  # noqa: E731
-    out, gt, lo = to01(output), to01(target), to01(lowres)
-    bicubic = to01(upsample(lowres.float(), factor, "bicubic"))
-
-    def psnr(a: Tensor, b: Tensor) -> float:
-        return float(torch.stack([kornia.metrics.psnr(x, y, 1.0) for x, y in zip(a, b)]).mean())
-
-    def ssim(a: Tensor, b: Tensor) -> float:
-        return float(kornia.metrics.ssim(a, b, 11, max_val=1.0).mean())
-
-    hf_truth = highfreq_energy(gt, factor).sum()
-    return {
-        "psnr": psnr(out, gt),
-        "psnr_bicubic": psnr(bicubic, gt),
-        "ssim": ssim(out, gt),
-        "ssim_bicubic": ssim(bicubic, gt),
-        "consistency_psnr": psnr(downsample(out, factor), lo),
-        "consistency_psnr_bicubic": psnr(downsample(bicubic, factor), lo),
-        "hf_ratio": float(highfreq_energy(out, factor).sum() / hf_truth),
-        "hf_ratio_bicubic": float(highfreq_energy(bicubic, factor).sum() / hf_truth),
-    }
-
-
 # --- The stage ----------------------------------------------------------------------------------
 
 
@@ -227,7 +160,7 @@ class UpsamplerStage(BaseStage):
         preview_steps: int = 25,  # its number of steps
         preview_images: int = 4,  # held-out images in the report (grid rows)
         preview_crop: int | None = None,  # report on aligned crops of this hi-res size (cheap 1024px reports on CPU)
-        lowres_skip: bool = False,  # x0-prediction as a residual over the conditioning image (needs parameterization x0)
+        lowres_prior: Callable[..., nn.Module] | None = None,  # e.g. cascade.preconditioning.LowresPrior (partial): skip around the low-res image
     ) -> None:
         super().__init__(net=net, schedule=schedule, objective=objective, name=name, resolution=resolution,
                          p_uncond=p_uncond, fixed_variance=fixed_variance, preview_sampler=preview_sampler,
@@ -247,10 +180,10 @@ class UpsamplerStage(BaseStage):
         sigma = tuple(float(s) for s in blur_sigma)
         if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
             raise ValueError(f"blur_sigma must be a range (low, high) with 0 < low <= high, got {list(blur_sigma)}")
-        if lowres_skip and objective.parameterization != "x0":
-            raise ValueError(f"lowres_skip makes the network predict x0 as a residual over the low-res image; set "
-                             f"objective.parameterization=x0 (got {objective.parameterization!r})")
-        self.lowres_skip = lowres_skip
+        if lowres_prior is not None and objective.parameterization != "v":
+            raise ValueError(f"lowres_prior makes the network predict v around a low-res prior; set "
+                             f"objective.parameterization=v (got {objective.parameterization!r})")
+        self.lowres_prior = lowres_prior
         if lowres_upsample not in ("bicubic", "bilinear", "nearest"):
             raise ValueError(f"unknown lowres_upsample {lowres_upsample!r}; use bicubic, bilinear or nearest")
         self.aug_schedule = aug_schedule
@@ -262,7 +195,14 @@ class UpsamplerStage(BaseStage):
 
     def net_kwargs(self, num_classes: int) -> dict[str, object]:
         return {**super().net_kwargs(num_classes if self.class_conditional else None),
-                "lowres_channels": 3, "aug_level_embedding": True, "lowres_skip": self.lowres_skip}
+                "lowres_channels": 3, "aug_level_embedding": True}
+
+    def build(self, num_classes: int) -> nn.Module:
+        """The U-Net, wrapped in ``lowres_prior`` (preconditioning around the conditioning image) when configured."""
+        net = super().build(num_classes)
+        if self.lowres_prior is None:
+            return net
+        return self.lowres_prior(net, schedule=self.schedule, aug_schedule=self.aug_schedule)
 
     # --- training ---
 
@@ -411,42 +351,6 @@ class UpsamplerStage(BaseStage):
         save_image(grid, out_dir / f"step_{step:07d}.png")
         save_image(grid, out_dir / "latest.png")
         return super_resolution_metrics(output, hi, lowres, self.factor)
-
-
-@torch.no_grad()
-def aug_level_sweep(
-    stage: UpsamplerStage,
-    net: nn.Module,
-    data: Dataset,
-    *,
-    aug_levels: Sequence[int],
-    num_images: int = 16,
-    batch_size: int = 8,
-    sampler: SamplerName = "dpmpp_2m",
-    steps: int = 25,
-    device: torch.device = torch.device("cpu"),
-    seed: int = 0,
-) -> list[dict[str, float]]:
-    """:func:`super_resolution_metrics` of the first ``num_images`` of ``data`` (at the stage resolution) per level s.
-
-    Each level super-resolves the same images from the same seed; one dict per level (with ``aug_level``).
-    """
-    results = []
-    for s in aug_levels:
-        generator = torch.Generator(device).manual_seed(seed)
-        outputs, targets, inputs = [], [], []
-        for start in range(0, min(num_images, len(data)), batch_size):
-            items = [data[i] for i in range(start, min(start + batch_size, num_images, len(data)))]
-            hi = torch.stack([image for image, _ in items]).to(device)  # (b, 3, R, R)
-            labels = torch.tensor([int(label) for _, label in items], device=device) if stage.class_conditional else None
-            lowres = downsample(hi, stage.factor)  # (b, 3, r, r)
-            outputs.append(stage.sample(net, lowres, labels, aug_level=s, sampler=sampler, steps=steps, generator=generator,
-                                        progress=False).cpu())
-            targets.append(hi.cpu())
-            inputs.append(lowres.cpu())
-        metrics = super_resolution_metrics(torch.cat(outputs), torch.cat(targets), torch.cat(inputs), stage.factor)
-        results.append({"aug_level": int(s), **metrics})
-    return results
 
 
 # --- Super-resolving a user's image -----------------------------------------------------------------
