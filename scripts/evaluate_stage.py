@@ -1,7 +1,7 @@
 """Evaluate one stage checkpoint: the stage is recognised from the checkpoint; writes metrics.json and PNG plots.
 
     python scripts/evaluate_stage.py ckpt=runs/classifier/checkpoints/last.pt preset=tiny
-    python scripts/evaluate_stage.py ckpt=runs/base/checkpoints/last.pt classifier_ckpt=runs/classifier/checkpoints/last.pt preset=tiny
+    python scripts/evaluate_stage.py ckpt=runs/base/checkpoints/last.pt classifier_ckpt=runs/classifier/checkpoints/last.pt
     python scripts/evaluate_stage.py ckpt=runs/sr256/checkpoints/last.pt preset=tiny      # also writes last.tuned.json
     python scripts/evaluate_stage.py ckpt=... features=inception features_path=/path/to/weights-inception-2015-12-05-6726825d.pth
 
@@ -50,8 +50,8 @@ def feature_kind(cfg: DictConfig, data: dict[str, Any]) -> str:
     return str(cfg.features)
 
 
-def judge(cfg: DictConfig, loaded: LoadedStage, train: Any, val: Any, out_dir: Path, device: torch.device) -> tuple[Any, dict, int | None]:
-    """The reference classifier (trained on ``crop`` tiles of images larger than ``crop``), its report and that crop."""
+def judge(cfg: DictConfig, loaded: LoadedStage, train: Any, val: Any, out_dir: Path, device: torch.device) -> tuple[Any, dict]:
+    """The reference classifier (trained on random ``crop`` crops of images larger than ``crop``) and its report."""
     crop = cfg.crop if cfg.crop < loaded.stage.resolution else None
     name = f"reference_{cfg.reference.arch}" + (f"_crop{crop}" if crop else "") + ".pt"
     path = Path(cfg.reference.ckpt) if cfg.reference.ckpt else out_dir / name
@@ -59,7 +59,7 @@ def judge(cfg: DictConfig, loaded: LoadedStage, train: Any, val: Any, out_dir: P
         path, explicit=bool(cfg.reference.ckpt), arch=cfg.reference.arch, crop=crop, train_data=train, val_data=val,
         steps=cfg.reference.steps, batch_size=cfg.reference.batch_size, lr=cfg.reference.lr,
         eval_images=cfg.reference.eval_images, device=device, bf16=cfg.bf16, seed=cfg.seed, progress=cfg.progress)
-    return net, report, crop
+    return net, report
 
 
 def feature_space(cfg: DictConfig, kind: str, inception: Any, reference: Any, ref_report: dict | None, loaded: LoadedStage,
@@ -71,8 +71,9 @@ def feature_space(cfg: DictConfig, kind: str, inception: Any, reference: Any, re
         if not clf.is_classifier or clf.class_names != loaded.class_names:
             raise ValueError(f"features_path={cfg.features_path} must be a noisy-classifier checkpoint of the same classes "
                              f"as {cfg.ckpt} (it is a {clf.name!r} checkpoint of {len(clf.class_names)} classes)")
-        extractor = NoisyClassifierFeatures(clf.net, clf.stage.schedule.timesteps[:1], input_size=clf.stage.resolution,
-                                            description=f"classifier: noisy classifier {cfg.features_path} at t=0, attention-pooled features")
+        extractor = NoisyClassifierFeatures(
+            clf.net, clf.stage.schedule.timesteps[:1], input_size=clf.stage.resolution,
+            description=f"classifier: noisy classifier {cfg.features_path} at t=0, attention-pooled features")
     else:
         size = ref_report["crop"] or loaded.stage.resolution
         extractor = TimmFeatures(reference, input_size=size, description=f"classifier: reference {cfg.reference.arch} trained "
@@ -83,7 +84,7 @@ def feature_space(cfg: DictConfig, kind: str, inception: Any, reference: Any, re
 
 def evaluate_base(cfg: DictConfig, loaded: LoadedStage, train: Any, val: Any, inception: Any, out_dir: Path,
                   device: torch.device) -> dict[str, Any]:
-    reference, ref_report, _ = judge(cfg, loaded, train, val, out_dir, device)
+    reference, ref_report = judge(cfg, loaded, train, val, out_dir, device)
     features = feature_space(cfg, feature_kind(cfg, loaded.payload["config"]["data"]), inception, reference, ref_report,
                              loaded, device)
     real = features.of_dataset(train, random_subset(len(train), cfg.num_real, cfg.seed), progress=cfg.progress)
@@ -121,7 +122,7 @@ def evaluate_upsampler(cfg: DictConfig, loaded: LoadedStage, train: Any, val: An
     kind = feature_kind(cfg, loaded.payload["config"]["data"])
     reference, ref_report = None, None
     if kind == "classifier" and not cfg.features_path:
-        reference, ref_report, _ = judge(cfg, loaded, train, val, out_dir, device)
+        reference, ref_report = judge(cfg, loaded, train, val, out_dir, device)
     features = feature_space(cfg, kind, inception, reference, ref_report, loaded, device)
     levels = [int(s) for s in cfg.aug_levels]
     sweep = aug_level_sweep(loaded.stage, loaded.net, val, aug_levels=levels, features=features, out_dir=out_dir,
@@ -161,6 +162,8 @@ def main(cfg: DictConfig) -> None:
         if loaded.is_classifier:
             report |= classifier_noise_accuracy(loaded.stage, loaded.net, val, out_dir=out_dir, buckets=cfg.eval_buckets,
                                                 num_images=cfg.eval_images, device=device, seed=cfg.seed)
+            accuracy = report["accuracy_by_t"].items()
+            print("held-out accuracy by t: " + ", ".join(f"{k.removeprefix('acc_')} {v:.3f}" for k, v in accuracy))
         else:  # fail fast on missing Inception weights, before anything is trained or sampled
             kind = feature_kind(cfg, data)
             inception = InceptionFeatures(inception_weights(cfg.features_path), device) if kind == "inception" else None

@@ -113,7 +113,8 @@ def test_super_resolution_metrics_of_the_ground_truth():
 
 def test_topk_accuracy():
     logits = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.2, 0.7], [0.5, 0.3, 0.2]])
-    assert topk_accuracy(logits, torch.tensor([0, 1, 2]), ks=(1, 2)) == {"top1": pytest.approx(1 / 3), "top2": pytest.approx(2 / 3)}
+    accuracy = topk_accuracy(logits, torch.tensor([0, 1, 2]), ks=(1, 2))
+    assert accuracy == {"top1": pytest.approx(1 / 3), "top2": pytest.approx(2 / 3)}
 
 
 def test_select_level_by_metric_direction_and_ties():
