@@ -48,6 +48,15 @@ def gaussian_lowres_estimate(z: Tensor, alpha_bar_s: Tensor, data_std: float) ->
     return alpha_bar_s.sqrt() * data_std**2 / total * z, data_std**2 * (1.0 - alpha_bar_s) / total
 
 
+def _posterior_x0(x_t: Tensor, alpha_bar: Tensor, mean: Tensor, tau2: Tensor, f: Tensor) -> Tensor:
+    """m + c (x_t − α m) + c_out F for x_0 ~ N(m, τ²) seen through x_t (see the module docstring)."""
+    alpha, sigma2 = alpha_bar.sqrt(), 1.0 - alpha_bar
+    spread = alpha_bar * tau2 + sigma2  # α² τ² + σ²: Var x_t under the prior
+    c_skip = alpha * tau2 / spread
+    c_out = (sigma2 * tau2 / spread).sqrt()
+    return mean + c_skip * (x_t - alpha * mean) + c_out * f
+
+
 class LowresPrior(nn.Module):
     """A network ``net(x_t, t, lowres=, aug_level=, ...)`` preconditioned around its low-res input; predicts v.
 
@@ -88,20 +97,19 @@ class LowresPrior(nn.Module):
         mean, var = gaussian_lowres_estimate(lowres.float(), ab_s, self.data_std)
         return mean, self.residual_std**2 + var
 
+    def alpha_bar(self, t: Tensor) -> Tensor:
+        """ᾱ_t (B, 1, 1, 1) of the training timesteps ``t`` (B,)."""
+        return self.alphas_cumprod[self.schedule.positions(t)].view(-1, 1, 1, 1)
+
     def denoise(self, x_t: Tensor, t: Tensor, mean: Tensor, tau2: Tensor, f: Tensor) -> Tensor:
         """x̂_0 = m + c (x_t − α m) + c_out F; all (B, C, H, W) but t (B,) and τ² (B, 1, 1, 1)."""
-        alpha_bar = self.alphas_cumprod[self.schedule.positions(t)].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        alpha, sigma2 = alpha_bar.sqrt(), 1.0 - alpha_bar
-        spread = alpha_bar * tau2 + sigma2  # α² τ² + σ²: Var x_t under the prior
-        c_skip = alpha * tau2 / spread
-        c_out = (sigma2 * tau2 / spread).sqrt()
-        return mean + c_skip * (x_t - alpha * mean) + c_out * f
+        return _posterior_x0(x_t, self.alpha_bar(t), mean, tau2, f)
 
     def forward(self, x_t: Tensor, t: Tensor, *, lowres: Tensor, aug_level: Tensor, **cond: Tensor) -> Tensor:
         out = self.net(x_t, t, lowres=lowres, aug_level=aug_level, **cond).float()  # (B, C + extra, H, W)
         f, extra = out[:, : self.channels], out[:, self.channels :]
         mean, tau2 = self.prior(lowres, aug_level)
-        x0 = self.denoise(x_t.float(), t, mean, tau2, f)  # (B, C, H, W)
-        alpha_bar = self.alphas_cumprod[self.schedule.positions(t)].view(-1, 1, 1, 1)
+        alpha_bar = self.alpha_bar(t)  # (B, 1, 1, 1)
+        x0 = _posterior_x0(x_t.float(), alpha_bar, mean, tau2, f)  # (B, C, H, W)
         v = (alpha_bar.sqrt() * x_t.float() - x0) / (1.0 - alpha_bar).sqrt()  # (B, C, H, W)
         return torch.cat([v, extra], dim=1)

@@ -146,13 +146,9 @@ class UNet(nn.Module):
         grad_checkpointing: bool = False,  # recompute res/attention blocks in backward
         middle_attention: bool = True,  # attention in the middle block; False for attention-free SR
         norm_groups: int = 32,  # group-norm groups (ADM: 32); fewer keep more channels per group in narrow nets
-        lowres_skip: bool = False,  # add ``lowres`` to the first channels of the output (residual over the low-res image)
     ) -> None:
         super().__init__()
-        if lowres_skip and not 0 < lowres_channels <= out_channels:
-            raise ValueError("lowres_skip needs low-res conditioning with at most out_channels channels")
         self.lowres_channels = lowres_channels
-        self.lowres_skip = lowres_skip
         self.num_classes = num_classes
         emb_channels = 4 * model_channels
         self.time_embed = TimestepEmbedding(model_channels, emb_channels)
@@ -236,10 +232,7 @@ class UNet(nn.Module):
         h, skips = self.encoder(x_t, emb)  # (B, C_mid, H / 2^(L-1), W / 2^(L-1))
         for block in self.decoder:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_level, H_level, W_level)
-        out = self.out(h)  # (B, out_channels, H, W)
-        if self.lowres_skip:  # the network's first channels are a residual over the conditioning image
-            out = torch.cat([out[:, : self.lowres_channels] + lowres.to(out.dtype), out[:, self.lowres_channels :]], dim=1)
-        return out
+        return self.out(h)  # (B, out_channels, H, W)
 
 
 def _expect(name: str, value: Tensor | None, required: bool) -> None:
