@@ -63,7 +63,7 @@ def test_skip_is_the_posterior_mean_and_c_out_its_std(k):
 def test_output_is_v_and_limits():
     """α x_t − σ v gives back x̂_0; at the last t x̂_0 is the prior centre, at aug level 0 that is the low-res image."""
     schedule, aug = linear_schedule(1000), cosine_schedule(1000)
-    prior = LowresPrior(Zero(value=0.0, channels=6), schedule=schedule, aug_schedule=aug)
+    prior = LowresPrior(Zero(value=0.0, channels=6), schedule=schedule, aug_schedule=aug, residual_std=0.2)
     g = torch.Generator().manual_seed(0)
     x_t, lowres = torch.randn(2, 3, 8, 8, generator=g), torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
     t, s = schedule.timesteps[[999, 0]], aug.timesteps[[0, 0]]

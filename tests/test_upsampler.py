@@ -16,6 +16,7 @@ from cascade.checkpoint import load_checkpoint, load_stage
 from cascade.losses import DiffusionLoss
 from cascade.nn import UNet
 from cascade.nn.layers import AttentionBlock, ResBlock
+from cascade.preconditioning import LowresPrior
 from cascade.schedules import linear_schedule
 from stages.upsampler import (
     UpsamplerStage,
@@ -73,6 +74,9 @@ def test_upsampler_configs_compose_and_instantiate(name, preset):
     instantiate(cfg.trainer)
     with torch.device("meta"):
         net = stage.build(num_classes=10)
+    if preset == "tiny":  # the tiny presets precondition around the low-res image (see tiny_sr256.yaml)
+        assert isinstance(net, LowresPrior) and net.schedule is stage.schedule and net.aug_schedule is stage.aug_schedule
+        net = net.net
     assert isinstance(net, UNet) and net.lowres_channels == 3 and net.aug_embed is not None and net.num_classes == 10
 
 
