@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from cascade.device import bf16_autocast, native_bf16
 from cascade.train import Stage, accumulate_gradients
@@ -94,11 +95,29 @@ class PeakMemory:
             self._thread.join()
 
 
+class _FlopCount(TorchDispatchMode):
+    """Sums torch's FLOP formulas (``torch.utils.flop_counter``) over the ops run inside it.
+
+    ``FlopCounterMode`` does the same but also tracks modules with backward hooks, which
+    ``torch.autograd.grad`` on a leaf (classifier guidance) refuses.
+    """
+
+    total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """Floating-point operations (multiply and add counted apart) of the matmuls, convolutions and attention ``fn`` runs."""
-    with FlopCounterMode(display=False) as counter:
+    with _FlopCount() as counter:
         fn()
-    return int(counter.get_total_flops())
+    return int(counter.total)
 
 
 @dataclass
@@ -333,6 +352,7 @@ def benchmark_stage(
     from the plain one). ``sample(net, steps)``: one sampling run of ``sample_batch`` images.
     """
     from cascade.nn import UNet
+    from cascade.preconditioning import LowresPrior
 
     generator = torch.Generator().manual_seed(0)
     net = stage.build(num_classes=num_classes).to(device)
@@ -372,9 +392,12 @@ def benchmark_stage(
     one = images[:1], labels[:1]
     bench.train_flops_per_image = count_flops(lambda: stage.loss(net, *one, torch.Generator(device)).sum().backward())
     net.zero_grad(set_to_none=True)
-    if isinstance(net, UNet) and compare:
+    inner = net.net if isinstance(net, LowresPrior) else net
+    if isinstance(inner, UNet) and compare:
         kw = unet_kwargs(stage.net, stage.net_kwargs(num_classes))
         twin, bench.twin_config = diffusers_twin(kw, bench.params)
+        if inner is not net:  # the same preconditioning around the twin: both train through one loss
+            twin = stage.lowres_prior(twin, schedule=stage.schedule, aug_schedule=stage.aug_schedule)
         twin = twin.to(device)
         bench.twin_params = sum(p.numel() for p in twin.parameters())
         bench.twin_flops_per_image = count_flops(lambda: stage.loss(twin, *one, torch.Generator(device)).sum().backward())

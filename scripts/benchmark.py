@@ -120,7 +120,7 @@ def main() -> None:
         cfg = compose_stage(name, args.preset, [])
         stage = instantiate(cfg.stage)
         batch = args.batch_size or int(cfg.trainer.batch_size)
-        ckpt_stage = instantiate(compose_stage(name, args.preset, ["stage.net.grad_checkpointing=true"]).stage)
+        ckpt_stage = instantiate(compose_stage(name, args.preset, ["++stage.net.grad_checkpointing=true"]).stage)
         ckpt_net = ckpt_stage.build(num_classes=args.num_classes).to(device)
         sample_batch = args.sample_batch or (1 if stage.resolution >= 1024 else 8)
         variants = 4 * (1 if name == "classifier" or args.no_diffusers else 2) + 1 + int(args.compile) * 2
