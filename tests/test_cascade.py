@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cascade.checkpoint import load_checkpoint
 from cascade.pipeline import Cascade, ChainError, StageSettings, check_chain, load
 from cascade.schedules import linear_schedule
 from tests.helpers import run_script
@@ -134,7 +135,9 @@ def test_cli_runs_all_three_stages_and_records_everything(workdir):
     assert [s["name"] for s in record["stages"]] == ["base", "sr256", "sr1024"]
     assert [s["steps"] for s in record["stages"]] == [2, 2, 1]
     assert record["stages"][0]["classifier_scale"] == 1.0 and record["classifier"]["stage"] == "classifier"
-    assert record["stages"][1]["aug_level"] == 50 and len(record["stages"][2]["sha256"]) == 64
+    sr256_level = load_checkpoint(workdir / "runs" / "sr256" / "checkpoints" / "last.pt")["config"]["stage"]["sample_aug_level"]
+    assert record["stages"][1]["aug_level"] == sr256_level and len(record["stages"][2]["sha256"]) == 64
+    assert record["stages"][1]["aug_level_source"] == "the checkpoint's sample_aug_level"
     assert "sr1024 1024px" in result.stderr  # one progress bar per stage
 
 
