@@ -157,7 +157,7 @@ def training_step(
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        accumulate_gradients(stage, forward or net, images, labels, micro_batch_size=len(images), generator=generator, seed=0,
+        accumulate_gradients(stage, net if forward is None else forward, images, labels, micro_batch_size=len(images), generator=generator, seed=0,
                              step=0, first_chunk=0, autocast=partial(bf16_autocast, device, bf16))
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
