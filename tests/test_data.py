@@ -166,6 +166,22 @@ def test_imagefolder_shapes_labels_names(tmp_path: Path) -> None:
     assert torch.allclose(ds[0][0].mean((1, 2)), expected, atol=0.02)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "default"])
+def test_every_preset_works_with_a_users_class_folder(tmp_path: Path, preset: str) -> None:
+    """The tiny preset's data-set sizes belong to the built-in data set only (preset_data/tiny_shapes.yaml)."""
+    from hydra.utils import instantiate
+
+    from tests.helpers import compose_train
+
+    _save(tmp_path / "cat" / "a.png", 80, 80)
+    _save(tmp_path / "dog" / "b.png", 80, 80)
+    cfg = compose_train(["stage=base", f"preset={preset}", "data=imagefolder", f"data.root={tmp_path}"])
+    ds = instantiate(cfg.data.train, resolution=64)
+    assert isinstance(ds, ImageFolderDataset) and len(ds) == 2 and cfg.data.val is None
+    shapes = compose_train(["stage=base", f"preset={preset}"]).data
+    assert (shapes.train.size, shapes.val.size) == ((20000, 500) if preset == "tiny" else (50000, 1000))
+
+
 def _three_bands(width: int, height: int) -> Image.Image:
     """Blue margins, and a centre square whose left half is red and right half green."""
     image = Image.new("RGB", (width, height), (0, 0, 255))
