@@ -66,9 +66,10 @@ def class_index(class_names: Sequence[str], query: str | int) -> int:
             candidates.setdefault(alias.strip().casefold(), i)
     close = difflib.get_close_matches(key, list(candidates), n=8, cutoff=0.6)
     near = list(dict.fromkeys(candidates[c] for c in close))[:5]  # class indices, best first
-    hint = (
-        "close matches: " + ", ".join(f"{class_names[i]!r} ({i})" for i in near)
-        if near
-        else f"pass an index 0..{n - 1} or one of the {n} class names"
-    )
+    if near:
+        hint = "close matches: " + ", ".join(f"{class_names[i]!r} ({i})" for i in near)
+    elif n <= 20:  # few enough to list them all
+        hint = f"pass an index 0..{n - 1} or one of: " + ", ".join(f"{name!r} ({i})" for i, name in enumerate(class_names))
+    else:
+        hint = f"pass an index 0..{n - 1} or one of the {n} class names"
     raise ValueError(f"unknown class {text!r}; {hint}")
