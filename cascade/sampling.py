@@ -226,10 +226,12 @@ def run_cascade(request: CascadeRequest, device: torch.device, *, progress: bool
             if tuned_step is not None and tuned_step != int(loaded.payload["step"]):
                 notes.append(f"{tuned_path(req.ckpt)} was chosen at step {tuned_step} but the checkpoint is at step "
                              f"{loaded.payload['step']}: run evaluate_stage.py on it again")
-    for loaded in [*cascade.stages, *([classifier] if classifier else [])]:
-        expected = request.expected_sha256.get(loaded.path)
-        if expected and file_sha256(loaded.path) != expected:
-            notes.append(f"{loaded.path} has changed since the replayed run: the images will differ")
+    # Hashed once, right after loading: what the record names is what was sampled with.
+    sha256 = {loaded.path: file_sha256(loaded.path) for loaded in [*cascade.stages, *([classifier] if classifier else [])]}
+    for path, digest in sha256.items():
+        expected = request.expected_sha256.get(path)
+        if expected and digest != expected:
+            notes.append(f"{path} has changed since the replayed run: the images will differ")
     for note in notes:
         print(f"note: {note}")
 
@@ -254,13 +256,13 @@ def run_cascade(request: CascadeRequest, device: torch.device, *, progress: bool
 
     described = cascade.describe(settings)
     for entry, name, loaded in zip(described["stages"], names, cascade.stages):
-        entry |= {"name": name, "sha256": file_sha256(loaded.path)}
+        entry |= {"name": name, "sha256": sha256[loaded.path]}
         if "aug_level" in entry:
             req = request.stages[name]
             entry["aug_level_source"] = req.sources.get("aug_level") or (
                 "configs/cascade.yaml" if req.settings.get("aug_level") is not None else "the checkpoint's sample_aug_level")
     if classifier is not None:
-        described["classifier"]["sha256"] = file_sha256(classifier.path)
+        described["classifier"]["sha256"] = sha256[classifier.path]
     record = {
         "command": request.argv, "class": {"index": label, "name": class_name}, "num": request.num, "seed": request.seed,
         **described, "torch": torch.__version__, "notes": notes, "out": str(out), "files": files,

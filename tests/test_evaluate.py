@@ -271,13 +271,15 @@ def test_upsampler_sweep_writes_a_level_that_cascade_sample_uses(smoke_runs, tmp
 @pytest.mark.slow
 def test_base_evaluation_reports_fid_is_precision_recall_accuracy_and_cas(smoke_runs, tmp_path):
     base = smoke_runs / "base" / "checkpoints" / "last.pt"
-    result = evaluate(tmp_path, f"ckpt={base}", "out_dir=ev", "num_samples=8", "num_real=16", "batch_size=8", "steps=2",
-                      "classifier_scales=[0]", "cfg_scales=[1,2]", "reference.steps=2", "reference.batch_size=8",
-                      "reference.eval_images=8", "cas.steps=2", "is_splits=2")
+    clf = smoke_runs / "classifier" / "checkpoints" / "last.pt"
+    result = evaluate(tmp_path, f"ckpt={base}", f"classifier_ckpt={clf}", "out_dir=ev", "num_samples=8", "num_real=16",
+                      "batch_size=8", "steps=2", "classifier_scales=[0,1]", "cfg_scales=[1,2]", "reference.steps=2",
+                      "reference.batch_size=8", "reference.eval_images=8", "cas.steps=2", "is_splits=2")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert report["stage"] == "base" and report["features"].startswith("classifier: reference resnet18")
-    assert [(g["classifier_scale"], g["cfg_scale"]) for g in report["guidance"]] == [(0, 1), (0, 2)]
+    settings = sorted((g["classifier_scale"], g["cfg_scale"]) for g in report["guidance"])
+    assert settings == [(0, 1), (0, 2), (1, 1), (1, 2)]
     for g in report["guidance"]:
         assert g["fid"] >= 0 and 1 <= g["is"] <= 10 and 0 <= g["precision"] <= 1 and 0 <= g["recall"] <= 1
         assert 0 <= g["requested_class_accuracy"] <= 1
