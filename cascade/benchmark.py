@@ -352,7 +352,6 @@ def benchmark_stage(
     from the plain one). ``sample(net, steps)``: one sampling run of ``sample_batch`` images.
     """
     from cascade.nn import UNet
-    from cascade.preconditioning import LowresPrior
 
     generator = torch.Generator().manual_seed(0)
     net = stage.build(num_classes=num_classes).to(device)
@@ -392,13 +391,10 @@ def benchmark_stage(
     one = images[:1], labels[:1]
     bench.train_flops_per_image = count_flops(lambda: stage.loss(net, *one, torch.Generator(device)).sum().backward())
     net.zero_grad(set_to_none=True)
-    inner = net.net if isinstance(net, LowresPrior) else net
-    if isinstance(inner, UNet) and compare:
+    if compare and getattr(stage.net, "func", None) is UNet:
         kw = unet_kwargs(stage.net, stage.net_kwargs(num_classes))
         twin, bench.twin_config = diffusers_twin(kw, bench.params)
-        if inner is not net:  # the same preconditioning around the twin: both train through one loss
-            twin = stage.lowres_prior(twin, schedule=stage.schedule, aug_schedule=stage.aug_schedule)
-        twin = twin.to(device)
+        twin = stage.precondition(twin).to(device)  # the stage's own wrapping (LowresPrior): both train through one loss
         bench.twin_params = sum(p.numel() for p in twin.parameters())
         bench.twin_flops_per_image = count_flops(lambda: stage.loss(twin, *one, torch.Generator(device)).sum().backward())
         twin.zero_grad(set_to_none=True)

@@ -65,10 +65,14 @@ class BaseStage:
         return {"resolution": self.resolution, "num_classes": num_classes, "out_channels": self.out_channels}
 
     def build(self, num_classes: int) -> nn.Module:
-        """The network for ``num_classes`` classes (plus the null class)."""
+        """The network for ``num_classes`` classes (plus the null class), through :meth:`precondition`."""
         kwargs = self.net_kwargs(num_classes)
         self.num_classes = kwargs["num_classes"]
-        return self.net(**kwargs)
+        return self.precondition(self.net(**kwargs))
+
+    def precondition(self, net: nn.Module) -> nn.Module:
+        """Any wrapping the stage puts around a network with the U-Net's signature (none here)."""
+        return net
 
     def drop_labels(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         """Labels with each one replaced by the null class ``num_classes`` at rate ``p_uncond`` (CFG training)."""

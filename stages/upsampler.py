@@ -197,9 +197,8 @@ class UpsamplerStage(BaseStage):
         return {**super().net_kwargs(num_classes if self.class_conditional else None),
                 "lowres_channels": 3, "aug_level_embedding": True}
 
-    def build(self, num_classes: int) -> nn.Module:
-        """The U-Net, wrapped in ``lowres_prior`` (preconditioning around the conditioning image) when configured."""
-        net = super().build(num_classes)
+    def precondition(self, net: nn.Module) -> nn.Module:
+        """``net`` wrapped in ``lowres_prior`` (preconditioning around the conditioning image) when configured."""
         if self.lowres_prior is None:
             return net
         return self.lowres_prior(net, schedule=self.schedule, aug_schedule=self.aug_schedule)
