@@ -67,4 +67,4 @@ class EncoderClassifier(nn.Module):
         """Logits (B, num_classes) of p_φ(y | x_t, t) for x_t (B, in_channels, resolution, resolution), t (B,)."""
         emb = self.time_embed(batch_vector(t, x_t.shape[0]))  # (B, E)
         h, _ = self.encoder(x_t, emb)  # (B, C_mid, r, r)
-        return self.pool(nn.functional.silu(self.norm(h)))  # (B, num_classes)
+        return self.pool(self.norm(h, act=True))  # (B, num_classes)

@@ -3,7 +3,8 @@ Synthesis", appendix A) and its noisy classifier.
 
 Every block works on (B, C, H, W) feature maps; the ones that are conditioned take the
 (B, emb_channels) time/class/augmentation embedding as a second argument. Channel counts
-must be multiples of 32 (group normalisation with 32 groups).
+must be multiples of the group-norm group count (32 by default). Every norm goes through
+:func:`~cascade.nn.group_norm.group_norm_act` (GN, ADM's scale-shift and SiLU in one call).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from cascade.nn.group_norm import group_norm_act
 
 __all__ = [
     "timestep_embedding",
@@ -73,11 +76,11 @@ def zero_init(module: nn.Module) -> nn.Module:
 class GroupNorm32(nn.GroupNorm):
     """Group normalisation computed in float32 whatever the input dtype (ADM), 32 groups by default.
 
-    Statistics and the affine map are float32; the output has the input's dtype. A contiguous
-    (NCHW) bf16 input on CPU goes straight to PyTorch's mixed-precision kernel, which
-    accumulates in float32 itself: no float32 copy of the activations, 3–6× faster forward +
-    backward than the cast round trip (``scripts/benchmark.py``). Everything else (CUDA,
-    channels-last, whose CPU kernel is slower in bf16 than in float32) casts to float32.
+    ``forward(x, scale, shift, act)`` also applies ADM's adaptive scale-shift and SiLU in the same
+    call (:func:`~cascade.nn.group_norm.group_norm_act`): statistics and coefficients are float32,
+    the output has the input's dtype and memory format. NCHW bf16 input on CPU goes straight to
+    PyTorch's mixed-precision kernel; channels-last input on CPU takes the fused channels-last
+    kernel (PyTorch's own is ~10× slower there in bf16); everything else casts to float32.
     """
 
     def __init__(self, channels: int, groups: int = 32) -> None:
@@ -85,11 +88,9 @@ class GroupNorm32(nn.GroupNorm):
             raise ValueError(f"{channels} channels cannot be split into {groups} normalisation groups")
         super().__init__(num_groups=groups, num_channels=channels)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.is_contiguous():
-            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # (B, C, H, W) bf16
-        weight, bias = self.weight.float(), self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+    def forward(self, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, act: bool = False) -> Tensor:
+        """GN(x)·(1 + scale) + shift, then SiLU if ``act``; ``scale``, ``shift``: (B, C) or None."""
+        return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift, act)  # (B, C, H, W)
 
 
 class TimestepEmbedding(nn.Module):
@@ -170,16 +171,16 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = F.silu(self.in_norm(x))  # (B, C_in, H, W)
+        h = self.in_norm(x, act=True)  # (B, C_in, H, W) SiLU(GN(x))
         h = self.in_conv(self.resample(h))  # (B, C_out, H', W')
         x = self.resample(x)  # (B, C_in, H', W')
-        e = self.emb_proj(F.silu(emb)).to(h.dtype)[:, :, None, None]  # (B, 2·C_out or C_out, 1, 1)
+        e = self.emb_proj(F.silu(emb))  # (B, 2·C_out or C_out)
         if self.use_scale_shift_norm:
-            scale, shift = e.chunk(2, dim=1)  # (B, C_out, 1, 1) each
-            h = self.out_norm(h) * (1 + scale) + shift
+            scale, shift = e.chunk(2, dim=1)  # (B, C_out) each
+            h = self.out_norm(h, scale, shift, act=True)  # SiLU(GN(h)·(1 + scale) + shift)
         else:
-            h = self.out_norm(h + e)
-        h = self.out_conv(self.dropout(F.silu(h)))  # (B, C_out, H', W')
+            h = self.out_norm(h + e.to(h.dtype)[:, :, None, None], act=True)
+        h = self.out_conv(self.dropout(h))  # (B, C_out, H', W')
         return self.skip(x) + h
 
 
