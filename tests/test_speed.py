@@ -56,11 +56,14 @@ def _adagn_reference(x, weight, bias, scale, shift, act):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("adaptive, act", [(False, False), (False, True), (True, True)])
-def test_fused_group_norm_matches_float64_in_value_and_gradient(channels_last: bool, adaptive: bool, act: bool) -> None:
+def test_fused_group_norm_matches_float64_in_value_and_gradient(channels_last: bool, adaptive: bool, act: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """GN (+ scale-shift) (+ SiLU) in bf16, channels-last (our kernel) or NCHW (PyTorch's): output and the gradients
     of x, w, b, scale and shift are the float64 computation up to bf16 rounding (errors relative to the norm)."""
+    from cascade.nn import group_norm
     from cascade.nn.group_norm import group_norm_act, uses_channels_last_kernel
 
+    monkeypatch.setattr(group_norm, "MIN_ELEMENTS", 0)  # the size cut-off is about speed; test the kernel on small maps
     torch.manual_seed(0)
     b, c = 4, 96  # 3 channels per group
     weight, bias = torch.randn(c, requires_grad=True), torch.randn(c, requires_grad=True)
@@ -108,11 +111,15 @@ def test_channels_last_group_norm_statistics_have_no_cancellation() -> None:
         assert (got.double() - want).norm() / want.norm() < 1e-4
 
 
-def test_unet_channels_last_bf16_is_as_close_to_float32_as_nchw_bf16() -> None:
+def test_unet_channels_last_bf16_is_as_close_to_float32_as_nchw_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole U-Net with every norm on the channels-last kernel: its bf16 output and gradients are no further from
     the float32 network's than PyTorch's own bf16 (NCHW) path is."""
-    from cascade.nn import UNet
+    from cascade.nn import UNet, group_norm
 
+    monkeypatch.setattr(group_norm, "MIN_ELEMENTS", 0)
+    kernel_calls = []
+    real_apply = group_norm._ChannelsLastGroupNormAct.apply
+    monkeypatch.setattr(group_norm._ChannelsLastGroupNormAct, "apply", lambda *args: kernel_calls.append(1) or real_apply(*args))
     torch.manual_seed(0)
     net = UNet(resolution=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
                head_channels=32, num_classes=3, dropout=0.0)
@@ -128,7 +135,10 @@ def test_unet_channels_last_bf16_is_as_close_to_float32_as_nchw_bf16() -> None:
         return torch.cat([out.flatten(), *(p.grad.flatten() for p in model.parameters())])  # output, then every gradient
 
     exact = run(torch.contiguous_format, bf16=False)
-    nchw, channels_last = run(torch.contiguous_format, bf16=True), run(torch.channels_last, bf16=True)
+    nchw = run(torch.contiguous_format, bf16=True)
+    assert not kernel_calls
+    channels_last = run(torch.channels_last, bf16=True)
+    assert len(kernel_calls) >= 8  # every 4-d norm of the network (the attention block's works on a 3-d view)
     n_out = 2 * 3 * 16 * 16
     for part in (slice(0, n_out), slice(n_out, None)):
         reference_error = (nchw[part] - exact[part]).norm()

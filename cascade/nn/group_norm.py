@@ -30,11 +30,17 @@ from torch import Tensor
 __all__ = ["group_norm_act", "uses_channels_last_kernel"]
 
 
+# Below this many elements the kernel's ~20 small per-(b, c) ops cost more than they save: measured on 2 cores,
+# GN + scale-shift + SiLU forward and backward, ours vs PyTorch's channels-last path: (16, 32, 64, 64) 4.1 vs
+# 10.2 ms, (16, 64, 32, 32) 2.4 vs 3.5 ms, (16, 96, 16, 16) 1.25 vs 1.34 ms, (8, 32, 32, 32) 0.95 vs 0.80 ms.
+MIN_ELEMENTS = 2**19
+
+
 def uses_channels_last_kernel(x: Tensor) -> bool:
     """True where :func:`group_norm_act` takes the channels-last path: a bf16/fp16 4-d CPU tensor stored NHWC
-    (and not also NCHW). In float32 PyTorch's own channels-last kernel is as fast, and exact to float32."""
+    (and not also NCHW) of at least ``MIN_ELEMENTS``. In float32 PyTorch's own channels-last kernel is as fast."""
     return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 4
-            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+            and x.numel() >= MIN_ELEMENTS and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def group_norm_act(
