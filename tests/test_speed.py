@@ -54,16 +54,32 @@ def _adagn_reference(x, weight, bias, scale, shift, act):
     return F.silu(h) if act else h
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("adaptive, act", [(False, False), (False, True), (True, True)])
-def test_fused_group_norm_matches_float64_in_value_and_gradient(channels_last: bool, adaptive: bool, act: bool,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """GN (+ scale-shift) (+ SiLU) in bf16, channels-last (our kernel) or NCHW (PyTorch's): output and the gradients
-    of x, w, b, scale and shift are the float64 computation up to bf16 rounding (errors relative to the norm)."""
+def _use_kernel(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route channels-last bf16 norms to ``kernel``: "native" (the C++ kernels, which must build here) or "torch"
+    (the PyTorch-ops fallback, without its size cut-off)."""
     from cascade.nn import group_norm
-    from cascade.nn.group_norm import group_norm_act, uses_channels_last_kernel
+    from cascade.nn.native import group_norm_kernels
 
-    monkeypatch.setattr(group_norm, "MIN_ELEMENTS", 0)  # the size cut-off is about speed; test the kernel on small maps
+    if kernel == "native":
+        assert group_norm_kernels() is not None, "the C++ GroupNorm kernel did not build (see the warning above)"
+    else:
+        monkeypatch.setattr(group_norm, "group_norm_kernels", lambda: None)
+        monkeypatch.setattr(group_norm, "MIN_ELEMENTS", 0)  # the size cut-off is about speed; test the kernel on small maps
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels-last native", "channels-last torch"])
+@pytest.mark.parametrize("adaptive, act", [(False, False), (False, True), (True, True)])
+def test_fused_group_norm_matches_float64_in_value_and_gradient(layout: str, adaptive: bool, act: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """GN (+ scale-shift) (+ SiLU) in bf16, channels-last (our C++ kernel or its PyTorch-ops fallback) or NCHW
+    (PyTorch's): output and the gradients of x, w, b, scale and shift are the float64 computation up to bf16
+    rounding (errors relative to the norm)."""
+    from cascade.nn import group_norm
+    from cascade.nn.group_norm import channels_last_kernel, group_norm_act
+
+    channels_last = layout != "nchw"
+    if channels_last:
+        _use_kernel(layout.split()[-1], monkeypatch)
     torch.manual_seed(0)
     b, c = 4, 96  # 3 channels per group
     weight, bias = torch.randn(c, requires_grad=True), torch.randn(c, requires_grad=True)
@@ -74,7 +90,9 @@ def test_fused_group_norm_matches_float64_in_value_and_gradient(channels_last: b
     grad_out = torch.randn(b, c, 8, 8).bfloat16()
     if channels_last:
         x, grad_out = x.contiguous(memory_format=torch.channels_last), grad_out.contiguous(memory_format=torch.channels_last)
-    assert uses_channels_last_kernel(x) == channels_last
+    expected = {"nchw": None, "channels-last native": group_norm._NativeGroupNormAct,
+                "channels-last torch": group_norm._ChannelsLastGroupNormAct}[layout]
+    assert channels_last_kernel(x) is expected
     params = [p for p in (weight, bias, scale, shift) if p is not None]
 
     x_fast = x.clone().requires_grad_(True)
@@ -90,18 +108,28 @@ def test_fused_group_norm_matches_float64_in_value_and_gradient(channels_last: b
     assert ((out.double() - ref).abs() <= 2**-6 * (ref.abs() + 1)).all()
     for got, want in zip(grads, ref_grads):
         assert (got.double() - want).norm() / want.norm() < 2**-7
+    if layout == "channels-last native":  # float32 inside, one rounding out: within bf16's unit roundoff of the truth
+        assert (out.double() - ref).norm() / ref.norm() < 2**-8
+        for got, want in zip(grads[1:], ref_grads[1:]):  # parameter gradients are float32 sums
+            assert (got.double() - want).norm() / want.norm() < 1e-5
 
 
-def test_channels_last_group_norm_statistics_have_no_cancellation() -> None:
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_channels_last_group_norm_statistics_have_no_cancellation(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A mean 10⁴ standard deviations away: E[x²] − E[x]² in float32 would lose the variance entirely (10⁸ ± 10⁴ at
-    float32's 2⁻²⁴), while the kernel's per-channel centring keeps it; checked in float32 against float64."""
-    from cascade.nn.group_norm import _ChannelsLastGroupNormAct
+    float32's 2⁻²⁴), while the kernels' per-channel centring keeps it; checked in float32 against float64."""
+    from cascade.nn import group_norm
 
+    _use_kernel(kernel, monkeypatch)
+    function = group_norm._NativeGroupNormAct if kernel == "native" else group_norm._ChannelsLastGroupNormAct
     torch.manual_seed(0)
     x = (torch.randn(2, 64, 16, 16) + 1e4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     gamma, beta = torch.randn(2, 64, requires_grad=True), torch.randn(2, 64, requires_grad=True)
     grad_out = torch.randn(2, 64, 16, 16)
-    out = _ChannelsLastGroupNormAct.apply(x, gamma, beta, 32, 1e-5, True)
+    if kernel == "native":  # AdaGN's form: γ = 1·(1 + (γ − 1)), β = 0·(1 + scale) + β
+        out = function.apply(x, torch.ones(64), torch.zeros(64), gamma - 1, beta, 32, 1e-5, True)
+    else:
+        out = function.apply(x, gamma, beta, 32, 1e-5, True)
     grads = torch.autograd.grad(out, [x, gamma, beta], grad_out)
     x_ref = x.detach().double().requires_grad_(True)
     ref = F.silu(F.group_norm(x_ref, 32, eps=1e-5) * gamma.double()[:, :, None, None] + beta.double()[:, :, None, None])
@@ -111,15 +139,60 @@ def test_channels_last_group_norm_statistics_have_no_cancellation() -> None:
         assert (got.double() - want).norm() / want.norm() < 1e-4
 
 
-def test_unet_channels_last_bf16_is_as_close_to_float32_as_nchw_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The whole U-Net with every norm on the channels-last kernel: its bf16 output and gradients are no further from
+def test_native_group_norm_does_not_depend_on_the_thread_count() -> None:
+    """The C++ kernels sum fixed blocks of rows and combine them in a fixed order: 1 and 2 threads agree bit for bit."""
+    from cascade.nn.group_norm import group_norm_act
+    from cascade.nn.native import group_norm_kernels
+
+    assert group_norm_kernels() is not None
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, 40, 40).bfloat16().contiguous(memory_format=torch.channels_last)  # 1600 rows: 4 blocks each
+    weight, bias, scale, shift = torch.randn(64), torch.randn(64), torch.randn(3, 64), torch.randn(3, 64)
+    grad_out = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x_n = x.clone().requires_grad_(True)
+            out = group_norm_act(x_n, 32, weight, bias, 1e-5, scale, shift, True)
+            out.backward(grad_out)
+            results.append((out, x_n.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_native_kernels_fall_back_to_torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``CASCADE_NATIVE_KERNELS=0`` or a failed build (here: the builder raises) leaves the PyTorch-ops kernel, with
+    one warning for the failure."""
+    from torch.utils import cpp_extension
+
+    from cascade.nn import native
+
+    monkeypatch.setenv("CASCADE_NATIVE_KERNELS", "0")
+    assert native.group_norm_kernels.__wrapped__() is None
+    monkeypatch.setenv("CASCADE_NATIVE_KERNELS", "1")
+
+    def fail(**kwargs):
+        raise RuntimeError("Error building extension 'cascade_group_norm_act'\nmore lines")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    with pytest.warns(RuntimeWarning, match="could not be built .*Error building extension 'cascade_group_norm_act'"):
+        assert native.group_norm_kernels.__wrapped__() is None
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_unet_channels_last_bf16_is_as_close_to_float32_as_nchw_bf16(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole U-Net with every norm on a channels-last kernel: its bf16 output and gradients are no further from
     the float32 network's than PyTorch's own bf16 (NCHW) path is."""
     from cascade.nn import UNet, group_norm
 
-    monkeypatch.setattr(group_norm, "MIN_ELEMENTS", 0)
+    _use_kernel(kernel, monkeypatch)
+    function = group_norm._NativeGroupNormAct if kernel == "native" else group_norm._ChannelsLastGroupNormAct
     kernel_calls = []
-    real_apply = group_norm._ChannelsLastGroupNormAct.apply
-    monkeypatch.setattr(group_norm._ChannelsLastGroupNormAct, "apply", lambda *args: kernel_calls.append(1) or real_apply(*args))
+    real_apply = function.apply
+    monkeypatch.setattr(function, "apply", lambda *args: kernel_calls.append(1) or real_apply(*args))
     torch.manual_seed(0)
     net = UNet(resolution=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
                head_channels=32, num_classes=3, dropout=0.0)

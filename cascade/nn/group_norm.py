@@ -9,17 +9,18 @@ scale-shift). :func:`group_norm_act` is what every norm of the U-Net calls.
 Why a second implementation: on CPUs, oneDNN's bf16 convolutions want channels-last (NHWC)
 tensors and convert anything else on the way in and out, while PyTorch's channels-last GroupNorm
 kernel is about 10× slower in bf16 than its NCHW one. Here a bf16 channels-last input is viewed as
-(B, HW, C) rows and normalised with a few vectorised passes (per-channel sums, one multiply-add,
-SiLU) and a hand-derived backward, so that the whole network can stay channels-last: on 2 CPU cores
-the tiny base's bf16 training step runs 11 % faster channels-last than NCHW, where it ran 4 %
-slower before (``scripts/benchmark.py``). Everything else (CUDA, NCHW, float32, small maps) takes
-PyTorch's kernels.
+(B, HW, C) rows and normalised by C++ kernels (``csrc/group_norm_act.cpp``, built on first use by
+:mod:`cascade.nn.native`) in four memory passes, forward and backward, so that the whole network can
+stay channels-last. On 2 CPU cores, GN + scale-shift + SiLU forward and backward on (16, 64, 64, 64):
+6.8 ms, against 8 ms for PyTorch's NCHW kernels, 13 ms for the same algorithm in PyTorch ops (the
+fallback where no compiler is at hand, for fp16 and under ``torch.compile``) and 45 ms for PyTorch's
+channels-last kernels. Everything else (CUDA, NCHW, float32) takes PyTorch's kernels.
 
-Precision: each channel is first shifted by its own (rounded) mean and group means are formed
-relative to one channel's shift, so the statistics are float32 sums of centred values and never
-suffer the E[x²] − E[x]² cancellation (a mean 10⁴ σ from zero is exact to float32). The per-(b, c)
-multiply-add coefficients are rounded to bf16 for the elementwise pass; the result is as close to
-the float64 computation as PyTorch's own bf16 kernel (tests/test_speed.py).
+Precision: each channel is shifted by one of its own values and group means are formed relative to
+one channel's shift, so the statistics are float32 sums of centred values and never suffer the
+E[x²] − E[x]² cancellation (a mean 10⁴ σ from zero is exact to float32). The C++ kernels compute in
+float32 and round the output and dx once; the result is closer to the float64 computation than
+PyTorch's own bf16 kernel (tests/test_speed.py).
 """
 
 from __future__ import annotations
@@ -28,20 +29,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["group_norm_act", "uses_channels_last_kernel"]
+from cascade.nn.native import group_norm_kernels
+
+__all__ = ["group_norm_act", "channels_last_kernel"]
 
 
-# Below this many elements the kernel's ~20 small per-(b, c) ops cost more than they save: measured on 2 cores,
-# GN + scale-shift + SiLU forward and backward, ours vs PyTorch's channels-last path: (16, 32, 64, 64) 4.1 vs
-# 10.2 ms, (16, 64, 32, 32) 2.4 vs 3.5 ms, (16, 96, 16, 16) 1.25 vs 1.34 ms, (8, 32, 32, 32) 0.95 vs 0.80 ms.
+# Below this many elements the PyTorch-ops fallback's ~20 small per-(b, c) ops cost more than they save: measured
+# on 2 cores, GN + scale-shift + SiLU forward and backward, it vs PyTorch's channels-last path: (16, 32, 64, 64)
+# 4.1 vs 10.2 ms, (16, 64, 32, 32) 2.4 vs 3.5 ms, (16, 96, 16, 16) 1.25 vs 1.34 ms, (8, 32, 32, 32) 0.95 vs 0.80 ms.
 MIN_ELEMENTS = 2**19
 
 
-def uses_channels_last_kernel(x: Tensor) -> bool:
-    """True where :func:`group_norm_act` takes the channels-last path: a bf16/fp16 4-d CPU tensor stored NHWC
-    (and not also NCHW) of at least ``MIN_ELEMENTS``. In float32 PyTorch's own channels-last kernel is as fast."""
-    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 4
-            and x.numel() >= MIN_ELEMENTS and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+def channels_last_kernel(x: Tensor) -> type[torch.autograd.Function] | None:
+    """The autograd function :func:`group_norm_act` runs on ``x``, or None for PyTorch's GroupNorm.
+
+    Bf16/fp16 4-d CPU tensors stored NHWC (and not also NCHW) take the channels-last kernel: the C++ one
+    for bf16 outside ``torch.compile`` where it could be built, else the PyTorch-ops one from ``MIN_ELEMENTS``
+    up. In float32 PyTorch's own channels-last kernel is as fast.
+    """
+    if not (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 4
+            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    if x.dtype == torch.bfloat16 and not torch.compiler.is_compiling() and group_norm_kernels() is not None:
+        return _NativeGroupNormAct
+    return _ChannelsLastGroupNormAct if x.numel() >= MIN_ELEMENTS else None
 
 
 def group_norm_act(
@@ -58,14 +69,17 @@ def group_norm_act(
 
     Statistics and coefficients are float32 whatever x's dtype (ADM's ``GroupNorm32``).
     """
-    if uses_channels_last_kernel(x):
+    kernel = channels_last_kernel(x)
+    if kernel is _NativeGroupNormAct:
+        return kernel.apply(x, weight, bias, scale, shift, num_groups, eps, act)
+    if kernel is not None:
         gamma = weight.float().expand(x.shape[0], -1)  # (B, C)
         beta = bias.float().expand(x.shape[0], -1)  # (B, C)
         if scale is not None:
             gamma, beta = gamma * (1 + scale.float()), beta * (1 + scale.float())  # (B, C)
         if shift is not None:
             beta = beta + shift.float()  # (B, C)
-        return _ChannelsLastGroupNormAct.apply(x, gamma, beta, num_groups, eps, act)
+        return kernel.apply(x, gamma, beta, num_groups, eps, act)
     if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.is_contiguous():
         h = F.group_norm(x, num_groups, weight, bias, eps)  # PyTorch's mixed-precision kernel: float32 statistics
     else:
@@ -82,6 +96,12 @@ def _rows(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
 
+def _maps(rows: Tensor, shape: torch.Size) -> Tensor:
+    """(B, HW, C) rows → the (B, C, H, W) channels-last tensor they store (no copy)."""
+    b, c, h, w = shape
+    return rows.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
 def _per_group(per_channel: Tensor, groups: int) -> Tensor:
     """(B, C) → (B, G): the mean over each group's channels."""
     return per_channel.view(per_channel.shape[0], groups, -1).mean(-1)
@@ -90,6 +110,70 @@ def _per_group(per_channel: Tensor, groups: int) -> Tensor:
 def _per_channel(per_group: Tensor, channels: int) -> Tensor:
     """(B, G) → (B, C): each group's value repeated over its channels."""
     return per_group.repeat_interleave(channels // per_group.shape[1], dim=1)
+
+
+def _group_statistics(shift: Tensor, mean_d: Tensor, sq_d: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-(b, c) float32 r = 1/√(σ²_g + ε) and o = K_c − μ_g of channel c's group, from each channel's shift K_c and
+    the moments m_c = E[d], E[d²] of d = x − K_c (all (B, C) float32).
+
+    Channel means are taken relative to each group's first K (differences of nearby numbers: exact), so that a mean
+    far from zero (10⁴ σ) costs no precision: u_c = K_c − K_ref + m_c, and μ_g − K_ref is u's group mean. The group
+    variance is the mean of the channels' variances plus the variance of their means (no E[x²] − E[x]² cancellation).
+    """
+    channels = shift.shape[1]
+    ref = _per_channel(shift.view(shift.shape[0], groups, -1)[:, :, 0], channels)  # (B, C) K_ref
+    u = (shift - ref) + mean_d  # (B, C)
+    u_g = _per_channel(_per_group(u, groups), channels)  # (B, C) μ_g − K_ref
+    var_g = _per_group(sq_d - mean_d.square(), groups) + _per_group((u - u_g).square(), groups)  # (B, G)
+    rstd = _per_channel(torch.rsqrt(var_g.clamp_min(0) + eps), channels)  # (B, C) r
+    return rstd, (shift - ref) - u_g
+
+
+def _input_gradient_coefficients(gamma: Tensor, rstd: Tensor, offset: Tensor, sum_dz: Tensor, sum_dz_d: Tensor,
+                                 groups: int, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GN's backward as per-(b, c) coefficients: returns dγ = Σ dz·x̂ and (k1, k2, k0) with dx = k1·dz + k2·d + k0,
+    from Σ dz and Σ dz·d over the n positions (all (B, C) float32).
+
+    dx = r (γ dz − mean_g(γ dz) − x̂ mean_g(γ dz x̂)) with x̂ = (d + o)·r (Wu & He 2018, differentiated).
+    """
+    channels = gamma.shape[1]
+    grad_gamma = rstd * (sum_dz_d + offset * sum_dz)  # (B, C) Σ dz·x̂
+    g1 = _per_channel(_per_group(gamma * sum_dz, groups), channels) / n  # mean_g(γ dz)
+    g2 = _per_channel(_per_group(gamma * grad_gamma, groups), channels) / n  # mean_g(γ dz x̂)
+    k1 = rstd * gamma
+    k2 = -rstd.square() * g2
+    k0 = -rstd * g1 + k2 * offset
+    return grad_gamma, k1, k2, k0
+
+
+class _NativeGroupNormAct(torch.autograd.Function):
+    """SiLU(GN(x)·w·(1 + scale) + b·(1 + scale) + shift) (or without SiLU) by the C++ kernels
+    (``csrc/group_norm_act.cpp``) on (B, HW, C) rows; returns grads for x, w, b, scale and shift.
+
+    With γ, β the per-(b, c) affine map, d = x − K_c (K_c: channel c's first value, exact in float32) and
+    o_c = K_c − μ_g: z = d·a + c0 with a = γ·r, c0 = β + o·a. Forward: one pass for Σ d, Σ d², one for y.
+    Backward: one pass for Σ dz, Σ dz·d and dz itself (z recomputed from x, not stored), one for
+    dx = k1·dz + k2·d + k0. The per-(b, c) algebra (:func:`_group_statistics`,
+    :func:`_input_gradient_coefficients`, and AdaGN's γ, β and their gradients) runs in C++ too, in double:
+    one call each way instead of ~40 small PyTorch ops. Saves x itself.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None, shift: Tensor | None, groups: int,
+                eps: float, act: bool) -> Tensor:
+        rows = _rows(x)  # (B, N, C)
+        y, *saved = group_norm_kernels().forward(rows, weight, bias, scale, shift, groups, eps, act)  # y: (B, N, C)
+        ctx.save_for_backward(rows, *saved, weight, bias, scale)
+        ctx.groups, ctx.act, ctx.shape, ctx.has_shift = groups, act, x.shape, shift is not None
+        return _maps(y, x.shape)  # (B, C, H, W) channels-last
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        rows, *saved, weight, bias, scale = ctx.saved_tensors
+        grad_rows = _rows(grad_y.contiguous(memory_format=torch.channels_last)).to(rows.dtype)  # (B, N, C)
+        grad_x, *grads = group_norm_kernels().backward(grad_rows, rows, *saved, weight, bias, scale, ctx.has_shift,
+                                                       ctx.groups, ctx.act)  # grads of w, b, scale, shift (float32)
+        return _maps(grad_x, ctx.shape), *grads, None, None, None
 
 
 def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
@@ -104,57 +188,35 @@ def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _ChannelsLastGroupNormAct(torch.autograd.Function):
-    """z = (x − μ_g)·r_g·γ + β, y = SiLU(z) (or z), on (B, HW, C) rows; returns grads for x, γ, β.
+    """The same function in PyTorch ops on (B, HW, C) rows: where the C++ kernels are unavailable, for fp16, and
+    under ``torch.compile`` (which traces it). About twenty memory passes against the C++ kernels' four.
 
-    With d = x − K_c (K_c: channel c's mean, rounded to x's dtype; any shift is exact here) and
-    o_c = K_c − μ_g, the normalised input is x̂ = (d + o)·r. The backward is GN's:
-    dx = r (γ dz − mean_g(γ dz) − x̂ mean_g(γ dz x̂)),  dγ = Σ_hw dz x̂,  dβ = Σ_hw dz,
-    written as dx = k1·dz + k2·d + k0 with per-(b, c) float32 coefficients.
+    d = x − K_c with K_c channel c's mean rounded to x's dtype (any shift is exact here); the output and
+    the backward are those of :class:`_NativeGroupNormAct`, with z saved instead of recomputed.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, gamma: Tensor, beta: Tensor, groups: int, eps: float, act: bool) -> Tensor:
         rows = _rows(x)  # (B, N, C)
-        n, channels = rows.shape[1], rows.shape[2]
+        n = rows.shape[1]
         shift_c = (rows.sum(1).float() / n).to(x.dtype)  # (B, C) K_c, rounded: the centring needs no exactness
         d = rows - shift_c[:, None]  # (B, N, C) centred per channel
         mean_d = d.sum(1).float() / n  # (B, C) m_c
         sq_d = _dot_rows(d, d) / n  # (B, C) E[d²]
-        # Channel means relative to each group's first K (differences of nearby numbers: exact), so that a mean far
-        # from zero (10⁴ σ) costs no precision: u_c = K_c − K_ref + m_c, and μ_g − K_ref is u's group mean.
-        shift = shift_c.float()
-        ref = _per_channel(shift.view(shift.shape[0], groups, -1)[:, :, 0], channels)  # (B, C) K_ref
-        u = (shift - ref) + mean_d  # (B, C)
-        u_g = _per_channel(_per_group(u, groups), channels)  # (B, C) μ_g − K_ref
-        # Group variance = mean of the channels' variances + variance of their means (no cancellation).
-        var_g = _per_group(sq_d - mean_d.square(), groups) + _per_group((u - u_g).square(), groups)
-        rstd = _per_channel(torch.rsqrt(var_g.clamp_min(0) + eps), channels)  # (B, C) r
-        offset = (shift - ref) - u_g  # (B, C) o = K − μ_g
+        rstd, offset = _group_statistics(shift_c.float(), mean_d, sq_d, groups, eps)
         a = gamma * rstd  # (B, C)
         z = torch.addcmul((beta + offset * a)[:, None].to(x.dtype), d, a[:, None].to(x.dtype))  # (B, N, C) z = d·a + β + o·a
         ctx.save_for_backward(d, z if act else None, gamma, rstd, offset)
         ctx.groups, ctx.act, ctx.shape = groups, act, x.shape
-        y = F.silu(z) if act else z
-        b, c, h, w = x.shape
-        return y.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W) channels-last
+        return _maps(F.silu(z) if act else z, x.shape)  # (B, C, H, W) channels-last
 
     @staticmethod
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         d, z, gamma, rstd, offset = ctx.saved_tensors
-        groups = ctx.groups
         grad_rows = _rows(grad_y.contiguous(memory_format=torch.channels_last))  # (B, N, C)
         dz = torch.ops.aten.silu_backward(grad_rows, z) if ctx.act else grad_rows  # (B, N, C)
-        n, channels = d.shape[1], d.shape[2]
         sum_dz = dz.sum(1).float()  # (B, C) Σ dz
-        sum_dz_d = _dot_rows(dz, d)  # (B, C) Σ dz·d
-        grad_beta = sum_dz
-        grad_gamma = rstd * (sum_dz_d + offset * sum_dz)  # (B, C) Σ dz·x̂
-        g1 = _per_channel(_per_group(gamma * sum_dz, groups), channels) / n  # mean_g(γ dz)
-        g2 = _per_channel(_per_group(gamma * grad_gamma, groups), channels) / n  # mean_g(γ dz x̂)
-        k1 = rstd * gamma
-        k2 = -rstd.square() * g2
-        k0 = -rstd * g1 + k2 * offset
+        grad_gamma, k1, k2, k0 = _input_gradient_coefficients(gamma, rstd, offset, sum_dz, _dot_rows(dz, d), ctx.groups, d.shape[1])
         grad_x = torch.addcmul(k0[:, None].to(d.dtype), d, k2[:, None].to(d.dtype))  # (B, N, C) k2·d + k0
         grad_x.addcmul_(dz, k1[:, None].to(d.dtype))  # + k1·dz
-        b, c, h, w = ctx.shape
-        return grad_x.view(b, h, w, c).permute(0, 3, 1, 2), grad_gamma, grad_beta, None, None, None
+        return _maps(grad_x, ctx.shape), grad_gamma, sum_dz, None, None, None
