@@ -167,20 +167,32 @@ def training_step(
 
 def time_interleaved(variants: Sequence[Variant], *, rounds: int, warmup: int, device: torch.device,
                      on_step: Callable[[], None] = lambda: None) -> None:
-    """Run every variant ``warmup`` untimed steps, then ``rounds`` rounds of one timed step each (in ``Variant.times``)."""
+    """Run every variant ``warmup`` untimed steps, then ``rounds`` rounds of one timed step each (in ``Variant.times``).
+
+    Peak memory (``Variant.peak_bytes``) is measured in one more, untimed, round first: on CPU
+    :class:`PeakMemory` hands the allocator's free memory back to the OS, and the timed steps should
+    not pay for faulting it in again (a training loop keeps it, see
+    :func:`~cascade.device.keep_freed_memory`).
+    """
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for v in variants:
+        v.prepare()
+        sync()
+        with PeakMemory(device) as memory:
+            v.step()
+            sync()
+        v.peak_bytes = memory.peak_bytes
+        on_step()
     for r in range(warmup + rounds):
         for v in variants:
             v.prepare()
             sync()
-            with PeakMemory(device) as memory:
-                start = time.perf_counter()
-                v.step()
-                sync()
-                elapsed = time.perf_counter() - start
+            start = time.perf_counter()
+            v.step()
+            sync()
+            elapsed = time.perf_counter() - start
             if r >= warmup:
                 v.times.append(elapsed)
-                v.peak_bytes = max(v.peak_bytes, memory.peak_bytes)
             on_step()
 
 
@@ -344,12 +356,14 @@ def benchmark_stage(
     sample: Callable[[nn.Module, int], None] | None = None,
     sample_batch: int = 1,
     sample_steps: int = 5,
+    optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.AdamW, lr=1e-4),
     on_step: Callable[[], None] = lambda: None,
 ) -> StageBench:
     """Time a stage's training step in every variant (ours, and diffusers' twin for U-Net stages), and its sampling.
 
     ``ckpt_net``: the stage's network built with gradient checkpointing (its weights are copied
     from the plain one). ``sample(net, steps)``: one sampling run of ``sample_batch`` images.
+    ``optimizer(params)``: the trainer's optimizer (the config's ``trainer.optimizer`` at its ``lr``).
     """
     from cascade.nn import UNet
 
@@ -370,7 +384,7 @@ def benchmark_stage(
                 if prec == "fp32 tf32" and fmt_name:
                     continue
                 copy_ = copy.deepcopy(module).to(memory_format=fmt)
-                step = training_step(stage, copy_, torch.optim.AdamW(copy_.parameters(), lr=1e-4),
+                step = training_step(stage, copy_, optimizer(copy_.parameters()),
                                      images.contiguous(memory_format=fmt), labels, device=device, bf16=bf16)
                 if device.type == "cuda":
                     step = _with(partial(tf32, prec == "fp32 tf32"), step)
@@ -378,11 +392,11 @@ def benchmark_stage(
         if extra and ckpt_net is not None:
             ckpt_net.load_state_dict(net.state_dict())
             out.append(Variant(model, f"{precisions[-1][0]} grad-ckpt", training_step(
-                stage, ckpt_net, torch.optim.AdamW(ckpt_net.parameters(), lr=1e-4), images, labels, device=device, bf16=native)))
+                stage, ckpt_net, optimizer(ckpt_net.parameters()), images, labels, device=device, bf16=native)))
         if compile:
             plain = copy.deepcopy(module)
             out.append(Variant(model, f"{precisions[-1][0]} compiled", training_step(
-                stage, plain, torch.optim.AdamW(plain.parameters(), lr=1e-4), images, labels, device=device, bf16=native,
+                stage, plain, optimizer(plain.parameters()), images, labels, device=device, bf16=native,
                 forward=torch.compile(plain))))
         return out
 

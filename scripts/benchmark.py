@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -128,7 +129,9 @@ def main() -> None:
         bench = benchmark_stage(stage, num_classes=args.num_classes, batch_size=batch, device=device, rounds=args.rounds,
                                 warmup=args.warmup, compile=args.compile, compare=not args.no_diffusers, ckpt_net=ckpt_net,
                                 sample=sampler_for(stage, name, sample_batch, args.num_classes, device, bf16=True),
-                                sample_batch=sample_batch, sample_steps=args.sample_steps, on_step=lambda: bar.update(1))
+                                sample_batch=sample_batch, sample_steps=args.sample_steps,
+                                optimizer=partial(instantiate(cfg.trainer.optimizer), lr=float(cfg.trainer.lr)),
+                                on_step=lambda: bar.update(1))
         bar.close()
         results.append(bench)
         s = bench.summary()
