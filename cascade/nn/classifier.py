@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cascade.nn.layers import AttentionPool2d, GroupNorm32, TimestepEmbedding, attention_num_heads, batch_vector
@@ -65,6 +66,6 @@ class EncoderClassifier(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         """Logits (B, num_classes) of p_φ(y | x_t, t) for x_t (B, in_channels, resolution, resolution), t (B,)."""
-        emb = self.time_embed(batch_vector(t, x_t.shape[0]))  # (B, E)
+        emb = F.silu(self.time_embed(batch_vector(t, x_t.shape[0])))  # (B, E): every block's projection input
         h, _ = self.encoder(x_t, emb)  # (B, C_mid, r, r)
         return self.pool(self.norm(h, act=True))  # (B, num_classes)

@@ -171,10 +171,12 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """x: (B, C_in, H, W); emb: (B, emb_channels) SiLU of the conditioning embedding. ADM's per-block
+        projection starts with that SiLU; the networks apply it once for all their blocks."""
         h = self.in_norm(x, act=True)  # (B, C_in, H, W) SiLU(GN(x))
         h = self.in_conv(self.resample(h))  # (B, C_out, H', W')
         x = self.resample(x)  # (B, C_in, H', W')
-        e = self.emb_proj(F.silu(emb))  # (B, 2·C_out or C_out)
+        e = self.emb_proj(emb)  # (B, 2·C_out or C_out); emb is already SiLU(embedding)
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)  # (B, C_out) each
             h = self.out_norm(h, scale, shift, act=True)  # SiLU(GN(h)·(1 + scale) + shift)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cascade.nn.layers import (
@@ -103,6 +104,7 @@ class UNetEncoder(nn.Module):
         self.downsampling = 2 ** (levels - 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """x: (B, in_channels, H, W); emb: (B, E) SiLU of the conditioning embedding (see :class:`ResBlock`)."""
         if x.shape[-2] % self.downsampling or x.shape[-1] % self.downsampling:
             raise ValueError(f"spatial size {tuple(x.shape[-2:])} must be divisible by {self.downsampling}")
         h = self.input_conv(x)  # (B, C_0, H, W)
@@ -222,7 +224,7 @@ class UNet(nn.Module):
         Returns:
             (B, out_channels, H, W).
         """
-        emb = self.embed(t, x_t.shape[0], class_labels, aug_level)  # (B, E)
+        emb = F.silu(self.embed(t, x_t.shape[0], class_labels, aug_level))  # (B, E): every block's projection input
         _expect("lowres", lowres, self.lowres_channels > 0)
         if lowres is not None:
             if lowres.shape[1] != self.lowres_channels or lowres.shape[-2:] != x_t.shape[-2:]:
