@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from cascade.device import bf16_autocast, native_bf16
+from cascade.nn.native import group_norm_kernels
 from cascade.train import Stage, accumulate_gradients
 
 __all__ = [
@@ -325,7 +326,9 @@ class StageBench:
         out: dict[str, float] = {}
         pairs = [("bf16 (vs fp32)", "bf16", "fp32"), ("channels-last (bf16)", "bf16 channels-last", "bf16"),
                  ("channels-last (fp32)", "fp32 channels-last", "fp32"), ("grad checkpointing (bf16)", "bf16 grad-ckpt", "bf16"),
-                 ("torch.compile (bf16)", "bf16 compiled", "bf16"), ("tf32 (vs fp32)", "fp32 tf32", "fp32")]
+                 ("torch.compile (bf16)", "bf16 compiled", "bf16"),
+                 ("torch.compile (bf16 channels-last)", "bf16 channels-last compiled", "bf16 channels-last"),
+                 ("tf32 (vs fp32)", "fp32 tf32", "fp32")]
         for model in ("ours", "diffusers"):
             for label, a, b in pairs:
                 va, vb = self.find(model, a), self.find(model, b)
@@ -394,10 +397,12 @@ def benchmark_stage(
             out.append(Variant(model, f"{precisions[-1][0]} grad-ckpt", training_step(
                 stage, ckpt_net, optimizer(ckpt_net.parameters()), images, labels, device=device, bf16=native)))
         if compile:
-            plain = copy.deepcopy(module)
-            out.append(Variant(model, f"{precisions[-1][0]} compiled", training_step(
-                stage, plain, optimizer(plain.parameters()), images, labels, device=device, bf16=native,
-                forward=torch.compile(plain))))
+            group_norm_kernels()  # as the trainer does: traced norms use the C++ kernel only if it is loaded
+            for fmt_name, fmt in (("", torch.contiguous_format), (" channels-last", torch.channels_last)):
+                plain = copy.deepcopy(module).to(memory_format=fmt)
+                out.append(Variant(model, f"{precisions[-1][0]}{fmt_name} compiled", training_step(
+                    stage, plain, optimizer(plain.parameters()), images.contiguous(memory_format=fmt), labels, device=device,
+                    bf16=native, forward=torch.compile(plain))))
         return out
 
     variants = variants_of("ours", net, extra=True)

@@ -34,6 +34,7 @@ from cascade import faults
 from cascade.checkpoint import load_latest, prune_checkpoints, remove_temporaries, rng_state, save_checkpoint, set_rng_state
 from cascade.data.order import SeededItems, StepBatchSampler
 from cascade.device import bf16_autocast
+from cascade.nn.native import group_norm_kernels
 from cascade.plots import plot_loss_curve, read_metrics
 
 __all__ = ["Stage", "Trainer", "count_parameters", "StepBatchSampler"]
@@ -198,6 +199,8 @@ class Trainer:
         ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else None
         model = ddp or net
         if self.compile:  # compile after wrapping (DDP-aware graph breaks); ``net`` stays the plain module for EMA and state_dict
+            if device.type == "cpu" and self.channels_last:
+                group_norm_kernels()  # traced norms use the C++ GroupNorm kernel only if it is loaded before tracing
             model = torch.compile(model)
         per_rank = self.batch_size // world_size
         loader = DataLoader(

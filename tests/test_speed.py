@@ -218,6 +218,42 @@ def test_unet_channels_last_bf16_is_as_close_to_float32_as_nchw_bf16(kernel: str
         assert (channels_last[part] - exact[part]).norm() <= 1.5 * reference_error
 
 
+def test_compiled_unet_traces_the_native_group_norm_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile of a channels-last bf16 U-Net runs its norms on the C++ kernels (as PyTorch operators with shape-only
+    versions for tracing) once they are loaded: the compiled output equals eager's exactly (aot_eager: the same ops);
+    the gradients too, up to the order in which the compiled backward sums them."""
+    from cascade.nn import UNet
+    from cascade.nn.native import group_norm_kernels
+
+    kernels = group_norm_kernels()
+    assert kernels is not None
+    calls = []
+    real_forward = kernels.forward
+    monkeypatch.setattr(kernels, "forward", lambda *args: calls.append(1) or real_forward(*args))
+    torch.manual_seed(0)
+    net = UNet(resolution=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+               head_channels=32, num_classes=3, dropout=0.0)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.1)
+    net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    t, y = torch.tensor([3, 700]), torch.tensor([0, 2])
+
+    def run(model: nn.Module, params: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, class_labels=y).float()
+        out.square().mean().backward()
+        return out, torch.cat([p.grad.flatten() for p in params.parameters()])
+
+    eager_net, compiled_net = copy.deepcopy(net), copy.deepcopy(net)
+    eager_out, eager_grads = run(eager_net, eager_net)
+    eager_calls = len(calls)
+    compiled_out, compiled_grads = run(torch.compile(compiled_net, backend="aot_eager"), compiled_net)
+    assert eager_calls >= 8 and len(calls) == 2 * eager_calls  # the compiled forward ran the same kernels
+    assert torch.equal(compiled_out, eager_out)
+    assert (compiled_grads - eager_grads).norm() / eager_grads.norm() < 1e-2
+
+
 def test_guidance_gradient_under_inference_mode_equals_plain() -> None:
     torch.manual_seed(0)
     clf = EncoderClassifier(resolution=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),

@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["group_norm_kernels", "native_kernels_enabled"]
+__all__ = ["group_norm_kernels", "loaded_group_norm_kernels", "native_kernels_enabled"]
 
 SOURCES = Path(__file__).resolve().parent / "csrc"
 
@@ -32,6 +32,17 @@ ARCH_FLAGS = {
 }
 
 
+_loaded_group_norm: ModuleType | None = None  # set once group_norm_kernels() has built or loaded the library
+
+
+def loaded_group_norm_kernels() -> ModuleType | None:
+    """The library if :func:`group_norm_kernels` has loaded it in this process, else None; never builds anything.
+
+    For code traced by ``torch.compile``, which must decide without side effects whether the kernels exist.
+    """
+    return _loaded_group_norm
+
+
 def native_kernels_enabled() -> bool:
     """False when the environment variable ``CASCADE_NATIVE_KERNELS`` is ``0`` (use PyTorch ops only)."""
     return os.environ.get("CASCADE_NATIVE_KERNELS", "1") != "0"
@@ -40,6 +51,7 @@ def native_kernels_enabled() -> bool:
 @functools.cache
 def group_norm_kernels() -> ModuleType | None:
     """The compiled ``group_norm_act.cpp`` (functions ``forward`` and ``backward``), or None where it cannot be built."""
+    global _loaded_group_norm
     if not native_kernels_enabled():
         return None
     level = torch.backends.cpu.get_cpu_capability()
@@ -53,9 +65,10 @@ def group_norm_kernels() -> ModuleType | None:
 
         _put_ninja_on_path()
         _announce_first_build(cpp_extension, name, level)
-        return cpp_extension.load(name=name, sources=[str(SOURCES / "group_norm_act.cpp")],
-                                  extra_cflags=["-O3", "-fopenmp", *ARCH_FLAGS.get(level, [])], extra_ldflags=["-fopenmp"],
-                                  verbose=False)
+        _loaded_group_norm = cpp_extension.load(name=name, sources=[str(SOURCES / "group_norm_act.cpp")],
+                                                extra_cflags=["-O3", "-fopenmp", *ARCH_FLAGS.get(level, [])],
+                                                extra_ldflags=["-fopenmp"], verbose=False)
+        return _loaded_group_norm
     except Exception as error:  # any build failure means: use PyTorch's ops
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         warnings.warn(f"cascade: the C++ GroupNorm kernel could not be built ({first_line[:200]}); using PyTorch ops, "
