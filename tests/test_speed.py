@@ -182,22 +182,30 @@ def test_native_kernels_fall_back_to_torch_ops(monkeypatch: pytest.MonkeyPatch) 
         assert native.group_norm_kernels.__wrapped__() is None
 
 
+def _small_unet() -> nn.Module:
+    """A 16px U-Net with every parameter drawn from N(0, 0.1²) (no zero-initialised layers: every path carries signal)."""
+    from cascade.nn import UNet
+
+    torch.manual_seed(0)
+    net = UNet(resolution=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+               head_channels=32, num_classes=3, dropout=0.0)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.1)
+    return net
+
+
 @pytest.mark.parametrize("kernel", ["native", "torch"])
 def test_unet_channels_last_bf16_is_as_close_to_float32_as_nchw_bf16(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole U-Net with every norm on a channels-last kernel: its bf16 output and gradients are no further from
     the float32 network's than PyTorch's own bf16 (NCHW) path is."""
-    from cascade.nn import UNet, group_norm
+    from cascade.nn import group_norm
 
     _use_kernel(kernel, monkeypatch)
     function = group_norm._NativeGroupNormAct if kernel == "native" else group_norm._ChannelsLastGroupNormAct
     kernel_calls = []
     real_apply = function.apply
     monkeypatch.setattr(function, "apply", lambda *args: kernel_calls.append(1) or real_apply(*args))
-    torch.manual_seed(0)
-    net = UNet(resolution=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
-               head_channels=32, num_classes=3, dropout=0.0)
-    for p in net.parameters():  # no zero-initialised layers: every path carries signal
-        nn.init.normal_(p, std=0.1)
+    net = _small_unet()
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([0, 2])
 
     def run(fmt: torch.memory_format, bf16: bool) -> torch.Tensor:
@@ -222,7 +230,6 @@ def test_compiled_unet_traces_the_native_group_norm_kernels(monkeypatch: pytest.
     """torch.compile of a channels-last bf16 U-Net runs its norms on the C++ kernels (as PyTorch operators with shape-only
     versions for tracing) once they are loaded: the compiled output equals eager's exactly (aot_eager: the same ops);
     the gradients too, up to the order in which the compiled backward sums them."""
-    from cascade.nn import UNet
     from cascade.nn.native import group_norm_kernels
 
     kernels = group_norm_kernels()
@@ -230,12 +237,7 @@ def test_compiled_unet_traces_the_native_group_norm_kernels(monkeypatch: pytest.
     calls = []
     real_forward = kernels.forward
     monkeypatch.setattr(kernels, "forward", lambda *args: calls.append(1) or real_forward(*args))
-    torch.manual_seed(0)
-    net = UNet(resolution=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
-               head_channels=32, num_classes=3, dropout=0.0)
-    for p in net.parameters():
-        nn.init.normal_(p, std=0.1)
-    net = net.to(memory_format=torch.channels_last)
+    net = _small_unet().to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     t, y = torch.tensor([3, 700]), torch.tensor([0, 2])
 
