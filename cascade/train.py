@@ -198,9 +198,11 @@ class Trainer:
 
         ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else None
         model = ddp or net
+        if device.type == "cpu" and self.channels_last:
+            # Build or load the C++ GroupNorm kernel now: its one-time build message then comes before the progress bar,
+            # and torch.compile traces norms onto it only if it is loaded before tracing.
+            group_norm_kernels()
         if self.compile:  # compile after wrapping (DDP-aware graph breaks); ``net`` stays the plain module for EMA and state_dict
-            if device.type == "cpu" and self.channels_last:
-                group_norm_kernels()  # traced norms use the C++ GroupNorm kernel only if it is loaded before tracing
             model = torch.compile(model)
         per_rank = self.batch_size // world_size
         loader = DataLoader(
