@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from cascade import faults
 from cascade.checkpoint import load_latest, prune_checkpoints, remove_temporaries, rng_state, save_checkpoint, set_rng_state
 from cascade.data.order import SeededItems, StepBatchSampler
-from cascade.device import bf16_autocast
+from cascade.device import bf16_autocast, native_bf16
 from cascade.nn.native import group_norm_kernels
 from cascade.plots import plot_loss_curve, read_metrics
 
@@ -198,8 +198,8 @@ class Trainer:
 
         ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else None
         model = ddp or net
-        if device.type == "cpu" and self.channels_last:
-            # Build or load the C++ GroupNorm kernel now: its one-time build message then comes before the progress bar,
+        if device.type == "cpu" and self.channels_last and self.bf16 and native_bf16(device):
+            # Channels-last bf16 norms run on the C++ GroupNorm kernel: build or load it now: its one-time build message then comes before the progress bar,
             # and torch.compile traces norms onto it only if it is loaded before tracing.
             group_norm_kernels()
         if self.compile:  # compile after wrapping (DDP-aware graph breaks); ``net`` stays the plain module for EMA and state_dict

@@ -5,7 +5,7 @@
 Runs, and prints, the very commands a user would type:
 ``scripts/train_stage.py stage=<base|classifier|sr256|sr1024> preset=tiny`` (into runs/<stage>),
 then ``scripts/cascade_sample.py``. A stage already trained to its last step is reused, not
-retrained, so running the demo again only samples. About 11.5 minutes on 2 CPU cores (12.5 with the install).
+retrained, so running the demo again only samples. About 10 minutes on 2 CPU cores (11 with the install).
 """
 
 from __future__ import annotations

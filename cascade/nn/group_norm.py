@@ -12,9 +12,9 @@ kernel is about 10× slower in bf16 than its NCHW one. Here a bf16 channels-last
 (B, HW, C) rows and normalised by C++ kernels (``csrc/group_norm_act.cpp``, built on first use by
 :mod:`cascade.nn.native`) in four memory passes, forward and backward, so that the whole network can
 stay channels-last. On 2 CPU cores, GN + scale-shift + SiLU forward and backward on (16, 64, 64, 64):
-6.8 ms, against 8 ms for PyTorch's NCHW kernels, 13 ms for the same algorithm in PyTorch ops (the
-fallback where no compiler is at hand, for fp16 and under ``torch.compile``) and 45 ms for PyTorch's
-channels-last kernels. Everything else (CUDA, NCHW, float32) takes PyTorch's kernels.
+4.9 ms, against 8 ms for PyTorch's NCHW kernels, 13 ms for the same algorithm in PyTorch ops (the
+fallback where the C++ kernels cannot be built, and for fp16) and 45 ms for PyTorch's channels-last
+kernels. Everything else (CUDA, NCHW, float32) takes PyTorch's kernels.
 
 Precision: each channel is shifted by one of its own values and group means are formed relative to
 one channel's shift, so the statistics are float32 sums of centred values and never suffer the
@@ -227,8 +227,8 @@ def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _ChannelsLastGroupNormAct(torch.autograd.Function):
-    """The same function in PyTorch ops on (B, HW, C) rows: where the C++ kernels are unavailable, for fp16, and
-    under ``torch.compile`` (which traces it). About twenty memory passes against the C++ kernels' four.
+    """The same function in PyTorch ops on (B, HW, C) rows, where the C++ kernels are unavailable (under
+    ``torch.compile``: not loaded before tracing) and for fp16. About twenty memory passes against their four.
 
     d = x − K_c with K_c channel c's mean rounded to x's dtype (any shift is exact here); the output and
     the backward are those of :class:`_NativeGroupNormAct`, with z saved instead of recomputed.

@@ -1,8 +1,8 @@
 """Building blocks of the ADM U-Net (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image
 Synthesis", appendix A) and its noisy classifier.
 
-Every block works on (B, C, H, W) feature maps; the ones that are conditioned take the
-(B, emb_channels) time/class/augmentation embedding as a second argument. Channel counts
+Every block works on (B, C, H, W) feature maps; the ones that are conditioned take SiLU of the
+(B, emb_channels) time/class/augmentation embedding as a second argument (applied once per network). Channel counts
 must be multiples of the group-norm group count (32 by default). Every norm goes through
 :func:`~cascade.nn.group_norm.group_norm_act` (GN, ADM's scale-shift and SiLU in one call).
 """

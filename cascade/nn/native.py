@@ -4,7 +4,8 @@ The only one so far is ``csrc/group_norm_act.cpp``: GroupNorm, ADM's scale-shift
 passes over channels-last maps (see :mod:`cascade.nn.group_norm`). Building takes ~25 s once per CPU type;
 the library is cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and reused
 by later processes. Where it cannot be built (no C++ compiler, a compiler without OpenMP such as Apple's
-clang, or ``CASCADE_NATIVE_KERNELS=0``) every caller falls back to PyTorch ops with a one-line warning.
+clang) every caller falls back to PyTorch ops after a one-line warning; ``CASCADE_NATIVE_KERNELS=0`` does so
+silently.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 // (B, N, C) rows (N = H·W, channels innermost). Four memory passes do the work that takes PyTorch's
 // eager ops about twenty: one for the statistics, one for the output, and two in the backward pass. The
 // backward recomputes z from x instead of storing it in the forward pass; its first pass writes
-// dz = grad·SiLU'(z) (bf16) for the second, so SiLU's exponential and division run once per pass, not
-// twice. Everything is float32 inside; bf16 is rounded once, to nearest even, on the way out. The
-// small per-(b, c) algebra (group statistics, coefficients) is done by the caller,
-// cascade/nn/group_norm.py, whose docstrings give the formulas.
+// dz = grad·SiLU'(z) (bf16) for the second, so SiLU's exponential and reciprocal run once per element of
+// each direction. Everything is float32 inside; bf16 is rounded once, to nearest even, on the way out.
+// The small per-(b, c) algebra (group statistics, AdaGN's coefficients and their gradients) runs here too,
+// in double; cascade/nn/group_norm.py holds the same formulas in PyTorch ops for its fallback.
 //
 // Work is split over (example, block of rows) items with ATen's thread pool; each item sums at most
 // kRowsPerItem rows in float32 and the items of an example are combined in double in a fixed order,
