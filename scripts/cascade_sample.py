@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from cascade.checkpoint import CheckpointError  # noqa: E402
-from cascade.cli import OneLineParser  # noqa: E402
-from cascade.device import resolve_device  # noqa: E402
-from cascade.sampling import SR_STAGES, CascadeRequest, run_cascade  # noqa: E402
-from cascade.samplers import SAMPLERS  # noqa: E402
+from cascade.training.checkpoint import CheckpointError  # noqa: E402
+from cascade.utils.cli import OneLineParser  # noqa: E402
+from cascade.utils.device import resolve_device  # noqa: E402
+from cascade.pipeline.job import SR_STAGES, CascadeRequest, run_cascade  # noqa: E402
+from cascade.diffusion.samplers import SAMPLERS  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cascade.yaml"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cascade.cli import OneLineParser  # noqa: E402
+from cascade.utils.cli import OneLineParser  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parent
 STAGES = ("base", "classifier", "sr256", "sr1024")

@@ -18,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
-from cascade.checkpoint import CheckpointError, load_stage  # noqa: E402
-from cascade.cli import OneLineParser  # noqa: E402
+from cascade.training.checkpoint import CheckpointError, load_stage  # noqa: E402
+from cascade.utils.cli import OneLineParser  # noqa: E402
 from cascade.data import class_index  # noqa: E402
-from cascade.device import resolve_device  # noqa: E402
-from cascade.samplers import SAMPLERS  # noqa: E402
+from cascade.utils.device import resolve_device  # noqa: E402
+from cascade.diffusion.samplers import SAMPLERS  # noqa: E402
 from stages.upsampler import UpsamplerStage, load_image, super_resolve  # noqa: E402
 
 

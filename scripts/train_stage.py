@@ -24,9 +24,9 @@ from omegaconf.errors import MissingMandatoryValue
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cascade.checkpoint import CheckpointError  # noqa: E402
-from cascade.device import resolve_device  # noqa: E402
-from cascade.faults import TrainingDiverged  # noqa: E402
+from cascade.training.checkpoint import CheckpointError  # noqa: E402
+from cascade.utils.device import resolve_device  # noqa: E402
+from cascade.training.faults import TrainingDiverged  # noqa: E402
 
 BAD_INPUT = (ValueError, CheckpointError, FileNotFoundError)
 

@@ -16,11 +16,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.utils import make_grid, save_image
 
-from cascade.denoiser import ModelFn, VarianceType, network_model_fn
-from cascade.guidance import classifier_free_guidance, classifier_guidance, classifier_log_prob
-from cascade.losses import DiffusionLoss
-from cascade.samplers import SamplerName, get_sampler
-from cascade.schedules import NoiseSchedule, Spacing, check_same_schedule, respace
+from cascade.diffusion.denoiser import ModelFn, VarianceType, network_model_fn
+from cascade.diffusion.guidance import classifier_free_guidance, classifier_guidance, classifier_log_prob
+from cascade.diffusion.losses import DiffusionLoss
+from cascade.diffusion.samplers import SamplerName, get_sampler
+from cascade.diffusion.schedules import NoiseSchedule, Spacing, check_same_schedule, respace
 
 __all__ = ["BaseStage", "default_spacing", "check_same_schedule"]
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from cascade.diffusion import q_sample
-from cascade.metrics import accuracy_by_noise_level
-from cascade.plots import plot_bars
-from cascade.schedules import NoiseSchedule
+from cascade.diffusion.process import q_sample
+from cascade.evaluation.metrics import accuracy_by_noise_level
+from cascade.utils.plots import plot_bars
+from cascade.diffusion.schedules import NoiseSchedule
 
 __all__ = ["ClassifierStage"]
 

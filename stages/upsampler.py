@@ -41,13 +41,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.utils import make_grid, save_image
 
-from cascade.denoiser import VarianceType
-from cascade.diffusion import q_sample
-from cascade.losses import DiffusionLoss
-from cascade.metrics import highfreq_energy, super_resolution_metrics  # re-exported: the report's metrics
-from cascade.resize import UpsampleMode, downsample, upsample  # re-exported: the stage's low-res making
-from cascade.samplers import SamplerName
-from cascade.schedules import NoiseSchedule, Spacing
+from cascade.diffusion.denoiser import VarianceType
+from cascade.diffusion.process import q_sample
+from cascade.diffusion.losses import DiffusionLoss
+from cascade.evaluation.metrics import highfreq_energy, super_resolution_metrics  # re-exported: the report's metrics
+from cascade.data.resize import UpsampleMode, downsample, upsample  # re-exported: the stage's low-res making
+from cascade.diffusion.samplers import SamplerName
+from cascade.diffusion.schedules import NoiseSchedule, Spacing
 from stages.base import BaseStage
 
 __all__ = [
@@ -160,7 +160,7 @@ class UpsamplerStage(BaseStage):
         preview_steps: int = 25,  # its number of steps
         preview_images: int = 4,  # held-out images in the report (grid rows)
         preview_crop: int | None = None,  # report on aligned crops of this hi-res size (cheap 1024px reports on CPU)
-        lowres_prior: Callable[..., nn.Module] | None = None,  # e.g. cascade.preconditioning.LowresPrior (partial): skip around the low-res image
+        lowres_prior: Callable[..., nn.Module] | None = None,  # e.g. cascade.diffusion.preconditioning.LowresPrior (partial): skip around the low-res image
     ) -> None:
         super().__init__(net=net, schedule=schedule, objective=objective, name=name, resolution=resolution,
                          p_uncond=p_uncond, fixed_variance=fixed_variance, preview_sampler=preview_sampler,

@@ -12,9 +12,9 @@ import math
 import torch
 from torch import Tensor
 
-from cascade.denoiser import ModelOutput
-from cascade.diffusion import at
-from cascade.schedules import NoiseSchedule
+from cascade.diffusion.denoiser import ModelOutput
+from cascade.diffusion.process import at
+from cascade.diffusion.schedules import NoiseSchedule
 
 
 class GaussianMixture:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cascade.checkpoint import load_checkpoint
-from cascade.pipeline import Cascade, ChainError, StageSettings, check_chain, load
-from cascade.schedules import linear_schedule
+from cascade.training.checkpoint import load_checkpoint
+from cascade.pipeline.orchestrator import Cascade, ChainError, StageSettings, check_chain, load
+from cascade.diffusion.schedules import linear_schedule
 from tests.helpers import run_script
 
 CPU = torch.device("cpu")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from cascade.denoiser import ModelOutput, network_model_fn
-from cascade.diffusion import (
+from cascade.diffusion.denoiser import ModelOutput, network_model_fn
+from cascade.diffusion.process import (
     discretized_gaussian_log_likelihood,
     eps_from_x0,
     model_log_variance,
@@ -22,9 +22,9 @@ from cascade.diffusion import (
     x0_eps_from_prediction,
     x0_from_eps,
 )
-from cascade.losses import DiffusionLoss
-from cascade.samplers import sample_ddim, sample_ddpm
-from cascade.schedules import (
+from cascade.diffusion.losses import DiffusionLoss
+from cascade.diffusion.samplers import sample_ddim, sample_ddpm
+from cascade.diffusion.schedules import (
     NoiseSchedule,
     cosine_schedule,
     linear_schedule,
@@ -267,7 +267,7 @@ def test_samplers_are_reproducible_and_respect_the_generator():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_samplers_run_on_cuda():
-    from cascade.samplers import sample_dpmpp_2m
+    from cascade.diffusion.samplers import sample_dpmpp_2m
 
     schedule = respace(SCHEDULES["cosine"], 10)
     model_fn = lambda x, t, **_: ModelOutput(eps=0.3 * x)  # noqa: E731

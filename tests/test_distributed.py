@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cascade.checkpoint import load_checkpoint
+from cascade.training.checkpoint import load_checkpoint
 from cascade.data import ShapesDataset
 from cascade.data.order import StepBatchSampler
 from cascade.nn import UNet
-from cascade.train import accumulate_gradients, micro_batch_seed
+from cascade.training.trainer import accumulate_gradients, micro_batch_seed
 from tests.helpers import ROOT, SMOKE, STAGE_SMOKE
 
 

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from cascade import features as features_module
-from cascade.evaluate import classification_accuracy_score, json_ready, reference_classifier, select_level
-from cascade.features import FeatureError, InceptionFeatures, inception_weights, tiles
-from cascade.fid import fid, frechet_distance, inception_score, knn_radii, precision_recall
-from cascade.metrics import psnr, ssim, super_resolution_metrics, topk_accuracy
-from cascade.resize import downsample
-from cascade.sampling import CascadeRequest
-from cascade.tuned import read_tuned, tuned_path, write_tuned
+from cascade.evaluation import features as features_module
+from cascade.evaluation.evaluate import classification_accuracy_score, json_ready, reference_classifier, select_level
+from cascade.evaluation.features import FeatureError, InceptionFeatures, inception_weights, tiles
+from cascade.evaluation.fid import fid, frechet_distance, inception_score, knn_radii, precision_recall
+from cascade.evaluation.metrics import psnr, ssim, super_resolution_metrics, topk_accuracy
+from cascade.data.resize import downsample
+from cascade.pipeline.job import CascadeRequest
+from cascade.evaluation.tuned import read_tuned, tuned_path, write_tuned
 from tests.helpers import CONFIGS, run_script
 
 CPU = torch.device("cpu")

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cascade.checkpoint import (
+from cascade.training.checkpoint import (
     CheckpointError,
     checkpoint_paths,
     load_checkpoint,
@@ -34,8 +34,8 @@ from cascade.checkpoint import (
 )
 from cascade.data import ImageFolderDataset
 from cascade.data.order import SeededItems, StepBatchSampler
-from cascade.faults import TrainingDiverged
-from cascade.train import Trainer
+from cascade.training.faults import TrainingDiverged
+from cascade.training.trainer import Trainer
 from tests.helpers import ROOT, run_script
 
 # --- a one-layer stage for in-process runs -----------------------------------------------------------

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade.guidance import classifier_free_guidance, classifier_guidance
-from cascade.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m
-from cascade.schedules import cosine_schedule, linear_schedule, respace
+from cascade.diffusion.guidance import classifier_free_guidance, classifier_guidance
+from cascade.diffusion.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m
+from cascade.diffusion.schedules import cosine_schedule, linear_schedule, respace
 from tests.mixture import GaussianMixture, MixtureModel
 
 NUM_SAMPLES = 3000

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
-from cascade.checkpoint import load_checkpoint
+from cascade.training.checkpoint import load_checkpoint
 from cascade.data import ShapesDataset
-from cascade.guidance import classifier_log_prob, log_prob_gradient
+from cascade.diffusion.guidance import classifier_log_prob, log_prob_gradient
 from cascade.nn import EncoderClassifier
 from cascade.nn.layers import GroupNorm32
 from tests.helpers import ROOT, SMOKE, STAGE_SMOKE, compose_train
@@ -305,7 +305,7 @@ def test_trainer_compile_trains_the_same_and_saves_plain_keys(tmp_path, monkeypa
 @pytest.mark.parametrize("stage_name", ["base", "sr256", "sr1024"])
 def test_diffusers_twin_matches_parameter_count(stage_name: str, preset: str) -> None:
     pytest.importorskip("diffusers")
-    from cascade.benchmark import diffusers_twin, unet_kwargs
+    from cascade.tools.benchmark import diffusers_twin, unet_kwargs
 
     stage = instantiate(compose_train([f"stage={stage_name}", f"preset={preset}"]).stage)
     with torch.device("meta"):
@@ -321,7 +321,7 @@ def test_diffusers_twin_matches_parameter_count(stage_name: str, preset: str) ->
 
 def test_diffusers_twin_trains_through_the_stage_loss() -> None:
     pytest.importorskip("diffusers")
-    from cascade.benchmark import diffusers_twin, unet_kwargs
+    from cascade.tools.benchmark import diffusers_twin, unet_kwargs
 
     stage = instantiate(compose_train(["stage=sr256", "preset=tiny"]).stage)
     params = sum(p.numel() for p in stage.build(num_classes=10).parameters())

@@ -12,9 +12,9 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from cascade.checkpoint import load_checkpoint, load_stage
+from cascade.training.checkpoint import load_checkpoint, load_stage
 from cascade.nn import EncoderClassifier, UNet
-from cascade.schedules import cosine_schedule, linear_schedule
+from cascade.diffusion.schedules import cosine_schedule, linear_schedule
 from stages.base import BaseStage, check_same_schedule
 from stages.classifier import ClassifierStage
 from tests.helpers import PRESETS, STAGES, compose_train, run_script, train

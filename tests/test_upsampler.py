@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from PIL import Image
 
-from cascade.checkpoint import load_checkpoint, load_stage
-from cascade.losses import DiffusionLoss
+from cascade.training.checkpoint import load_checkpoint, load_stage
+from cascade.diffusion.losses import DiffusionLoss
 from cascade.nn import UNet
 from cascade.nn.layers import AttentionBlock, ResBlock
-from cascade.preconditioning import LowresPrior
-from cascade.schedules import linear_schedule
+from cascade.diffusion.preconditioning import LowresPrior
+from cascade.diffusion.schedules import linear_schedule
 from stages.upsampler import (
     UpsamplerStage,
     CROP_CONTEXT,

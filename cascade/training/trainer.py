@@ -30,12 +30,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cascade import faults
-from cascade.checkpoint import load_latest, prune_checkpoints, remove_temporaries, rng_state, save_checkpoint, set_rng_state
+from cascade.training import faults
+from cascade.training.checkpoint import load_latest, prune_checkpoints, remove_temporaries, rng_state, save_checkpoint, set_rng_state
 from cascade.data.order import SeededItems, StepBatchSampler
-from cascade.device import bf16_autocast, native_bf16
+from cascade.utils.device import bf16_autocast, native_bf16
 from cascade.nn.native import group_norm_kernels
-from cascade.plots import plot_loss_curve, read_metrics
+from cascade.utils.plots import plot_loss_curve, read_metrics
 
 __all__ = ["Stage", "Trainer", "count_parameters", "StepBatchSampler"]
 
@@ -115,7 +115,7 @@ class Trainer:
 
         Keywords: ``run_dir``, ``config``, ``seed``, ``device``, ``val_data``. SIGTERM/SIGINT
         end the run cleanly after a checkpoint (``"stopped_by"`` in the result names the
-        signal); see :mod:`cascade.faults` and README "Reliability".
+        signal); see :mod:`cascade.training.faults` and README "Reliability".
         """
         with faults.StopRequest(f"[{stage.name}] ") as stop, contextlib.ExitStack() as cleanup:
             return self._fit(stage, dataset, stop=stop, cleanup=cleanup, **kwargs)

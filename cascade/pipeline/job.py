@@ -1,7 +1,7 @@
 """The sampling job behind ``scripts/cascade_sample.py``: settings, stage selection, outputs, ``cascade.json``.
 
 Settings are merged in layers: ``configs/cascade.yaml`` ← the tuned settings an evaluation sweep
-wrote beside a stage's checkpoint (``<ckpt>.tuned.json``, :mod:`cascade.tuned`) ← a replayed
+wrote beside a stage's checkpoint (``<ckpt>.tuned.json``, :mod:`cascade.evaluation.tuned`) ← a replayed
 ``cascade.json`` (``--replay``) ← the flags given; ``cascade.json`` records where each upsampler's
 augmentation level came from. A stage whose *default* checkpoint is absent ends the cascade
 at the previous resolution (with a note); a checkpoint that was asked for by path must exist.
@@ -23,8 +23,8 @@ from hydra.utils import instantiate
 from torchvision.utils import save_image
 
 from cascade.data import class_index
-from cascade.pipeline import Cascade, LoadedStage, StageSettings, load
-from cascade.tuned import read_tuned, tuned_path
+from cascade.pipeline.orchestrator import Cascade, LoadedStage, StageSettings, load
+from cascade.evaluation.tuned import read_tuned, tuned_path
 
 __all__ = ["SR_STAGES", "StageRequest", "CascadeRequest", "run_cascade", "file_sha256", "strip"]
 
@@ -266,7 +266,7 @@ def run_cascade(request: CascadeRequest, device: torch.device, *, progress: bool
     record = {
         "command": request.argv, "class": {"index": label, "name": class_name}, "num": request.num, "seed": request.seed,
         **described, "torch": torch.__version__, "notes": notes, "out": str(out), "files": files,
-        "seeding": "stage j, batch b: torch.Generator(device).manual_seed(cascade.pipeline.stage_seed(seed, j, b))",
+        "seeding": "stage j, batch b: torch.Generator(device).manual_seed(cascade.pipeline.orchestrator.stage_seed(seed, j, b))",
     }
     (out / "cascade.json").write_text(json.dumps(record, indent=2))
     return record

@@ -1,6 +1,6 @@
 """The orchestrator: chains stage checkpoints in memory, base → (augment → upsampler)* (CDM, Ho et al. 2021, §3).
 
-Every stage is rebuilt from its checkpoint alone (:func:`~cascade.checkpoint.load_stage`).
+Every stage is rebuilt from its checkpoint alone (:func:`~cascade.training.checkpoint.load_stage`).
 :func:`check_chain` says everything that keeps the stages from forming one cascade;
 :meth:`Cascade.sample` then runs the 64px base (classifier and/or classifier-free guidance),
 noise-augments its output at the chosen level and super-resolves it, stage after stage,
@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from cascade.checkpoint import CheckpointError, load_stage
-from cascade.device import bf16_autocast
-from cascade.samplers import SAMPLERS, SamplerName
-from cascade.schedules import check_same_schedule
+from cascade.training.checkpoint import CheckpointError, load_stage
+from cascade.utils.device import bf16_autocast
+from cascade.diffusion.samplers import SAMPLERS, SamplerName
+from cascade.diffusion.schedules import check_same_schedule
 
 __all__ = ["StageSettings", "LoadedStage", "ChainError", "Cascade", "check_chain", "check_settings", "stage_seed"]
 

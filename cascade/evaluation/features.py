@@ -1,4 +1,4 @@
-"""Feature extractors for FID, precision/recall and IS (:mod:`cascade.fid`).
+"""Feature extractors for FID, precision/recall and IS (:mod:`cascade.evaluation.fid`).
 
 Two kinds, named in every report:
 
@@ -8,7 +8,7 @@ Two kinds, named in every report:
   299px inside the network as in TensorFlow. The weights download once into the torch hub
   cache on a connected machine, or load from a file given with ``features_path``.
 * ``classifier``: a classifier trained on the same data set — a reference timm network
-  (:func:`cascade.metrics.train_reference_classifier`; its pre-logits features) or a noisy
+  (:func:`cascade.evaluation.metrics.train_reference_classifier`; its pre-logits features) or a noisy
   classifier checkpoint evaluated at t = 0 (its attention-pooled features). For offline use
   and small data sets, whose images Inception's ImageNet features describe poorly. Numbers
   are comparable only between runs with the same feature network.

@@ -4,10 +4,10 @@ Every sampler has the signature
 ``sampler(model_fn, x_T, schedule, *, cond=None, generator=None, progress=True) -> x_0``
 (plus its own keyword options), walks ``schedule`` from its last step to its first, and
 ends on the clean sample (ᾱ_{−1} = 1). Respacing is simply passing a respaced schedule.
-Guidance is applied by wrapping ``model_fn`` (see :mod:`cascade.guidance`); samplers never
+Guidance is applied by wrapping ``model_fn`` (see :mod:`cascade.diffusion.guidance`); samplers never
 know about it. They run under ``torch.inference_mode`` (no autograd bookkeeping at all);
 classifier guidance takes its input gradient by stepping out of it for that one call
-(:func:`cascade.guidance.log_prob_gradient`).
+(:func:`cascade.diffusion.guidance.log_prob_gradient`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cascade.denoiser import ModelFn
-from cascade.diffusion import model_log_variance, x0_from_eps
-from cascade.schedules import NoiseSchedule
+from cascade.diffusion.denoiser import ModelFn
+from cascade.diffusion.process import model_log_variance, x0_from_eps
+from cascade.diffusion.schedules import NoiseSchedule
 
 __all__ = ["SamplerName", "SAMPLERS", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "get_sampler"]
 

@@ -41,6 +41,7 @@ __all__ = [
     "load_checkpoint",
     "load_latest",
     "load_stage",
+    "upgrade_targets",
     "checkpoint_paths",
     "payload_digest",
     "prune_checkpoints",
@@ -213,6 +214,37 @@ def set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator, de
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+# Modules that moved when the flat ``cascade/`` became layered packages. Checkpoints written before
+# name their constructors (``_target_``) by the old paths; loading maps them to the new ones.
+MOVED_MODULES = {
+    "cascade.schedules": "cascade.diffusion.schedules",
+    "cascade.diffusion": "cascade.diffusion.process",
+    "cascade.denoiser": "cascade.diffusion.denoiser",
+    "cascade.losses": "cascade.diffusion.losses",
+    "cascade.samplers": "cascade.diffusion.samplers",
+    "cascade.guidance": "cascade.diffusion.guidance",
+    "cascade.preconditioning": "cascade.diffusion.preconditioning",
+    "cascade.resize": "cascade.data.resize",
+    "cascade.train": "cascade.training.trainer",
+    "cascade.checkpoint": "cascade.training.checkpoint",
+    "cascade.pipeline": "cascade.pipeline.orchestrator",
+}
+
+
+def upgrade_targets(config: Any) -> Any:
+    """``config`` with every ``_target_`` that names a moved module rewritten to the module's new path."""
+    if isinstance(config, dict):
+        upgraded = {key: upgrade_targets(value) for key, value in config.items()}
+        target = upgraded.get("_target_")
+        if isinstance(target, str):
+            module, _, name = target.rpartition(".")
+            upgraded["_target_"] = f"{MOVED_MODULES.get(module, module)}.{name}"
+        return upgraded
+    if isinstance(config, list):
+        return [upgrade_targets(value) for value in config]
+    return config
+
+
 def load_stage(path: str | Path, *, device: str | torch.device = "cpu", weights: str = "ema") -> tuple[Any, torch.nn.Module, dict[str, Any]]:
     """Rebuild a stage and its network from a checkpoint alone: (stage, net in eval mode, checkpoint).
 
@@ -222,6 +254,7 @@ def load_stage(path: str | Path, *, device: str | torch.device = "cpu", weights:
     from hydra.utils import instantiate  # local: keeps checkpoint I/O importable without hydra's start-up cost
 
     payload = load_checkpoint(path, map_location=device)
+    payload["config"] = upgrade_targets(payload["config"])
     stage = instantiate(payload["config"]["stage"])
     net = stage.build(num_classes=len(payload["class_names"]))
     net.load_state_dict(payload[weights])

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cascade.device import bf16_autocast
-from cascade.diffusion import q_sample
-from cascade.resize import downsample, upsample
-from cascade.schedules import NoiseSchedule
+from cascade.utils.device import bf16_autocast
+from cascade.diffusion.process import q_sample
+from cascade.data.resize import downsample, upsample
+from cascade.diffusion.schedules import NoiseSchedule
 
 __all__ = [
     "random_crops",
@@ -76,7 +76,7 @@ def train_reference_classifier(
     With ``crop`` each step sees one random ``crop``×``crop`` window of every image (so the
     network judges crops of large images). The initial weights and every draw come from
     ``seed``; the global RNG state is left as it was. ``bf16``: the forward pass under bf16
-    autocast where the hardware has it natively (:func:`~cascade.device.bf16_autocast`).
+    autocast where the hardware has it natively (:func:`~cascade.utils.device.bf16_autocast`).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """Gaussian diffusion mathematics: forward kernel, posterior, parameterisations, likelihood terms.
 
-All functions are pure. Positions ``k`` index a :class:`~cascade.schedules.NoiseSchedule`
+All functions are pure. Positions ``k`` index a :class:`~cascade.diffusion.schedules.NoiseSchedule`
 (for the full training schedule, k equals the training timestep t). Schedule values are
 kept in float64 and cast to the dtype of the tensors they meet.
 """
@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from cascade.schedules import NoiseSchedule
+from cascade.diffusion.schedules import NoiseSchedule
 
 __all__ = [
     "Parameterization",

@@ -13,8 +13,8 @@ from typing import Literal, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from cascade.diffusion import Parameterization, at, eps_from_x0, x0_eps_from_prediction
-from cascade.schedules import NoiseSchedule
+from cascade.diffusion.process import Parameterization, at, eps_from_x0, x0_eps_from_prediction
+from cascade.diffusion.schedules import NoiseSchedule
 
 __all__ = ["ModelOutput", "ModelFn", "VarianceType", "network_model_fn", "split_learned_variance"]
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from cascade.denoiser import split_learned_variance
-from cascade.diffusion import (
+from cascade.diffusion.denoiser import split_learned_variance
+from cascade.diffusion.process import (
     Parameterization,
     at,
     mean_flat,
@@ -22,7 +22,7 @@ from cascade.diffusion import (
     vlb_term,
     x0_eps_from_prediction,
 )
-from cascade.schedules import NoiseSchedule
+from cascade.diffusion.schedules import NoiseSchedule
 
 __all__ = ["DiffusionLoss"]
 

@@ -1,7 +1,7 @@
 """Distribution metrics over feature vectors: FID, precision/recall, Inception Score.
 
 Pure functions of (N, D) feature matrices (or (N, C) class probabilities); which network made
-the features is :mod:`cascade.features`' business. Computed in float64.
+the features is :mod:`cascade.evaluation.features`' business. Computed in float64.
 
 * **FID** (Heusel et al. 2017, eq. 6): the Fréchet distance between Gaussians fitted to the two
   feature sets, d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁^½ Σ₂ Σ₁^½)^½).

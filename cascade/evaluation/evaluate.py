@@ -1,7 +1,7 @@
 """Per-stage evaluation routines behind ``scripts/evaluate_stage.py``.
 
 Each routine takes a stage rebuilt from its checkpoint (told apart by what it can do, as in
-:mod:`cascade.pipeline`), writes PNGs into ``out_dir`` and returns a JSON-ready dict.
+:mod:`cascade.pipeline.orchestrator`), writes PNGs into ``out_dir`` and returns a JSON-ready dict.
 
 * classifier: held-out accuracy per t-bucket.
 * base: a guidance sweep (ADM §4, Fig. 4) — per (classifier scale, CFG scale) FID, IS and
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt  # Agg backend: set by cascade.plots, imported below
+import matplotlib.pyplot as plt  # Agg backend: set by cascade.utils.plots, imported below
 import timm
 import torch
 from torch import Tensor, nn
@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from cascade.device import bf16_autocast
-from cascade.features import FeatureExtractor, extract, tiles
-from cascade.fid import fid, inception_score, precision_recall
-from cascade.metrics import (
+from cascade.utils.device import bf16_autocast
+from cascade.evaluation.features import FeatureExtractor, extract, tiles
+from cascade.evaluation.fid import fid, inception_score, precision_recall
+from cascade.evaluation.metrics import (
     accuracy_by_noise_level,
     classify,
     random_crops,
@@ -44,8 +44,8 @@ from cascade.metrics import (
     topk_accuracy,
     train_reference_classifier,
 )
-from cascade.plots import plot_bars
-from cascade.resize import downsample, upsample
+from cascade.utils.plots import plot_bars
+from cascade.data.resize import downsample, upsample
 
 __all__ = [
     "FeatureSpace",
@@ -321,7 +321,7 @@ def aug_level_sweep(
     """Super-resolve ``num_images`` held-out images of ``data`` (at the stage resolution) at every augmentation level s.
 
     Inputs are the antialiased downsamples of the held-out images (their central aligned
-    ``crop`` when given: cheap 1024px evaluation on a CPU). Per level: :func:`~cascade.metrics.super_resolution_metrics`
+    ``crop`` when given: cheap 1024px evaluation on a CPU). Per level: :func:`~cascade.evaluation.metrics.super_resolution_metrics`
     (model and bicubic; means over batches) and FID / precision / recall of the outputs
     against the ground truth (tiles, :class:`FeatureSpace`); bicubic's FID once. Every level
     starts from the same seed. Writes ``sr_sweep.png`` and ``sr_samples.png``.

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from cascade.device import bf16_autocast, native_bf16
+from cascade.utils.device import bf16_autocast, native_bf16
 from cascade.nn.native import group_norm_kernels
-from cascade.train import Stage, accumulate_gradients
+from cascade.training.trainer import Stage, accumulate_gradients
 
 __all__ = [
     "Variant",
@@ -152,7 +152,7 @@ def training_step(
     bf16: bool,
     forward: nn.Module | None = None,
 ) -> Callable[[], None]:
-    """The trainer's step on one batch: zero grads, the stage's loss and backward (:func:`~cascade.train.accumulate_gradients`),
+    """The trainer's step on one batch: zero grads, the stage's loss and backward (:func:`~cascade.training.trainer.accumulate_gradients`),
     gradient clipping and the optimizer step. ``forward`` (e.g. a compiled ``net``) runs the network if given."""
     generator = torch.Generator(device)
 
@@ -173,7 +173,7 @@ def time_interleaved(variants: Sequence[Variant], *, rounds: int, warmup: int, d
     Peak memory (``Variant.peak_bytes``) is measured in one more, untimed, round first: on CPU
     :class:`PeakMemory` hands the allocator's free memory back to the OS, and the timed steps should
     not pay for faulting it in again (a training loop keeps it, see
-    :func:`~cascade.device.keep_freed_memory`).
+    :func:`~cascade.utils.device.keep_freed_memory`).
     """
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for v in variants:
@@ -375,7 +375,7 @@ def benchmark_stage(
     r = stage.resolution
     images = (torch.rand(batch_size, 3, r, r, generator=generator) * 2 - 1).to(device)  # (B, 3, R, R)
     labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)  # (B,)
-    native = native_bf16(device)  # else bf16 autocast is off (see cascade.device) and the bf16 variants would be fp32
+    native = native_bf16(device)  # else bf16 autocast is off (see cascade.utils.device) and the bf16 variants would be fp32
     precisions = [("fp32", False), ("bf16", True)] if native else [("fp32", False)]
     if device.type == "cuda":
         precisions.insert(1, ("fp32 tf32", False))

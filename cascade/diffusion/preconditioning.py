@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cascade.schedules import NoiseSchedule
+from cascade.diffusion.schedules import NoiseSchedule
 
 __all__ = ["LowresPrior", "gaussian_lowres_estimate"]
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cascade.denoiser import ModelFn, ModelOutput
-from cascade.diffusion import at, model_log_variance
-from cascade.schedules import NoiseSchedule
+from cascade.diffusion.denoiser import ModelFn, ModelOutput
+from cascade.diffusion.process import at, model_log_variance
+from cascade.diffusion.schedules import NoiseSchedule
 
 __all__ = [
     "LogProbFn",
