@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from cascade.diffusion.denoiser import ModelFn
 from cascade.diffusion.process import model_log_variance, x0_from_eps
 from cascade.diffusion.schedules import NoiseSchedule
+from cascade.utils.rng import Generator, randn
 
 __all__ = ["SamplerName", "SAMPLERS", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "get_sampler"]
 
@@ -35,8 +36,8 @@ def _steps(schedule: NoiseSchedule, x: Tensor, desc: str, progress: bool) -> Ite
         yield k, torch.full((x.shape[0],), int(schedule.timesteps[k]), device=x.device, dtype=torch.long)
 
 
-def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def _noise_like(x: Tensor, generator: Generator) -> Tensor:
+    return randn(x.shape, generator, device=x.device, dtype=x.dtype)
 
 
 @torch.inference_mode()
@@ -46,7 +47,7 @@ def sample_ddpm(
     schedule: NoiseSchedule,
     *,
     cond: Mapping[str, Tensor] | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     progress: bool = True,
 ) -> Tensor:
     """Ancestral sampling of p_θ(x_{t−1} | x_t) = N(μ̃(x_t, x̂_0), Σ) (Ho et al. 2020, Alg. 2).
@@ -80,7 +81,7 @@ def sample_ddim(
     *,
     eta: float = 0.0,
     cond: Mapping[str, Tensor] | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     progress: bool = True,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12): x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1−ᾱ_{t−1}−σ²) ε̂ + σ z.
@@ -110,7 +111,7 @@ def sample_dpmpp_2m(
     schedule: NoiseSchedule,
     *,
     cond: Mapping[str, Tensor] | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     progress: bool = True,
     lower_order_final: bool = True,
 ) -> Tensor:
