@@ -144,6 +144,34 @@ def test_attention_block_matches_naive_softmax() -> None:
     assert torch.allclose(block(x), expected, atol=1e-5)
 
 
+def test_legacy_attention_order_is_new_order_with_permuted_weights() -> None:
+    """ADM's legacy layout (per head [q, k, v]) is the new one ([Q_all, K_all, V_all]) with the qkv rows reordered."""
+    torch.manual_seed(0)
+    legacy = perturb_zero_init(AttentionBlock(64, head_channels=16, order="legacy"))  # 4 heads of 16
+    new = AttentionBlock(64, head_channels=16, order="new")
+    new.load_state_dict(legacy.state_dict())
+    rows = torch.arange(3 * 64).reshape(4, 3, 16).transpose(0, 1).reshape(-1)  # new row r ← legacy row rows[r]
+    with torch.no_grad():
+        new.qkv.weight.copy_(legacy.qkv.weight[rows])
+        new.qkv.bias.copy_(legacy.qkv.bias[rows])
+    x = torch.randn(2, 64, 5, 6)
+    assert torch.allclose(legacy(x), new(x), atol=1e-6)
+    new.load_state_dict(legacy.state_dict())  # the same weights read in the other order: another function
+    assert (legacy(x) - new(x)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="attention order"):
+        AttentionBlock(64, order="old")
+
+
+def test_null_class_row_and_fractional_multipliers() -> None:
+    with_null = UNet(**TINY, num_classes=10)
+    without = UNet(**TINY, num_classes=10, null_class=False)
+    assert with_null.class_embed.num_embeddings == 11 and without.class_embed.num_embeddings == 10
+    half = UNet(**{**TINY, "model_channels": 64, "channel_mult": (0.5, 1)})  # ADM 512px: first level at half width
+    assert half.encoder.input_conv.out_channels == 32 and half.encoder.out_channels == 64
+    with pytest.raises(ValueError, match="whole channel count"):
+        UNet(**{**TINY, "channel_mult": (0.3, 1)})
+
+
 def test_attention_pool_matches_naive_softmax() -> None:
     torch.manual_seed(0)
     pool = AttentionPool2d(4, 64, 10, num_heads=2)

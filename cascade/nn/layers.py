@@ -10,6 +10,7 @@ must be multiples of the group-norm group count (32 by default). Every norm goes
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,12 @@ __all__ = [
     "AttentionBlock",
     "AttentionPool2d",
     "EmbedSequential",
+    "AttentionOrder",
     "attention_num_heads",
     "batch_vector",
 ]
+
+AttentionOrder = Literal["new", "legacy"]
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -206,11 +210,23 @@ class AttentionBlock(nn.Module):
     ``torch.nn.functional.scaled_dot_product_attention``; ``proj`` is zero-initialised.
     The head count is ``channels // head_channels`` when ``head_channels`` is set, else
     ``num_heads`` (ADM ``num_head_channels`` semantics).
+
+    ``order`` is how the 3C channels of ``qkv`` split into queries, keys and values (ADM
+    ``unet.py``): ``"new"`` = [Q of all heads, K of all heads, V of all heads]
+    (``QKVAttention``, ADM's ``use_new_attention_order``); ``"legacy"`` = per head [q, k, v]
+    (``QKVAttentionLegacy``, the default of ADM's code and the layout of most of its released weights).
+    The two are the same function of differently arranged weights.
     """
 
-    def __init__(self, channels: int, *, num_heads: int = 1, head_channels: int | None = None, norm_groups: int = 32) -> None:
+    def __init__(
+        self, channels: int, *, num_heads: int = 1, head_channels: int | None = None, norm_groups: int = 32,
+        order: AttentionOrder = "new",
+    ) -> None:
         super().__init__()
+        if order not in ("new", "legacy"):
+            raise ValueError(f"unknown attention order {order!r}; use 'new' or 'legacy'")
         self.num_heads = attention_num_heads(channels, num_heads, head_channels)
+        self.order = order
         self.norm = GroupNorm32(channels, norm_groups)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv1d(channels, channels, 1))
@@ -219,8 +235,13 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)  # (B, C, T)
         qkv = self.qkv(self.norm(x))  # (B, 3C, T)
-        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, -1).transpose(-1, -2)  # (B, 3, heads, T, d)
-        q, k, v = qkv.unbind(1)  # (B, heads, T, d) each
+        d = c // self.num_heads
+        if self.order == "new":
+            qkv = qkv.reshape(b, 3, self.num_heads, d, -1).transpose(-1, -2)  # (B, 3, heads, T, d)
+            q, k, v = qkv.unbind(1)  # (B, heads, T, d) each
+        else:
+            qkv = qkv.reshape(b, self.num_heads, 3, d, -1).transpose(-1, -2)  # (B, heads, 3, T, d)
+            q, k, v = qkv.unbind(2)  # (B, heads, T, d) each
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d)
         h = h.transpose(-1, -2).reshape(b, c, -1)  # (B, C, T)
         return (x + self.proj(h)).reshape(b, c, *spatial)  # (B, C, H, W)
@@ -232,6 +253,8 @@ class AttentionPool2d(nn.Module):
     Flattens the (H, W) grid, prepends the mean token, adds a learned positional embedding,
     lets the mean token attend to all tokens (multi-head, SDPA) and projects it to
     ``out_channels``. The positional embedding fixes the input size to ``spatial`` × ``spatial``.
+    The q/k/v channels are always in ADM's "new" order ([Q_all, K_all, V_all]), as in ADM's
+    classifiers whatever the order of their attention blocks.
     """
 
     def __init__(self, spatial: int, channels: int, out_channels: int, *, num_heads: int) -> None:

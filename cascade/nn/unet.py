@@ -10,8 +10,10 @@ ResBlock at the end of every level but the last → GroupNorm–SiLU–zero conv
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 
 from cascade.nn.layers import (
     AttentionBlock,
+    AttentionOrder,
     Downsample,
     EmbedSequential,
     GroupNorm32,
@@ -29,7 +32,7 @@ from cascade.nn.layers import (
     zero_init,
 )
 
-__all__ = ["UNet", "UNetEncoder", "per_level", "attention_levels"]
+__all__ = ["UNet", "UNetEncoder", "EncoderOptions", "per_level", "attention_levels"]
 
 
 def per_level(num_res_blocks: int | Sequence[int], num_levels: int) -> list[int]:
@@ -47,6 +50,48 @@ def attention_levels(resolution: int, attention_resolutions: Sequence[int], num_
     return [resolution // 2**i in set(attention_resolutions) for i in range(num_levels)]
 
 
+@dataclass(frozen=True)
+class EncoderOptions:
+    """The layer settings the U-Net and the noisy classifier share (their constructors' keywords of these names).
+
+    ADM's flag names, where they differ, in brackets.
+    """
+
+    model_channels: int  # base width [num_channels / classifier_width]
+    channel_mult: Sequence[float]  # width multiplier per level; level widths int(model_channels · mult) (512px ADM: 0.5)
+    num_res_blocks: int | Sequence[int]  # ResBlocks per encoder level [num_res_blocks / classifier_depth]
+    attention_resolutions: Sequence[int]  # nominal resolutions with self-attention
+    num_heads: int  # attention heads, unless head_channels is set
+    head_channels: int | None  # channels per head; overrides num_heads [num_head_channels]
+    attention_order: AttentionOrder  # q/k/v channel layout: "new" or "legacy" [use_new_attention_order]
+    dropout: float  # ResBlock dropout
+    use_scale_shift_norm: bool  # adaptive group norm
+    resblock_updown: bool  # BigGAN up/down ResBlocks instead of plain conv resampling
+    grad_checkpointing: bool  # recompute blocks in the backward pass [use_checkpoint]
+    middle_attention: bool  # attention in the middle block
+    norm_groups: int  # group-norm groups (ADM: 32)
+
+    @classmethod
+    def pick(cls, keywords: Mapping[str, Any]) -> EncoderOptions:
+        """The options among a network constructor's keywords (its ``locals()``)."""
+        return cls(**{f.name: keywords[f.name] for f in fields(cls)})
+
+    def width(self, level: int) -> int:
+        """Channels of ``level``: int(model_channels · channel_mult[level]) (ADM)."""
+        channels = int(self.model_channels * self.channel_mult[level])
+        if channels < 1 or channels != self.model_channels * self.channel_mult[level]:
+            raise ValueError(f"model_channels {self.model_channels} × channel_mult {self.channel_mult[level]} is not a whole channel count")
+        return channels
+
+    def resblock(self, emb_channels: int) -> partial[ResBlock]:
+        return partial(ResBlock, emb_channels=emb_channels, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
+                       norm_groups=self.norm_groups)
+
+    def attention(self) -> partial[AttentionBlock]:
+        return partial(AttentionBlock, num_heads=self.num_heads, head_channels=self.head_channels, norm_groups=self.norm_groups,
+                       order=self.attention_order)
+
+
 class UNetEncoder(nn.Module):
     """The encoder half of the ADM U-Net: input conv, down levels and the middle block.
 
@@ -56,50 +101,37 @@ class UNetEncoder(nn.Module):
 
     def __init__(
         self,
+        options: EncoderOptions,
         *,
         resolution: int,  # nominal training resolution; fixes where attention goes
         in_channels: int,  # input conv channels (image + any concatenated conditioning)
-        model_channels: int,  # base width
         emb_channels: int,  # width of the conditioning embedding
-        channel_mult: Sequence[int],  # width multiplier per level
-        num_res_blocks: int | Sequence[int],  # ResBlocks per level
-        attention_resolutions: Sequence[int],  # resolutions with self-attention
-        num_heads: int,  # attention heads, unless head_channels is set
-        head_channels: int | None,  # channels per head; overrides num_heads
-        dropout: float,  # ResBlock dropout
-        use_scale_shift_norm: bool,  # adaptive group norm
-        resblock_updown: bool,  # BigGAN up/down ResBlocks instead of plain conv resampling
-        grad_checkpointing: bool,  # recompute blocks in the backward pass
-        middle_attention: bool = True,  # attention in the middle block
-        norm_groups: int = 32,  # group-norm groups (ADM: 32)
     ) -> None:
         super().__init__()
-        levels = len(channel_mult)
-        blocks = per_level(num_res_blocks, levels)
-        attention = attention_levels(resolution, attention_resolutions, levels)
+        o = options
+        levels = len(o.channel_mult)
+        blocks = per_level(o.num_res_blocks, levels)
+        attention = attention_levels(resolution, o.attention_resolutions, levels)
+        res, attn = o.resblock(emb_channels), o.attention()
 
-        res = partial(ResBlock, emb_channels=emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm,
-                      norm_groups=norm_groups)
-        attn = partial(AttentionBlock, num_heads=num_heads, head_channels=head_channels, norm_groups=norm_groups)
-
-        ch = model_channels * channel_mult[0]
+        ch = o.width(0)
         self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.skip_channels: list[int] = [ch]
         self.blocks = nn.ModuleList()
-        for level, mult in enumerate(channel_mult):
+        for level in range(levels):
             for _ in range(blocks[level]):
-                layers: list[nn.Module] = [res(ch, out_channels=model_channels * mult)]
-                ch = model_channels * mult
+                layers: list[nn.Module] = [res(ch, out_channels=o.width(level))]
+                ch = o.width(level)
                 if attention[level]:
                     layers.append(attn(ch))
-                self.blocks.append(EmbedSequential(*layers, grad_checkpointing=grad_checkpointing))
+                self.blocks.append(EmbedSequential(*layers, grad_checkpointing=o.grad_checkpointing))
                 self.skip_channels.append(ch)
             if level != levels - 1:
-                down = res(ch, down=True) if resblock_updown else Downsample(ch)
-                self.blocks.append(EmbedSequential(down, grad_checkpointing=grad_checkpointing))
+                down = res(ch, down=True) if o.resblock_updown else Downsample(ch)
+                self.blocks.append(EmbedSequential(down, grad_checkpointing=o.grad_checkpointing))
                 self.skip_channels.append(ch)
-        middle = [res(ch), attn(ch), res(ch)] if middle_attention else [res(ch), res(ch)]
-        self.middle = EmbedSequential(*middle, grad_checkpointing=grad_checkpointing)
+        middle = [res(ch), attn(ch), res(ch)] if o.middle_attention else [res(ch), res(ch)]
+        self.middle = EmbedSequential(*middle, grad_checkpointing=o.grad_checkpointing)
         self.out_channels = ch
         self.downsampling = 2 ** (levels - 1)
 
@@ -120,8 +152,9 @@ class UNet(nn.Module):
 
     The conditioning embedding is emb = MLP(sinusoid(t)) [+ class_embedding(y)]
     [+ MLP'(sinusoid(aug_level))] (ADM adds the class embedding to the time embedding; CDM /
-    Imagen embed the noise-augmentation level like t). Row ``num_classes`` of the class table
-    is the null class for classifier-free guidance (Ho & Salimans 2022). Upsamplers get the
+    Imagen embed the noise-augmentation level like t). With ``null_class`` (the default), row
+    ``num_classes`` of the class table is the null class for classifier-free guidance (Ho &
+    Salimans 2022); a network trained without label dropout (ADM's releases) has no such row. Upsamplers get the
     low-res image, already resized to x_t's size, concatenated on channels (CDM §3).
     The layer structure is fixed by ``resolution``; any input whose sides are divisible by
     2**(len(channel_mult) - 1) is accepted (Imagen trains the 1024px stage on 256px crops).
@@ -135,13 +168,15 @@ class UNet(nn.Module):
         out_channels: int = 3,  # 6 with learned variance (Improved DDPM)
         lowres_channels: int = 0,  # channels of the concatenated low-res conditioning; 0 = none
         model_channels: int = 192,  # base width
-        channel_mult: Sequence[int] = (1, 2, 3, 4),  # width multiplier per level
+        channel_mult: Sequence[float] = (1, 2, 3, 4),  # width multiplier per level (fractions allowed: ADM 512px 0.5)
         num_res_blocks: int | Sequence[int] = 3,  # ResBlocks per level (encoder; decoder has one more)
         attention_resolutions: Sequence[int] = (32, 16, 8),  # resolutions with self-attention
         num_heads: int = 4,  # attention heads, unless head_channels is set
         head_channels: int | None = 64,  # channels per attention head; overrides num_heads
+        attention_order: AttentionOrder = "new",  # q/k/v layout of the attention blocks (ADM: "new" or "legacy")
         dropout: float = 0.1,  # ResBlock dropout
-        num_classes: int | None = None,  # class-conditional with this many classes (+1 null row)
+        num_classes: int | None = None,  # class-conditional with this many classes
+        null_class: bool = True,  # one more class-table row, num_classes, for "no label" (classifier-free guidance)
         aug_level_embedding: bool = False,  # embed the noise-augmentation level (CDM / Imagen)
         use_scale_shift_norm: bool = True,  # adaptive group norm conditioning (ADM)
         resblock_updown: bool = True,  # BigGAN-style up/down ResBlocks (ADM)
@@ -150,46 +185,30 @@ class UNet(nn.Module):
         norm_groups: int = 32,  # group-norm groups (ADM: 32); fewer keep more channels per group in narrow nets
     ) -> None:
         super().__init__()
+        options = EncoderOptions.pick(locals())
         self.lowres_channels = lowres_channels
         self.num_classes = num_classes
+        self.null_class = null_class and num_classes is not None
         emb_channels = 4 * model_channels
         self.time_embed = TimestepEmbedding(model_channels, emb_channels)
-        self.class_embed = nn.Embedding(num_classes + 1, emb_channels) if num_classes is not None else None
+        self.class_embed = nn.Embedding(num_classes + int(null_class), emb_channels) if num_classes is not None else None
         self.aug_embed = TimestepEmbedding(model_channels, emb_channels) if aug_level_embedding else None
-
-        self.encoder = UNetEncoder(
-            resolution=resolution,
-            in_channels=in_channels + lowres_channels,
-            model_channels=model_channels,
-            emb_channels=emb_channels,
-            channel_mult=channel_mult,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_resolutions,
-            num_heads=num_heads,
-            head_channels=head_channels,
-            dropout=dropout,
-            use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown,
-            grad_checkpointing=grad_checkpointing,
-            middle_attention=middle_attention,
-            norm_groups=norm_groups,
-        )
+        self.encoder = UNetEncoder(options, resolution=resolution, in_channels=in_channels + lowres_channels, emb_channels=emb_channels)
 
         levels = len(channel_mult)
         blocks = per_level(num_res_blocks, levels)
         attention = attention_levels(resolution, attention_resolutions, levels)
-        res = partial(ResBlock, emb_channels=emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm,
-                      norm_groups=norm_groups)
+        res, attn = options.resblock(emb_channels), options.attention()
         skips = list(self.encoder.skip_channels)
         ch = self.encoder.out_channels
         self.decoder = nn.ModuleList()
         for level in reversed(range(levels)):
             for i in range(blocks[level] + 1):
-                c_out = model_channels * channel_mult[level]
+                c_out = options.width(level)
                 layers: list[nn.Module] = [res(ch + skips.pop(), out_channels=c_out)]
                 ch = c_out
                 if attention[level]:
-                    layers.append(AttentionBlock(ch, num_heads=num_heads, head_channels=head_channels, norm_groups=norm_groups))
+                    layers.append(attn(ch))
                 if level > 0 and i == blocks[level]:
                     layers.append(res(ch, up=True) if resblock_updown else Upsample(ch))
                 self.decoder.append(EmbedSequential(*layers, grad_checkpointing=grad_checkpointing))
@@ -218,7 +237,7 @@ class UNet(nn.Module):
         """Predict from x_t (B, in_channels, H, W) at timesteps t (B,).
 
         Args:
-            class_labels: (B,) long in [0, num_classes]; ``num_classes`` is the null class.
+            class_labels: (B,) long in [0, num_classes]; ``num_classes`` is the null class (if ``null_class``).
             lowres: (B, lowres_channels, H, W) low-res conditioning resized to x_t's size.
             aug_level: (B,) noise-augmentation level of ``lowres``, in timestep units.
         Returns:
