@@ -21,6 +21,7 @@ __all__ = [
     "schedule_from_betas",
     "spaced_timesteps",
     "logsnr_spaced_timesteps",
+    "adm_respacing",
     "Spacing",
     "respace",
     "check_same_schedule",
@@ -159,24 +160,78 @@ def logsnr_spaced_timesteps(schedule: NoiseSchedule, num_steps: int) -> Tensor:
     return schedule.timesteps[torch.tensor(positions)]
 
 
-Spacing = Literal["uniform", "logsnr"]
+def adm_respacing(num_train_steps: int, spec: str) -> Tensor:
+    """The training timesteps ADM keeps for a ``timestep_respacing`` string (ADM ``respace.py``, ``space_timesteps``).
+
+    * ``"ddimN"``: every s-th step from 0, with the smallest stride s that gives exactly N steps
+      (T = 1000: ``"ddim25"`` = 0, 40, …, 960; ``"ddim50"`` = 0, 20, …, 980).
+    * ``"N"`` or ``"N1,N2,…"``: T is cut into as many equal sections as counts are given (the
+      first T mod n one step longer); section i keeps N_i steps spaced by (size − 1)/(N_i − 1)
+      from its start, each position rounded half to even, both section ends included
+      (``"250"`` = 0, 4, 8, …, 999). ADM's 250-step ancestral sampling uses ``"250"``.
+
+    Returns the kept timesteps (K,) int64, increasing. A malformed string or one asking for
+    more steps than a section holds is a ValueError naming the fix.
+    """
+    text = spec.strip()
+    if text.startswith("ddim"):
+        try:
+            count = int(text[len("ddim"):])
+        except ValueError:
+            raise ValueError(f"respacing {spec!r}: write ddimN with an integer N, e.g. ddim25") from None
+        for stride in range(1, num_train_steps):
+            if len(range(0, num_train_steps, stride)) == count:
+                return torch.arange(0, num_train_steps, stride, dtype=torch.int64)
+        raise ValueError(f"respacing {spec!r}: no stride gives exactly {count} of {num_train_steps} steps; pick another N")
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"respacing {spec!r} is neither ddimN nor comma-separated step counts (e.g. '250' or '10,15,20')") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"respacing {spec!r}: every section needs at least one step")
+    base, longer = divmod(num_train_steps, len(counts))
+    kept: set[int] = set()
+    start = 0
+    for i, count in enumerate(counts):
+        size = base + (1 if i < longer else 0)
+        if count > size:
+            raise ValueError(f"respacing {spec!r}: section {i} has {size} steps, fewer than the {count} asked for")
+        stride = (size - 1) / (count - 1) if count > 1 else 1.0
+        position = 0.0  # accumulated like ADM, so that every rounding falls the same way
+        for _ in range(count):
+            kept.add(start + round(position))
+            position += stride
+        start += size
+    return torch.tensor(sorted(kept), dtype=torch.int64)
 
 
-def respace(schedule: NoiseSchedule, timesteps: Tensor | int, spacing: Spacing = "uniform") -> NoiseSchedule:
+Spacing = Literal["uniform", "logsnr", "adm", "stride"]
+
+
+def respace(schedule: NoiseSchedule, timesteps: Tensor | int | str, spacing: Spacing = "uniform") -> NoiseSchedule:
     """Keep a subset of ``schedule``'s steps (ADM ``respace.py``).
 
-    ``timesteps`` lists the training timesteps to keep, or is a number of steps spaced
-    ``uniform`` in t (both ends included) or in ``logsnr`` (:func:`logsnr_spaced_timesteps`).
+    ``timesteps`` lists the training timesteps to keep; or is a number of steps spaced
+    ``uniform`` in t (both ends included), in ``logsnr`` (:func:`logsnr_spaced_timesteps`), as
+    ADM's ``"N"`` (``adm``: its rounding differs from ``uniform`` for some N) or as ADM's
+    ``"ddimN"`` (``stride``); or is an ADM respacing string itself (:func:`adm_respacing`:
+    ``"250"``, ``"ddim25"``, ``"10,15,20"``), whatever ``spacing``.
 
     ᾱ at every kept step equals the original ᾱ there, and the kept steps' β are recomputed
     from ᾱ (see :class:`NoiseSchedule`), so the respaced chain is itself a valid diffusion.
     """
-    if isinstance(timesteps, int) and spacing == "uniform":
+    if isinstance(timesteps, str):
+        timesteps = adm_respacing(schedule.num_train_steps, timesteps)
+    elif isinstance(timesteps, int) and spacing == "uniform":
         timesteps = spaced_timesteps(schedule.num_train_steps, timesteps)
     elif isinstance(timesteps, int) and spacing == "logsnr":
         timesteps = logsnr_spaced_timesteps(schedule, timesteps)
+    elif isinstance(timesteps, int) and spacing in ("adm", "stride"):
+        if not 1 <= timesteps <= schedule.num_train_steps:
+            raise ValueError(f"num_steps must be in [1, {schedule.num_train_steps}], got {timesteps}")
+        timesteps = adm_respacing(schedule.num_train_steps, f"ddim{timesteps}" if spacing == "stride" else str(timesteps))
     elif isinstance(timesteps, int):
-        raise ValueError(f"unknown spacing {spacing!r}; use 'uniform' or 'logsnr'")
+        raise ValueError(f"unknown spacing {spacing!r}; use 'uniform', 'logsnr', 'adm' or 'stride'")
     timesteps = torch.unique(torch.as_tensor(timesteps, dtype=torch.int64))
     k = schedule.positions(timesteps)
     return NoiseSchedule(schedule.timesteps[k], schedule.alphas_cumprod[k])
