@@ -121,7 +121,8 @@ class UNet(nn.Module):
     The conditioning embedding is emb = MLP(sinusoid(t)) [+ class_embedding(y)]
     [+ MLP'(sinusoid(aug_level))] (ADM adds the class embedding to the time embedding; CDM /
     Imagen embed the noise-augmentation level like t). Row ``num_classes`` of the class table
-    is the null class for classifier-free guidance (Ho & Salimans 2022). Upsamplers get the
+    is the null class for classifier-free guidance (Ho & Salimans 2022); a network trained
+    without label dropout has no such row (``null_class=False``). Upsamplers get the
     low-res image, already resized to x_t's size, concatenated on channels (CDM §3).
     The layer structure is fixed by ``resolution``; any input whose sides are divisible by
     2**(len(channel_mult) - 1) is accepted (Imagen trains the 1024px stage on 256px crops).
@@ -141,7 +142,8 @@ class UNet(nn.Module):
         num_heads: int = 4,  # attention heads, unless head_channels is set
         head_channels: int | None = 64,  # channels per attention head; overrides num_heads
         dropout: float = 0.1,  # ResBlock dropout
-        num_classes: int | None = None,  # class-conditional with this many classes (+1 null row)
+        num_classes: int | None = None,  # class-conditional with this many classes (+1 null row with null_class)
+        null_class: bool = True,  # a null-class row (label num_classes) for classifier-free guidance
         aug_level_embedding: bool = False,  # embed the noise-augmentation level (CDM / Imagen)
         use_scale_shift_norm: bool = True,  # adaptive group norm conditioning (ADM)
         resblock_updown: bool = True,  # BigGAN-style up/down ResBlocks (ADM)
@@ -151,10 +153,10 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         self.lowres_channels = lowres_channels
-        self.num_classes = num_classes
+        self.num_classes, self.null_class = num_classes, null_class and num_classes is not None
         emb_channels = 4 * model_channels
         self.time_embed = TimestepEmbedding(model_channels, emb_channels)
-        self.class_embed = nn.Embedding(num_classes + 1, emb_channels) if num_classes is not None else None
+        self.class_embed = nn.Embedding(num_classes + int(null_class), emb_channels) if num_classes is not None else None
         self.aug_embed = TimestepEmbedding(model_channels, emb_channels) if aug_level_embedding else None
 
         self.encoder = UNetEncoder(
