@@ -24,6 +24,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from cascade.evaluation import previews  # noqa: E402
 from cascade.training.checkpoint import CheckpointError  # noqa: E402
 from cascade.utils.device import resolve_device  # noqa: E402
 from cascade.training.faults import TrainingDiverged  # noqa: E402
@@ -43,6 +44,7 @@ def main(cfg: DictConfig) -> None:
         # Global RNG: weight initialisation and dropout only; data order and diffusion noise have their own generators.
         torch.manual_seed(cfg.seed + int(os.environ.get("RANK", "0")))
         stage = instantiate(cfg.stage)
+        reporter = previews.bind(stage, instantiate(cfg.preview) if cfg.get("preview") is not None else None)
         dataset = instantiate(cfg.data.train, resolution=stage.resolution)
         val_data = instantiate(cfg.data.val, resolution=stage.resolution) if cfg.data.get("val") else None
         trainer = instantiate(cfg.trainer)
@@ -50,7 +52,8 @@ def main(cfg: DictConfig) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, Path(cfg.run_dir) / "config.yaml", resolve=True)
-        trainer.fit(stage, dataset, run_dir=cfg.run_dir, config=config, seed=cfg.seed, device=device, val_data=val_data)
+        trainer.fit(stage, dataset, run_dir=cfg.run_dir, config=config, seed=cfg.seed, device=device, val_data=val_data,
+                    reporter=reporter)
     except BAD_INPUT as error:
         fail(error, 2)
     except InstantiationException as error:  # hydra wraps what a constructor raised: report the cause

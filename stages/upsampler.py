@@ -34,21 +34,20 @@ from pathlib import Path
 from typing import NamedTuple
 
 import kornia
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import Dataset
-from torchvision.utils import make_grid, save_image
 
+from cascade.data.imagefolder import image_to_tensor
+from cascade.data.resize import UpsampleMode, central_crop, downsample, upsample  # re-exported: the stage's low-res making
 from cascade.diffusion.denoiser import VarianceType
-from cascade.diffusion.process import q_sample
 from cascade.diffusion.losses import DiffusionLoss
-from cascade.evaluation.metrics import highfreq_energy, super_resolution_metrics  # re-exported: the report's metrics
-from cascade.data.resize import UpsampleMode, downsample, upsample  # re-exported: the stage's low-res making
+from cascade.diffusion.process import q_sample
 from cascade.diffusion.samplers import SamplerName
 from cascade.diffusion.schedules import NoiseSchedule, Spacing
-from stages.base import BaseStage
+from cascade.roles import Upsampler
+from cascade.utils import rng
+from stages.core import DiffusionStage, SamplingOptions, network_classes
 
 __all__ = [
     "UpsampleMode",
@@ -59,8 +58,6 @@ __all__ = [
     "gaussian_blur",
     "random_crop_offsets",
     "windowed_crops",
-    "highfreq_energy",
-    "super_resolution_metrics",
     "load_image",
     "prepare_lowres",
     "super_resolve",
@@ -128,13 +125,13 @@ class TrainingInputs(NamedTuple):
 
     images: Tensor  # (B, 3, h, w) hi-res targets (crops when crop training)
     lowres: Tensor  # (B, 3, h, w) augmented low-res conditioning, resized up to the targets' size
-    aug_level: Tensor  # (B,) long noise-augmentation level s (timesteps of aug_schedule)
+    aug_level: Tensor | None  # (B,) long noise-augmentation level s (timesteps of aug_schedule); None without augmentation
     blurred: Tensor  # (B,) bool: blur augmentation applied
     offsets: Tensor | None  # (B, 2) low-res (top, left) of the crops; None without crop training
 
 
-class UpsamplerStage(BaseStage):
-    """Class-conditional super-resolution diffusion stage with noise and blur conditioning augmentation."""
+class UpsamplerStage(DiffusionStage, Upsampler):
+    """Super-resolution diffusion stage (any integer factor), with or without noise and blur conditioning augmentation."""
 
     def __init__(
         self,
@@ -142,39 +139,46 @@ class UpsamplerStage(BaseStage):
         net: Callable[..., nn.Module],  # U-Net constructor; resolution, classes, channels and conditioning filled in here
         schedule: NoiseSchedule,  # the training noise process of the hi-res image
         objective: DiffusionLoss,  # L_simple or hybrid, and the parameterisation
-        aug_schedule: NoiseSchedule,  # forward process used to corrupt the low-res conditioning
+        aug_schedule: NoiseSchedule | None = None,  # forward process corrupting the low-res conditioning (with augmentation)
         name: str = "sr256",  # stage name: checkpoints and run dirs carry it
         resolution: int = 256,  # output resolution
         lowres_resolution: int = 64,  # input resolution; resolution / lowres_resolution is the factor
-        class_conditional: bool = True,  # condition on the class (with a null class for CFG)
+        class_conditional: bool = True,  # condition on the class (with a null class for CFG when p_uncond > 0)
         p_uncond: float = 0.1,  # label dropout (CFG); unlabelled super-resolution uses the null class
         fixed_variance: VarianceType = "large",  # Σ at sampling when the variance is not learned
-        aug_max_level: int = 500,  # s_max: training levels s ~ U{0..s_max}, timesteps of aug_schedule
-        sample_aug_level: int = 50,  # the fixed s at sampling (≤ s_max); sweep it for the best result
+        noise_augmentation: bool = True,  # CDM noise conditioning augmentation; False: ADM's upsamplers (none, no level)
+        aug_max_level: int | None = None,  # s_max: training levels s ~ U{0..s_max}, timesteps of aug_schedule (default 500)
+        sample_aug_level: int | None = None,  # the fixed s at sampling (≤ s_max; default 50); sweep it for the best result
         lowres_upsample: UpsampleMode = "bicubic",  # how the conditioning is resized up to the output size
         blur_prob: float = 0.0,  # fraction of training examples whose low-res image is blurred
         blur_sigma: Sequence[float] = (0.4, 0.6),  # σ range of the blur, low-res pixels (CDM)
         blur_kernel_size: int | None = None,  # blur kernel side; None → 2·⌈3σ_max⌉ + 1
         crop_size: int | None = None,  # train on random aligned crops of this hi-res size; None → full images
-        preview_sampler: SamplerName = "dpmpp_2m",  # sampler of the periodic report grids
-        preview_steps: int = 25,  # its number of steps
-        preview_images: int = 4,  # held-out images in the report (grid rows)
-        preview_crop: int | None = None,  # report on aligned crops of this hi-res size (cheap 1024px reports on CPU)
         lowres_prior: Callable[..., nn.Module] | None = None,  # e.g. cascade.diffusion.preconditioning.LowresPrior (partial): skip around the low-res image
     ) -> None:
         super().__init__(net=net, schedule=schedule, objective=objective, name=name, resolution=resolution,
-                         p_uncond=p_uncond, fixed_variance=fixed_variance, preview_sampler=preview_sampler,
-                         preview_steps=preview_steps)
+                         class_conditional=class_conditional, p_uncond=p_uncond, fixed_variance=fixed_variance)
         if resolution % lowres_resolution or resolution // lowres_resolution < 2:
             raise ValueError(f"resolution {resolution} must be an integer multiple (≥ 2) of lowres_resolution {lowres_resolution}")
         self.factor = resolution // lowres_resolution
-        for what, size in (("crop_size", crop_size), ("preview_crop", preview_crop)):
-            if size is not None and (size % self.factor or not 0 < size <= resolution):
-                raise ValueError(f"{what}={size} must be a multiple of {self.factor} in (0, {resolution}]")
-        if not 0 <= aug_max_level < len(aug_schedule):
-            raise ValueError(f"aug_max_level must be a timestep of aug_schedule, 0..{len(aug_schedule) - 1}; got {aug_max_level}")
-        if not 0 <= sample_aug_level <= aug_max_level:
-            raise ValueError(f"sample_aug_level must be in 0..aug_max_level={aug_max_level} (the trained levels); got {sample_aug_level}")
+        if crop_size is not None and (crop_size % self.factor or not 0 < crop_size <= resolution):
+            raise ValueError(f"crop_size={crop_size} must be a multiple of {self.factor} in (0, {resolution}]")
+        if noise_augmentation:
+            if aug_schedule is None:
+                raise ValueError("noise_augmentation needs aug_schedule, the forward process that corrupts the low-res input")
+            aug_max_level = 500 if aug_max_level is None else aug_max_level
+            sample_aug_level = 50 if sample_aug_level is None else sample_aug_level
+            if not 0 <= aug_max_level < len(aug_schedule):
+                raise ValueError(f"aug_max_level must be a timestep of aug_schedule, 0..{len(aug_schedule) - 1}; got {aug_max_level}")
+            if not 0 <= sample_aug_level <= aug_max_level:
+                raise ValueError(f"sample_aug_level must be in 0..aug_max_level={aug_max_level} (the trained levels); "
+                                 f"got {sample_aug_level}")
+        else:
+            given = [k for k, v in (("aug_schedule", aug_schedule), ("aug_max_level", aug_max_level),
+                                    ("sample_aug_level", sample_aug_level), ("lowres_prior", lowres_prior)) if v is not None]
+            if given:
+                raise ValueError(f"noise_augmentation=false: the low-res input is never corrupted, so {', '.join(given)} "
+                                 "must not be set (remove them, or set noise_augmentation=true)")
         if not 0.0 <= blur_prob <= 1.0:
             raise ValueError(f"blur_prob must be in [0, 1], got {blur_prob}")
         sigma = tuple(float(s) for s in blur_sigma)
@@ -186,16 +190,15 @@ class UpsamplerStage(BaseStage):
         self.lowres_prior = lowres_prior
         if lowres_upsample not in ("bicubic", "bilinear", "nearest"):
             raise ValueError(f"unknown lowres_upsample {lowres_upsample!r}; use bicubic, bilinear or nearest")
-        self.aug_schedule = aug_schedule
-        self.lowres_resolution, self.class_conditional = lowres_resolution, class_conditional
+        self.aug_schedule, self.noise_augmentation = aug_schedule, noise_augmentation
+        self.lowres_resolution = lowres_resolution
         self.aug_max_level, self.sample_aug_level, self.lowres_upsample = aug_max_level, sample_aug_level, lowres_upsample
         self.blur_prob, self.blur_sigma = blur_prob, sigma
         self.blur_kernel_size = blur_kernel_size or 2 * math.ceil(3 * sigma[1]) + 1
-        self.crop_size, self.preview_images, self.preview_crop = crop_size, preview_images, preview_crop
+        self.crop_size = crop_size
 
     def net_kwargs(self, num_classes: int) -> dict[str, object]:
-        return {**super().net_kwargs(num_classes if self.class_conditional else None),
-                "lowres_channels": 3, "aug_level_embedding": True}
+        return {**super().net_kwargs(num_classes), "lowres_channels": 3, "aug_level_embedding": self.noise_augmentation}
 
     def precondition(self, net: nn.Module) -> nn.Module:
         """``net`` wrapped in ``lowres_prior`` (preconditioning around the conditioning image) when configured."""
@@ -205,26 +208,31 @@ class UpsamplerStage(BaseStage):
 
     # --- training ---
 
-    def conditioning(self, images: Tensor, k: Tensor, blur: Tensor, sigma: Tensor, generator: torch.Generator | None) -> Tensor:
+    def conditioning(
+        self, images: Tensor, k: Tensor | None, blur: Tensor, sigma: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
         """The training conditioning of hi-res images (B, 3, H, W): downsample → blur → q_sample at s → upsample.
 
-        ``k`` (B,): augmentation levels (positions in ``aug_schedule``); ``blur`` (B,) bool and
-        ``sigma`` (B,): which images are blurred and how much (low-res pixels). The noise ε is
-        drawn from ``generator``. Returns (B, 3, H, W).
+        ``k`` (B,): augmentation levels (positions in ``aug_schedule``; None without noise
+        augmentation: no corruption, no draw); ``blur`` (B,) bool and ``sigma`` (B,): which
+        images are blurred and how much (low-res pixels). The noise ε is drawn from
+        ``generator``. Returns (B, 3, H, W).
         """
         lowres = downsample(images, self.factor)  # (B, 3, h, w)
         lowres = gaussian_blur(lowres, blur, sigma, self.blur_kernel_size)  # (B, 3, h, w)
-        noise = torch.randn(lowres.shape, generator=generator, device=lowres.device)  # (B, 3, h, w)
-        z = q_sample(self.aug_schedule, lowres, k, noise)  # (B, 3, h, w) √ᾱ_s x_lr + √(1−ᾱ_s) ε
-        return upsample(z, self.factor, self.lowres_upsample)  # (B, 3, H, W)
+        if k is not None:
+            noise = torch.randn(lowres.shape, generator=generator, device=lowres.device)  # (B, 3, h, w)
+            lowres = q_sample(self.aug_schedule, lowres, k, noise)  # (B, 3, h, w) √ᾱ_s x_lr + √(1−ᾱ_s) ε
+        return upsample(lowres, self.factor, self.lowres_upsample)  # (B, 3, H, W)
 
     def training_inputs(self, images: Tensor, generator: torch.Generator | None) -> TrainingInputs:
         """Make a batch's targets and conditioning (:meth:`conditioning`), cropped when ``crop_size`` is set.
 
         ``images`` (B, 3, R, R) in [−1, 1] at the stage resolution. Computed in float32 even
-        under autocast. Random draws, in order: blur flags, blur σ, levels s, crop offsets, then ε
-        (per example when cropping: the conditioning of a crop is computed on a window around it,
-        see :func:`windowed_crops`, and equals the crop of the full image's conditioning).
+        under autocast. Random draws, in order: blur flags, blur σ, levels s (with noise
+        augmentation), crop offsets, then ε (per example when cropping: the conditioning of a
+        crop is computed on a window around it, see :func:`windowed_crops`, and equals the crop
+        of the full image's conditioning).
         """
         batch, device = images.shape[0], images.device
         with torch.autocast(device.type, enabled=False):
@@ -232,7 +240,9 @@ class UpsamplerStage(BaseStage):
             blur = torch.rand(batch, generator=generator, device=device) < self.blur_prob  # (B,)
             low, high = self.blur_sigma
             sigma = low + (high - low) * torch.rand(batch, generator=generator, device=device)  # (B,)
-            k = torch.randint(0, self.aug_max_level + 1, (batch,), generator=generator, device=device)  # (B,)
+            k = None
+            if self.noise_augmentation:
+                k = torch.randint(0, self.aug_max_level + 1, (batch,), generator=generator, device=device)  # (B,)
             offsets = None
             if self.crop_size is None:
                 cond = self.conditioning(images, k, blur, sigma, generator)  # (B, 3, R, R)
@@ -242,38 +252,43 @@ class UpsamplerStage(BaseStage):
                 context = CROP_CONTEXT + self.blur_kernel_size // 2
                 images, cond = windowed_crops(  # (B, 3, c, c) each
                     images, offsets, crop, f, context,
-                    lambda window, b: self.conditioning(window, k[b : b + 1], blur[b : b + 1], sigma[b : b + 1], generator))
-        aug_level = self.aug_schedule.timesteps.to(device)[k]  # (B,)
+                    lambda window, b: self.conditioning(window, None if k is None else k[b : b + 1], blur[b : b + 1],
+                                                        sigma[b : b + 1], generator))
+        aug_level = None if k is None else self.aug_schedule.timesteps.to(device)[k]  # (B,)
         return TrainingInputs(images, cond, aug_level, blur, offsets)
+
+    def _cond(self, lowres: Tensor, aug_level: Tensor | None) -> dict[str, Tensor]:
+        """The network's conditioning keywords: the low-res image and, with noise augmentation, its level."""
+        return {"lowres": lowres} if aug_level is None else {"lowres": lowres, "aug_level": aug_level}
 
     def loss(self, net: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
         """Per-example diffusion loss of the hi-res (crop) at uniformly drawn t, given the augmented low-res."""
         inputs = self.training_inputs(images, generator)
-        x0 = inputs.images  # (B, 3, h, w)
-        k = torch.randint(0, len(self.schedule), (x0.shape[0],), generator=generator, device=x0.device)  # (B,)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)  # (B, 3, h, w)
-        cond = {"lowres": inputs.lowres, "aug_level": inputs.aug_level}
-        if self.class_conditional:
-            cond["class_labels"] = self.drop_labels(labels, generator)
-        return self.objective(net, self.schedule, x0, k, noise, **cond)
+        return self.diffusion_loss(net, inputs.images, labels, generator, **self._cond(inputs.lowres, inputs.aug_level))
 
     # --- sampling ---
 
-    def sampling_condition(self, lowres: Tensor, aug_level: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def sampling_condition(self, lowres: Tensor, aug_level: int | None, generator: rng.Generator) -> tuple[Tensor, Tensor | None]:
         """The conditioning at sampling: ``lowres`` (B, 3, h, w) corrupted at the fixed level s, resized up.
 
-        No blur (blur is a training augmentation only). Returns (B, 3, f·h, f·w) and s (B,).
+        No blur (blur is a training augmentation only). Without noise augmentation the input is
+        only resized up (``aug_level`` must be None). Returns (B, 3, f·h, f·w) and s (B,) or None.
         """
-        if not 0 <= aug_level <= self.aug_max_level:
+        if not self.noise_augmentation:
+            if aug_level is not None:
+                raise ValueError(f"stage {self.name!r} was trained without noise conditioning augmentation: it takes no "
+                                 f"aug_level (got {aug_level}); leave it unset")
+            return upsample(lowres.float(), self.factor, self.lowres_upsample), None
+        if aug_level is None or not 0 <= aug_level <= self.aug_max_level:
             raise ValueError(f"aug_level must be in 0..{self.aug_max_level} (the levels this stage was trained on), got {aug_level}")
         batch, device = lowres.shape[0], lowres.device
         k = torch.full((batch,), int(aug_level), dtype=torch.long, device=device)  # (B,)
-        noise = torch.randn(lowres.shape, generator=generator, device=device)  # (B, 3, h, w)
+        noise = rng.randn(lowres.shape, generator, device=device)  # (B, 3, h, w)
         z = q_sample(self.aug_schedule, lowres.float(), k, noise)  # (B, 3, h, w)
         return upsample(z, self.factor, self.lowres_upsample), self.aug_schedule.timesteps.to(device)[k]
 
     @torch.no_grad()
-    def sample(  # type: ignore[override]  # an upsampler samples from a low-res image, not from labels alone
+    def sample(
         self,
         net: nn.Module,
         lowres: Tensor,
@@ -284,7 +299,7 @@ class UpsamplerStage(BaseStage):
         steps: int = 25,
         spacing: Spacing | None = None,
         cfg_scale: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: rng.Generator = None,
         progress: bool = True,
     ) -> Tensor:
         """Super-resolve ``lowres`` (B, 3, h, w) in [−1, 1] to (B, 3, f·h, f·w) in [−1, 1].
@@ -292,64 +307,35 @@ class UpsamplerStage(BaseStage):
         Any size works (the networks are convolutional; attention-free ones exactly as trained
         on crops). ``class_labels`` (B,): the classes; ``None`` on a class-conditional stage uses
         the null class (the unconditional model trained through ``p_uncond``). ``aug_level``:
-        the fixed noise-augmentation level s (default ``sample_aug_level``). Random draws, in
-        order: the augmentation noise, x_T, then the sampler's.
+        the fixed noise-augmentation level s (default ``sample_aug_level``; refused on a stage
+        without noise augmentation). Random draws (through :func:`cascade.utils.rng.randn`, per
+        image with :class:`~cascade.utils.rng.ImageGenerators`), in order: the augmentation
+        noise, x_T, then the sampler's.
         """
         if lowres.ndim != 4 or lowres.shape[1] != 3:
             raise ValueError(f"lowres must be a (B, 3, H, W) batch, got shape {tuple(lowres.shape)}")
-        s = self.sample_aug_level if aug_level is None else aug_level
-        cond_image, s_vec = self.sampling_condition(lowres, s, generator)  # (B, 3, H, W), (B,)
-        cond: dict[str, Tensor] = {"lowres": cond_image, "aug_level": s_vec}
+        if self.noise_augmentation and aug_level is None:
+            aug_level = self.sample_aug_level
+        cond_image, s_vec = self.sampling_condition(lowres, aug_level, generator)  # (B, 3, H, W), (B,) or None
+        cond = self._cond(cond_image, s_vec)
         batch = lowres.shape[0]
         if self.class_conditional:
             if class_labels is None:
-                class_labels = torch.full((batch,), self._num_classes(net), dtype=torch.long, device=lowres.device)  # null class
-            null = self._num_classes(net)
+                class_labels = torch.full((batch,), self.null_label(net), dtype=torch.long, device=lowres.device)  # null class
+            top = network_classes(net)
+            top = top if top is not None else 0
             if class_labels.shape != (batch,):
                 raise ValueError(f"class_labels must have shape ({batch},), got {tuple(class_labels.shape)}")
-            if bool(((class_labels < 0) | (class_labels > null)).any()):
-                raise ValueError(f"class labels must be in 0..{null - 1} (or {null}, the null class), got {class_labels.tolist()}")
+            last = top if self.null_class else top - 1
+            if bool(((class_labels < 0) | (class_labels > last)).any()):
+                null = f" (or {top}, the null class)" if self.null_class else ""
+                raise ValueError(f"class labels must be in 0..{top - 1}{null}, got {class_labels.tolist()}")
             cond["class_labels"] = class_labels.to(lowres.device)
         elif class_labels is not None:
             raise ValueError(f"stage {self.name!r} is not class-conditional; give no class")
-        x_T = torch.randn(cond_image.shape, generator=generator, device=lowres.device)  # (B, 3, H, W)
-        return self.run_sampler(net, x_T, cond, sampler=sampler, steps=steps, spacing=spacing, cfg_scale=cfg_scale,
-                                generator=generator, progress=progress)
-
-    # --- reporting ---
-
-    def report(
-        self, net: nn.Module, *, step: int, out_dir: Path, class_names: list[str], val_data: Dataset | None,
-        device: torch.device, generator: torch.Generator,
-    ) -> dict[str, float]:
-        """Super-resolve the first ``preview_images`` held-out images; save a grid and return metrics.
-
-        Grid rows: low-res input (nearest), bicubic, model output, ground truth, saved as
-        ``samples/step_NNNNNNN.png`` and ``samples/latest.png``. Metrics: see
-        :func:`super_resolution_metrics` (PSNR, SSIM, consistency, sharpness; model and bicubic).
-        """
-        if val_data is None or self.preview_images < 1:
-            return {}
-        n = min(self.preview_images, len(val_data))
-        items = [val_data[i] for i in range(n)]
-        hi = torch.stack([image for image, _ in items]).to(device)  # (n, 3, R, R)
-        labels = torch.tensor([int(label) for _, label in items], device=device)  # (n,)
-        lowres = downsample(hi, self.factor)  # (n, 3, r, r)
-        if self.preview_crop is not None:  # the central aligned crop: full-size sampling costs too much on a CPU
-            c = self.preview_crop // self.factor
-            y, x = (lowres.shape[-2] - c) // 2, (lowres.shape[-1] - c) // 2
-            lowres = lowres[..., y : y + c, x : x + c]
-            hi = hi[..., self.factor * y : self.factor * (y + c), self.factor * x : self.factor * (x + c)]
-        output = self.sample(net, lowres, labels if self.class_conditional else None, sampler=self.preview_sampler,
-                             steps=self.preview_steps, generator=generator, progress=False)
-        bicubic = upsample(lowres, self.factor, "bicubic").clamp(-1, 1)
-        nearest = upsample(lowres, self.factor, "nearest")
-        columns = torch.stack([nearest, bicubic, output, hi], dim=1).flatten(0, 1)  # (4n, 3, R, R) row-major
-        grid = make_grid((columns.float().cpu() + 1) / 2, nrow=4, padding=2, pad_value=1.0)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_image(grid, out_dir / f"step_{step:07d}.png")
-        save_image(grid, out_dir / "latest.png")
-        return super_resolution_metrics(output, hi, lowres, self.factor)
+        options = SamplingOptions(sampler=sampler, steps=steps, spacing=spacing, cfg_scale=cfg_scale, progress=progress)
+        x_T = rng.randn(cond_image.shape, generator, device=lowres.device)  # (B, 3, H, W)
+        return self.run_sampler(net, x_T, cond, options, generator)
 
 
 # --- Super-resolving a user's image -----------------------------------------------------------------
@@ -362,10 +348,9 @@ def load_image(path: str | Path) -> Tensor:
         raise FileNotFoundError(f"input image {path} does not exist")
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+            return image_to_tensor(image)
     except OSError as error:
         raise ValueError(f"cannot read {path} as an image ({error})") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def prepare_lowres(image: Tensor, size: int) -> tuple[Tensor, list[str]]:
@@ -378,8 +363,7 @@ def prepare_lowres(image: Tensor, size: int) -> tuple[Tensor, list[str]]:
     h, w = image.shape[-2:]
     if h != w:
         side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        image = image[:, top : top + side, left : left + side]
+        image = central_crop(image, side)
         notes.append(f"centre-cropped {w}x{h} to {side}x{side}")
     side = image.shape[-1]
     if side != size:

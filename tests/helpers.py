@@ -19,10 +19,10 @@ SMOKE = [
     "device=cpu",
 ]
 STAGE_SMOKE = {
-    "base": ["stage.preview_steps=2", "stage.preview_per_class=2", "stage.preview_max_classes=3"],
-    "classifier": ["stage.eval_images=8", "stage.eval_batch_size=8"],
-    "sr256": ["stage.preview_steps=2", "stage.preview_images=2"],
-    "sr1024": ["stage.preview_steps=2", "stage.preview_images=1"],
+    "base": ["preview.steps=2", "preview.per_class=2", "preview.max_classes=3"],
+    "classifier": ["preview.images=8", "preview.batch_size=8"],
+    "sr256": ["preview.steps=2", "preview.images=2"],
+    "sr1024": ["preview.steps=2", "preview.images=1"],
 }
 
 

@@ -320,8 +320,8 @@ E2E = [
     "trainer.ckpt_every=3", "trainer.log_every=1", "trainer.sample_every=1000", "trainer.num_workers=1",
     "data.train.size=64", "data.val.size=4", "stage.resolution=16", "stage.net.model_channels=8",
     "stage.net.channel_mult=[1,2]", "stage.net.attention_resolutions=[8]", "stage.net.head_channels=8",
-    "+stage.net.norm_groups=4", "stage.net.dropout=0.1", "stage.preview_steps=1", "stage.preview_per_class=1",
-    "stage.preview_max_classes=1",
+    "+stage.net.norm_groups=4", "stage.net.dropout=0.1", "preview.steps=1", "preview.per_class=1",
+    "preview.max_classes=1",
 ]
 
 

@@ -18,12 +18,12 @@ from cascade.nn import UNet
 from cascade.nn.layers import AttentionBlock, ResBlock
 from cascade.diffusion.preconditioning import LowresPrior
 from cascade.diffusion.schedules import linear_schedule
+from cascade.evaluation.metrics import highfreq_energy
 from stages.upsampler import (
     UpsamplerStage,
     CROP_CONTEXT,
     downsample,
     gaussian_blur,
-    highfreq_energy,
     prepare_lowres,
     upsample,
     windowed_crops,

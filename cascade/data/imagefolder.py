@@ -46,7 +46,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-__all__ = ["ImageFolderDataset", "adm_center_crop", "imagenet_class_names"]
+__all__ = ["ImageFolderDataset", "adm_center_crop", "image_to_tensor", "imagenet_class_names"]
 
 _SYNSET = re.compile(r"n\d{8}")
 _OK, _UNREADABLE, _SMALL_SKIPPED, _SMALL_UPSCALED = 0, 1, 2, 3  # per-file status codes
@@ -64,8 +64,8 @@ def adm_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def _to_tensor(image: Image.Image) -> Tensor:
-    """RGB PIL image → float32 (3, H, W) in [-1, 1]."""
+def image_to_tensor(image: Image.Image) -> Tensor:
+    """A PIL image → float32 RGB (3, H, W) in [−1, 1]."""
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
@@ -228,7 +228,7 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
         else:
             raise RuntimeError(f"{min(n, _MAX_SUBSTITUTES)} files in a row from {Path(self._folder.samples[index][0])} "
                                "cannot be used (see the warnings); check the data folder")
-        image = _to_tensor(adm_center_crop(image, self.resolution))  # (3, R, R)
+        image = image_to_tensor(adm_center_crop(image, self.resolution))  # (3, R, R)
         if self.flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return image, int(self._folder.samples[i][1])

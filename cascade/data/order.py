@@ -14,15 +14,15 @@ go or after a crash. Two things make that so:
 
 from __future__ import annotations
 
-import hashlib
 import random
-import struct
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from cascade.utils.rng import keyed_seed
 
 __all__ = ["StepBatchSampler", "SeededItems", "item_seed"]
 
@@ -61,8 +61,7 @@ class StepBatchSampler:
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed from a stable hash of (seed, epoch, index)."""
-    digest = hashlib.blake2b(struct.pack("<qqq", seed, epoch, index), digest_size=8, person=b"item-seed").digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+    return keyed_seed(b"item-seed", seed, epoch, index)
 
 
 class SeededItems(Dataset):

@@ -12,7 +12,7 @@ from typing import Literal
 import kornia
 from torch import Tensor
 
-__all__ = ["UpsampleMode", "downsample", "upsample"]
+__all__ = ["UpsampleMode", "downsample", "upsample", "central_crop"]
 
 UpsampleMode = Literal["bicubic", "bilinear", "nearest"]
 
@@ -31,3 +31,16 @@ def upsample(images: Tensor, factor: int, mode: UpsampleMode = "bicubic") -> Ten
     h, w = images.shape[-2:]
     return kornia.geometry.transform.resize(images, (factor * h, factor * w), interpolation=mode,
                                             align_corners=None if mode == "nearest" else False)
+
+
+def central_crop(images: Tensor, size: int, align: int = 1) -> Tensor:
+    """The central ``size``×``size`` window of (…, H, W) images, its offsets multiples of ``align``.
+
+    With ``align`` = f and ``size`` = f·c, the window is the hi-res partner of the central c×c
+    window of the f× downsampled image (:func:`downsample`): the same region at both resolutions.
+    """
+    h, w = images.shape[-2:]
+    if size > min(h, w) or size % align:
+        raise ValueError(f"a central {size}px crop (aligned to {align}) does not fit {h}x{w} images")
+    top, left = (h // align - size // align) // 2 * align, (w // align - size // align) // 2 * align
+    return images[..., top : top + size, left : left + size]

@@ -23,9 +23,7 @@ Structure at every scale, so each cascade stage has something to learn:
 from __future__ import annotations
 
 import colorsys
-import hashlib
 import math
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,6 +32,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from cascade.utils.rng import keyed_seed
 
 __all__ = ["ShapesDataset", "ShapeParams", "sample_shape_params", "render_shape", "SHAPE_CLASSES"]
 
@@ -91,11 +91,7 @@ def _generator_for(seed: int, split: Split, index: int) -> torch.Generator:
     """A generator seeded by a stable hash of (seed, split, index) — never the global RNG."""
     if split not in _SPLIT_IDS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    key = struct.pack("<qqq", seed, _SPLIT_IDS[split], index)
-    digest = hashlib.blake2b(key, digest_size=8, person=b"shapes-v1").digest()
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-    return g
+    return torch.Generator().manual_seed(keyed_seed(b"shapes-v1", seed, _SPLIT_IDS[split], index))
 
 
 def _luminance(c: RGB) -> float:

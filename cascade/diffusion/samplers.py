@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -22,12 +23,24 @@ from tqdm.auto import tqdm
 
 from cascade.diffusion.denoiser import ModelFn
 from cascade.diffusion.process import model_log_variance, x0_from_eps
-from cascade.diffusion.schedules import NoiseSchedule
+from cascade.diffusion.schedules import NoiseSchedule, Spacing
 from cascade.utils.rng import Generator, randn
 
-__all__ = ["SamplerName", "SAMPLERS", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "get_sampler"]
+__all__ = [
+    "SamplerName",
+    "GuidanceMode",
+    "SamplerSpec",
+    "REGISTRY",
+    "SAMPLERS",
+    "sample_ddpm",
+    "sample_ddim",
+    "sample_dpmpp_2m",
+    "get_sampler",
+    "sampler_spec",
+]
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
+GuidanceMode = Literal["mean", "eps"]  # how classifier guidance enters a step (cascade.diffusion.guidance)
 
 
 def _steps(schedule: NoiseSchedule, x: Tensor, desc: str, progress: bool) -> Iterator[tuple[int, Tensor]]:
@@ -149,16 +162,39 @@ def sample_dpmpp_2m(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "dpmpp_2m": sample_dpmpp_2m,
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What a sampler's name decides besides its function.
+
+    ``default_spacing``: the respacing used when the caller names none — uniform steps for
+    ancestral sampling (ADM's respacing, Nichol & Dhariwal §4), log-SNR steps for the ODE
+    solvers (Lu et al. 2022). ``guidance_mode``: how classifier guidance is applied — ADM's
+    shift of the Gaussian step's mean by sΣ∇ log p (Dhariwal & Nichol Alg. 1) for the ancestral
+    sampler, the ε-correction ε − s√(1−ᾱ)∇ log p (Alg. 2) for DDIM and DPM-Solver.
+    """
+
+    fn: Callable[..., Tensor]
+    default_spacing: Spacing
+    guidance_mode: GuidanceMode
+
+
+REGISTRY: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(sample_ddpm, default_spacing="uniform", guidance_mode="mean"),
+    "ddim": SamplerSpec(sample_ddim, default_spacing="logsnr", guidance_mode="eps"),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, default_spacing="logsnr", guidance_mode="eps"),
 }
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {name: spec.fn for name, spec in REGISTRY.items()}
+
+
+def sampler_spec(name: SamplerName) -> SamplerSpec:
+    """The registry entry of ``name``; an unknown name is a one-line error listing the choices."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(REGISTRY)}") from None
 
 
 def get_sampler(name: SamplerName) -> Callable[..., Tensor]:
     """The sampler function called ``name``; an unknown name is a one-line error listing the choices."""
-    try:
-        return SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
+    return sampler_spec(name).fn

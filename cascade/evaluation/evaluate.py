@@ -1,7 +1,6 @@
 """Per-stage evaluation routines behind ``scripts/evaluate_stage.py``.
 
-Each routine takes a stage rebuilt from its checkpoint (told apart by what it can do, as in
-:mod:`cascade.pipeline.orchestrator`), writes PNGs into ``out_dir`` and returns a JSON-ready dict.
+Each routine takes a stage rebuilt from its checkpoint, typed by its role (:mod:`cascade.roles`), writes PNGs into ``out_dir`` and returns a JSON-ready dict.
 
 * classifier: held-out accuracy per t-bucket.
 * base: a guidance sweep (ADM §4, Fig. 4) — per (classifier scale, CFG scale) FID, IS and
@@ -30,7 +29,6 @@ import timm
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from cascade.utils.device import bf16_autocast
@@ -44,8 +42,10 @@ from cascade.evaluation.metrics import (
     topk_accuracy,
     train_reference_classifier,
 )
-from cascade.utils.plots import plot_bars
-from cascade.data.resize import downsample, upsample
+from cascade.data.resize import central_crop, downsample, upsample
+from cascade.diffusion.schedules import NoiseSchedule
+from cascade.roles import Generator, NoisyClassifier, Upsampler
+from cascade.utils.plots import plot_bars, save_grid
 
 __all__ = [
     "FeatureSpace",
@@ -145,8 +145,7 @@ def distribution_metrics(real: Tensor, fake: Tensor, fake_probs: Tensor | None, 
 
 
 def _grid(images: Tensor, nrow: int, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid((images.float().cpu() + 1) / 2, nrow=nrow, padding=2, pad_value=1.0), path)
+    save_grid(images, nrow, path)
 
 
 def _to_uint8(images: Tensor) -> Tensor:
@@ -166,7 +165,7 @@ class _Uint8Images(Dataset):
         return self.images[index].float() / 127.5 - 1, int(self.labels[index])
 
 
-def _sample_base(stage: Any, net: nn.Module, labels: Tensor, *, setting: tuple[float, float], batch_size: int,
+def _sample_base(stage: Generator, net: nn.Module, labels: Tensor, *, setting: tuple[float, float], batch_size: int,
                  sample_kwargs: dict[str, Any], seed: int, device: torch.device, bf16: bool,
                  on_batch: Callable[[Tensor, Tensor], None], progress: bool, desc: str) -> None:
     """Sample ``labels`` (N,) batch by batch from one generator seeded with ``seed``; ``on_batch(images, labels)`` per batch."""
@@ -180,7 +179,7 @@ def _sample_base(stage: Any, net: nn.Module, labels: Tensor, *, setting: tuple[f
 
 
 def guidance_sweep(
-    stage: Any,
+    stage: Generator,
     net: nn.Module,
     *,
     reference: nn.Module,
@@ -189,7 +188,7 @@ def guidance_sweep(
     class_names: list[str],
     out_dir: Path,
     classifier: nn.Module | None = None,
-    classifier_schedule: Any = None,
+    classifier_schedule: NoiseSchedule | None = None,
     classifier_scales: Sequence[float] = (0.0,),
     cfg_scales: Sequence[float] = (1.0,),
     num_samples: int = 200,
@@ -300,7 +299,7 @@ def classification_accuracy_score(
 
 @torch.no_grad()
 def aug_level_sweep(
-    stage: Any,
+    stage: Upsampler,
     net: nn.Module,
     data: Dataset,
     *,
@@ -341,9 +340,7 @@ def aug_level_sweep(
         for batch in tqdm(batches, desc=f"s={s}", unit="batch", leave=False, disable=not progress):
             hi, labels = _images(data, batch)  # (b, 3, R, R)
             if crop is not None and crop < hi.shape[-1]:
-                c = crop // f
-                y = x = (hi.shape[-1] // f - c) // 2
-                hi = hi[..., f * y : f * (y + c), f * x : f * (x + c)]  # (b, 3, crop, crop) aligned with the low-res crop
+                hi = central_crop(hi, crop, align=f)  # (b, 3, crop, crop) aligned with the low-res crop
             lowres = downsample(hi, f)  # (b, 3, r, r)
             with bf16_autocast(device, bf16):
                 out = stage.sample(net, lowres.to(device), labels.to(device) if stage.class_conditional else None,
@@ -408,7 +405,7 @@ def plot_sr_sweep(sweep: dict[str, Any], chosen: int, metric: str, path: Path) -
     plt.close(fig)
 
 
-def classifier_noise_accuracy(stage: Any, net: nn.Module, data: Dataset, *, out_dir: Path, buckets: int, num_images: int,
+def classifier_noise_accuracy(stage: NoisyClassifier, net: nn.Module, data: Dataset, *, out_dir: Path, buckets: int, num_images: int,
                               device: torch.device, seed: int = 0) -> dict[str, Any]:
     """A noisy classifier's held-out accuracy per t-bucket (with a PNG bar chart)."""
     metrics = accuracy_by_noise_level(net, stage.schedule, data, buckets=buckets, num_images=num_images, batch_size=128,

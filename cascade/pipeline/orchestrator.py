@@ -1,14 +1,17 @@
-"""The orchestrator: chains stage checkpoints in memory, base → (augment → upsampler)* (CDM, Ho et al. 2021, §3).
+"""The orchestrator: chains stage checkpoints in memory, generator → (augment → upsampler)* (CDM, Ho et al. 2021, §3).
 
-Every stage is rebuilt from its checkpoint alone (:func:`~cascade.training.checkpoint.load_stage`).
-:func:`check_chain` says everything that keeps the stages from forming one cascade;
-:meth:`Cascade.sample` then runs the 64px base (classifier and/or classifier-free guidance),
-noise-augments its output at the chosen level and super-resolves it, stage after stage,
-batch by batch, handing tensors from stage to stage (files are only written by the caller).
+Every stage is rebuilt from its checkpoint alone (:func:`~cascade.training.checkpoint.load_stage`)
+and plays a role of :mod:`cascade.roles`. :func:`check_chain` says everything that keeps the
+stages from forming one cascade; :meth:`Cascade.sample` then runs the generator (classifier
+and/or classifier-free guidance), noise-augments its output at the chosen level and
+super-resolves it, stage after stage, batch by batch, handing tensors from stage to stage
+(files are only written by the caller).
 
-Randomness: stage j of batch b draws from its own ``torch.Generator`` seeded with
-``stage_seed(seed, j, b)``, so a stage's images do not depend on whether later stages run,
-and the same settings give bit-identical images on the same machine.
+Randomness: image i of stage j draws all its noise (x_T, the augmentation noise, the sampler's)
+from its own ``torch.Generator`` seeded with :func:`image_seed` (seed, j, i) — i the global
+index of the image — so an image does not depend on the batch size, on which other images are
+sampled with it (sharded sampling) or on whether later stages run, and the same settings give
+bit-identical images on the same machine.
 """
 
 from __future__ import annotations
@@ -22,32 +25,34 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from cascade.diffusion.samplers import REGISTRY, SamplerName
+from cascade.diffusion.schedules import check_same_schedule
+from cascade.roles import Generator, NoisyClassifier, Role, Upsampler
 from cascade.training.checkpoint import CheckpointError, load_stage
 from cascade.utils.device import bf16_autocast
-from cascade.diffusion.samplers import SAMPLERS, SamplerName
-from cascade.diffusion.schedules import check_same_schedule
+from cascade.utils.rng import ImageGenerators
 
-__all__ = ["StageSettings", "LoadedStage", "ChainError", "Cascade", "check_chain", "check_settings", "stage_seed"]
+__all__ = ["StageSettings", "LoadedStage", "ChainError", "Cascade", "check_chain", "check_settings", "stage_seed", "image_seed"]
 
 
 @dataclass
 class StageSettings:
-    """How one stage samples. ``aug_level`` is for upsamplers (None → the stage's trained default)."""
+    """How one stage samples. ``aug_level`` is for upsamplers with noise augmentation (None → the stage's trained default)."""
 
     sampler: SamplerName = "dpmpp_2m"  # ddpm | ddim | dpmpp_2m
     steps: int = 25  # sampler steps (= model evaluations, ×2 with CFG)
     batch_size: int = 16  # images per sampler call (bounds memory; 1024px wants small batches)
     cfg_scale: float = 1.0  # classifier-free guidance w (1 = the conditional model)
-    classifier_scale: float = 0.0  # classifier guidance s (base only)
+    classifier_scale: float = 0.0  # classifier guidance s (generator only)
     aug_level: int | None = None  # noise-augmentation level s of the low-res input (upsamplers only)
 
 
 @dataclass
 class LoadedStage:
-    """A stage rebuilt from its checkpoint: the stage object, its network (EMA weights, eval mode), its checkpoint."""
+    """A stage rebuilt from its checkpoint: the stage object (a role), its network (EMA weights, eval mode), its checkpoint."""
 
     path: str
-    stage: Any
+    stage: Role
     net: nn.Module
     payload: dict[str, Any]
 
@@ -59,23 +64,22 @@ class LoadedStage:
     def class_names(self) -> list[str]:
         return list(self.payload["class_names"])
 
-    # Roles, told by what a stage can do (the library knows no stage classes): a generator samples from
-    # labels, an upsampler from a low-res image, a classifier does not sample.
-    @property
-    def is_upsampler(self) -> bool:
-        return hasattr(self.stage, "lowres_resolution") and hasattr(self.stage, "sample")
-
     @property
     def is_generator(self) -> bool:
-        return hasattr(self.stage, "sample") and not self.is_upsampler
+        return isinstance(self.stage, Generator)
+
+    @property
+    def is_upsampler(self) -> bool:
+        return isinstance(self.stage, Upsampler)
 
     @property
     def is_classifier(self) -> bool:
-        return not hasattr(self.stage, "sample") and hasattr(self.stage, "schedule")
+        return isinstance(self.stage, NoisyClassifier)
 
     @property
     def class_conditional(self) -> bool:
-        return bool(getattr(self.stage, "class_conditional", True))
+        """Whether the stage's network sees the class (a noisy classifier always does)."""
+        return self.stage.class_conditional if isinstance(self.stage, (Generator, Upsampler)) else True
 
     def describe(self) -> dict[str, Any]:
         """What identifies this stage in a ``cascade.json``."""
@@ -94,30 +98,32 @@ def load(path: str | Path, device: torch.device) -> LoadedStage:
 def check_chain(base: LoadedStage, classifier: LoadedStage | None, upsamplers: Sequence[LoadedStage]) -> None:
     """Raise :class:`ChainError` naming every way the stages fail to chain; return quietly when they fit.
 
-    Checked: each checkpoint is of the kind its slot needs; the classifier sees the base's
-    resolution and was trained on the base's noise process; every upsampler's low-res input is
-    the previous stage's output resolution; class-conditional stages share one class list.
+    Checked: each checkpoint plays the role its slot needs (generator, noisy classifier,
+    upsamplers); the classifier sees the generator's resolution and was trained on its noise
+    process; every upsampler's low-res input is the previous stage's output resolution;
+    class-conditional stages share one class list.
     """
     problems: list[str] = []
-    if not base.is_generator:
-        problems.append(f"{base.path} is a {base.name!r} checkpoint, not a base stage")
+    if not isinstance(base.stage, Generator):
+        problems.append(f"{base.path} is a {base.name!r} checkpoint, not a base stage (a generator)")
     if classifier is not None:
-        if not classifier.is_classifier:
+        if not isinstance(classifier.stage, NoisyClassifier):
             problems.append(f"{classifier.path} is a {classifier.name!r} checkpoint, not a noisy classifier")
         else:
             if classifier.stage.resolution != base.stage.resolution:
                 problems.append(f"the classifier sees {classifier.stage.resolution}px images but the base makes "
                                 f"{base.stage.resolution}px ones")
-            try:
-                check_same_schedule(base.stage.schedule, classifier.stage.schedule, "the classifier")
-            except ValueError as error:
-                problems.append(str(error))
+            if isinstance(base.stage, Generator):
+                try:
+                    check_same_schedule(base.stage.schedule, classifier.stage.schedule, "the classifier")
+                except ValueError as error:
+                    problems.append(str(error))
             if classifier.class_names != base.class_names:
                 problems.append(f"the classifier's {len(classifier.class_names)} classes differ from the base's "
                                 f"{len(base.class_names)} (first difference: {_first_difference(classifier.class_names, base.class_names)})")
     previous = base
     for up in upsamplers:
-        if not up.is_upsampler:
+        if not isinstance(up.stage, Upsampler):
             problems.append(f"{up.path} is a {up.name!r} checkpoint, not an upsampler")
             previous = up
             continue
@@ -139,10 +145,10 @@ def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
     return f"{len(a)} vs {len(b)} classes"
 
 
-def check_settings(name: str, stage: Any, settings: StageSettings, *, guided: bool) -> None:
+def check_settings(name: str, stage: Generator | Upsampler, settings: StageSettings, *, guided: bool) -> None:
     """One clear ValueError for sampler settings that cannot run."""
-    if settings.sampler not in SAMPLERS:
-        raise ValueError(f"{name}: unknown sampler {settings.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if settings.sampler not in REGISTRY:
+        raise ValueError(f"{name}: unknown sampler {settings.sampler!r}; choose one of {', '.join(REGISTRY)}")
     if settings.steps < 1:
         raise ValueError(f"{name}: steps must be >= 1, got {settings.steps}")
     if settings.steps > len(stage.schedule):
@@ -153,13 +159,31 @@ def check_settings(name: str, stage: Any, settings: StageSettings, *, guided: bo
         raise ValueError(f"{name}: guidance scales must be >= 0, got cfg {settings.cfg_scale}, classifier {settings.classifier_scale}")
     if settings.classifier_scale > 0 and not guided:
         raise ValueError(f"{name}: classifier guidance scale {settings.classifier_scale} needs a noisy classifier checkpoint")
-    if hasattr(stage, "aug_max_level") and settings.aug_level is not None and not 0 <= settings.aug_level <= stage.aug_max_level:
-        raise ValueError(f"{name}: aug level must be in 0..{stage.aug_max_level} (the levels it was trained on), got {settings.aug_level}")
+    if isinstance(stage, Upsampler) and settings.aug_level is not None:
+        if not stage.noise_augmentation:
+            raise ValueError(f"{name}: this upsampler was trained without noise conditioning augmentation; it takes no aug level "
+                             f"(got {settings.aug_level})")
+        if not 0 <= settings.aug_level <= stage.aug_max_level:
+            raise ValueError(f"{name}: aug level must be in 0..{stage.aug_max_level} (the levels it was trained on), "
+                             f"got {settings.aug_level}")
 
 
 def stage_seed(seed: int, stage_index: int, batch_index: int) -> int:
-    """The seed of stage ``stage_index``'s generator for batch ``batch_index`` (see module docstring)."""
+    """The seed the orchestrator gave stage ``stage_index``'s generator for batch ``batch_index`` before per-image seeds."""
     return (seed * 1_000_003 + stage_index * 10_007 + batch_index) % (2**63)
+
+
+# An odd 63-bit constant (2^63 / golden ratio): i ↦ i·K mod 2^63 is a bijection, so image seeds of one stage never repeat.
+IMAGE_SEED_STRIDE = 0x4F1BBCDCBFA53E0B
+
+
+def image_seed(seed: int, stage_index: int, image_index: int) -> int:
+    """The seed of image ``image_index``'s generator in stage ``stage_index``: ``stage_seed(seed, j, 0) + i·K`` mod 2^63.
+
+    Image 0 keeps the seed batch 0 had when each batch shared one generator, so a one-image run
+    (the demo's) gives the very images it gave then; every other image has a seed of its own.
+    """
+    return (stage_seed(seed, stage_index, 0) + image_index * IMAGE_SEED_STRIDE) % (2**63)
 
 
 def _batches(n: int, size: int) -> Iterator[tuple[int, slice]]:
@@ -168,7 +192,7 @@ def _batches(n: int, size: int) -> Iterator[tuple[int, slice]]:
 
 
 class Cascade:
-    """Base (+ noisy classifier) and upsamplers, validated to chain; samples them in memory."""
+    """A generator (+ noisy classifier) and upsamplers, validated to chain; samples them in memory."""
 
     def __init__(self, base: LoadedStage, upsamplers: Sequence[LoadedStage] = (), classifier: LoadedStage | None = None,
                  *, device: torch.device = torch.device("cpu"), bf16: bool = True) -> None:
@@ -189,6 +213,11 @@ class Cascade:
         return cls(loaded_base, loaded_ups, loaded_clf, device=device, bf16=bf16)
 
     @property
+    def generator(self) -> Generator:
+        assert isinstance(self.base.stage, Generator)  # check_chain
+        return self.base.stage
+
+    @property
     def stages(self) -> list[LoadedStage]:
         return [self.base, *self.upsamplers]
 
@@ -197,16 +226,21 @@ class Cascade:
         return self.base.class_names
 
     def check(self, settings: Sequence[StageSettings]) -> None:
-        """Validate one :class:`StageSettings` per stage (base first)."""
+        """Validate one :class:`StageSettings` per stage (generator first)."""
         if len(settings) != len(self.stages):
             raise ValueError(f"expected settings for {len(self.stages)} stages, got {len(settings)}")
         for loaded, s in zip(self.stages, settings):
+            assert isinstance(loaded.stage, (Generator, Upsampler))  # check_chain
             check_settings(loaded.name, loaded.stage, s, guided=loaded is self.base and self.classifier is not None)
 
     def aug_levels(self, settings: Sequence[StageSettings]) -> list[int | None]:
-        """The augmentation level each stage will use (None for the base)."""
-        return [None] + [s.aug_level if s.aug_level is not None else up.stage.sample_aug_level
-                         for up, s in zip(self.upsamplers, settings[1:])]
+        """The augmentation level each stage will use (None for the generator and upsamplers without augmentation)."""
+        levels: list[int | None] = [None]
+        for up, s in zip(self.upsamplers, settings[1:]):
+            assert isinstance(up.stage, Upsampler)  # check_chain
+            levels.append((s.aug_level if s.aug_level is not None else up.stage.sample_aug_level) if up.stage.noise_augmentation
+                          else None)
+        return levels
 
     @torch.no_grad()
     def sample(
@@ -215,6 +249,7 @@ class Cascade:
         settings: Sequence[StageSettings],
         *,
         seed: int = 0,
+        first_index: int = 0,
         progress: bool = True,
         on_stage_output: Callable[[int, slice, Tensor], None] | None = None,
     ) -> list[Tensor]:
@@ -222,10 +257,15 @@ class Cascade:
 
         Stage after stage, each over the N images in batches of its ``batch_size``; the
         previous stage's output (in memory) is the low-res input, noise-augmented at the
-        stage's ``aug_level``. ``on_stage_output(stage_index, slice, images)`` is called on
-        every finished batch (e.g. to write PNGs as they come). One progress bar per stage.
+        stage's ``aug_level``. The images are those of global indices ``first_index`` …
+        ``first_index + N − 1``: image i's noise in stage j comes from :func:`image_seed` (seed,
+        j, i) alone, so a range sampled on its own (a shard) equals the same range of a larger
+        run, whatever the batch sizes. ``on_stage_output(stage_index, slice, images)`` is called
+        on every finished batch (e.g. to write PNGs as they come). One progress bar per stage.
         """
         self.check(settings)
+        if first_index < 0:
+            raise ValueError(f"first_index must be >= 0, got {first_index}")
         labels = class_labels.to(self.device).long()  # (N,)
         levels = self.aug_levels(settings)
         outputs: list[Tensor] = []
@@ -233,20 +273,12 @@ class Cascade:
             res = loaded.stage.resolution
             bar = tqdm(total=len(labels), desc=f"{loaded.name} {res}px", unit="img", disable=not progress, dynamic_ncols=True)
             produced = []
-            for b, part in _batches(len(labels), s.batch_size):
-                generator = torch.Generator(self.device).manual_seed(stage_seed(seed, j, b))
+            for _, part in _batches(len(labels), s.batch_size):
+                seeds = [image_seed(seed, j, first_index + i) for i in range(part.start, part.stop)]
+                generators = ImageGenerators(seeds, self.device)
                 with bf16_autocast(self.device, self.bf16):
-                    if j == 0:
-                        images = self.base.stage.sample(
-                            self.base.net, labels[part], sampler=s.sampler, steps=s.steps,
-                            classifier=self.classifier.net if self.classifier else None,
-                            classifier_schedule=self.classifier.stage.schedule if self.classifier else None,
-                            classifier_scale=s.classifier_scale, cfg_scale=s.cfg_scale, generator=generator, progress=progress)
-                    else:
-                        lowres = outputs[j - 1][part].to(self.device)  # (b, 3, r, r)
-                        class_cond = labels[part] if loaded.class_conditional else None
-                        images = loaded.stage.sample(loaded.net, lowres, class_cond, aug_level=levels[j], sampler=s.sampler,
-                                                     steps=s.steps, cfg_scale=s.cfg_scale, generator=generator, progress=progress)
+                    images = self._sample_stage(loaded, labels[part], outputs[j - 1][part] if j else None, s, levels[j],
+                                                generators, progress)
                 images = images.float().cpu()  # (b, 3, R, R)
                 produced.append(images)
                 if on_stage_output is not None:
@@ -255,6 +287,19 @@ class Cascade:
             bar.close()
             outputs.append(torch.cat(produced))
         return outputs
+
+    def _sample_stage(self, loaded: LoadedStage, labels: Tensor, lowres: Tensor | None, s: StageSettings, aug_level: int | None,
+                      generators: ImageGenerators, progress: bool) -> Tensor:
+        """One batch of one stage: the generator from labels, an upsampler from the previous stage's images."""
+        stage = loaded.stage
+        if isinstance(stage, Generator):
+            clf = self.classifier
+            return stage.sample(loaded.net, labels, sampler=s.sampler, steps=s.steps, classifier=clf.net if clf else None,
+                                classifier_schedule=clf.stage.schedule if clf else None, classifier_scale=s.classifier_scale,
+                                cfg_scale=s.cfg_scale, generator=generators, progress=progress)
+        assert isinstance(stage, Upsampler) and lowres is not None  # check_chain
+        return stage.sample(loaded.net, lowres.to(self.device), labels if stage.class_conditional else None, aug_level=aug_level,
+                            sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, generator=generators, progress=progress)
 
     def describe(self, settings: Sequence[StageSettings]) -> dict[str, Any]:
         """Every stage and setting, JSON-ready (the core of ``cascade.json``)."""

@@ -216,9 +216,9 @@ class DiffusersTwin(nn.Module):
     ignored (UNet2DModel has one embedding slot; the level's small MLP is left out of the comparison).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, num_classes: int | None = None) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.num_classes = model, num_classes  # num_classes: the null label a stage's label dropout uses
 
     def forward(self, x_t: Tensor, t: Tensor, *, class_labels: Tensor | None = None, lowres: Tensor | None = None,
                 aug_level: Tensor | None = None) -> Tensor:
@@ -242,7 +242,7 @@ def _diffusers_config(kw: dict[str, Any], layers: int, width_scale: float) -> di
         downsample_type=resample, upsample_type=resample, attention_head_dim=heads, norm_num_groups=groups,
         resnet_time_scale_shift="scale_shift" if kw["use_scale_shift_norm"] else "default", dropout=kw["dropout"],
         add_attention=kw["middle_attention"],
-        num_class_embeds=None if kw["num_classes"] is None else kw["num_classes"] + 1,
+        num_class_embeds=None if kw["num_classes"] is None else kw["num_classes"] + int(kw["null_class"]),
     )
 
 
@@ -266,7 +266,7 @@ def diffusers_twin(kw: dict[str, Any], target_params: int) -> tuple[DiffusersTwi
                 params = sum(p.numel() for p in UNet2DModel(**config).parameters())
             candidates.append((abs(math.log(params / target_params)), config))
     config = min(candidates, key=lambda c: c[0])[1]
-    return DiffusersTwin(UNet2DModel(**config)), config
+    return DiffusersTwin(UNet2DModel(**config), kw["num_classes"]), config
 
 
 @contextlib.contextmanager

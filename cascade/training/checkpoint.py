@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from cascade.roles import Generator, NoisyClassifier, Role, Upsampler
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
@@ -42,6 +44,7 @@ __all__ = [
     "load_latest",
     "load_stage",
     "upgrade_targets",
+    "split_stage_config",
     "checkpoint_paths",
     "payload_digest",
     "prune_checkpoints",
@@ -231,31 +234,80 @@ MOVED_MODULES = {
 }
 
 
+# Stage classes renamed when the roles became explicit (cascade.roles); the old names stay importable as aliases too.
+RENAMED_TARGETS = {"stages.base.BaseStage": "stages.base.GeneratorStage"}
+
+# Preview settings that were stage constructor keywords before previews moved to cascade.evaluation.previews:
+# per stage class, the preview class and the keyword renames.
+LEGACY_PREVIEW_KEYS: dict[str, tuple[str, dict[str, str]]] = {
+    "stages.base.GeneratorStage": ("cascade.evaluation.previews.GeneratorPreview", {
+        "preview_sampler": "sampler", "preview_steps": "steps", "preview_per_class": "per_class",
+        "preview_max_classes": "max_classes"}),
+    "stages.upsampler.UpsamplerStage": ("cascade.evaluation.previews.UpsamplerPreview", {
+        "preview_sampler": "sampler", "preview_steps": "steps", "preview_images": "images", "preview_crop": "crop"}),
+    "stages.classifier.ClassifierStage": ("cascade.evaluation.previews.ClassifierPreview", {
+        "eval_buckets": "buckets", "eval_images": "images", "eval_batch_size": "batch_size"}),
+}
+
+
 def upgrade_targets(config: Any) -> Any:
-    """``config`` with every ``_target_`` that names a moved module rewritten to the module's new path."""
+    """``config`` with every ``_target_`` that names a moved module or a renamed class rewritten to its new path."""
     if isinstance(config, dict):
         upgraded = {key: upgrade_targets(value) for key, value in config.items()}
         target = upgraded.get("_target_")
         if isinstance(target, str):
             module, _, name = target.rpartition(".")
-            upgraded["_target_"] = f"{MOVED_MODULES.get(module, module)}.{name}"
+            target = f"{MOVED_MODULES.get(module, module)}.{name}"
+            upgraded["_target_"] = RENAMED_TARGETS.get(target, target)
         return upgraded
     if isinstance(config, list):
         return [upgrade_targets(value) for value in config]
     return config
 
 
-def load_stage(path: str | Path, *, device: str | torch.device = "cpu", weights: str = "ema") -> tuple[Any, torch.nn.Module, dict[str, Any]]:
+def split_stage_config(stage: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A stage config (upgraded) → (what the stage's constructor takes, the preview settings it carried or None).
+
+    Configs written before previews left the stages carry the preview settings as stage
+    keywords (``preview_steps``, ``eval_images``, …); they come back as a preview config node
+    (today's configs keep it at the top level, ``preview``).
+    """
+    stage, preview = dict(stage), None
+    legacy = LEGACY_PREVIEW_KEYS.get(stage.get("_target_", ""))
+    if legacy is not None:
+        target, renames = legacy
+        found = {new: stage.pop(old) for old, new in renames.items() if old in stage}
+        if found:
+            preview = {"_target_": target, **found}
+    return stage, preview
+
+
+def load_stage(path: str | Path, *, device: str | torch.device = "cpu", weights: str = "ema") -> tuple[Role, torch.nn.Module, dict[str, Any]]:
     """Rebuild a stage and its network from a checkpoint alone: (stage, net in eval mode, checkpoint).
 
-    The stage is instantiated from the checkpoint's resolved config (hydra ``_target_``), the
-    network built for its class names, and ``weights`` (``ema`` or ``model``) loaded.
+    The stage is instantiated from the checkpoint's resolved config (hydra ``_target_``, old
+    paths and keywords upgraded: :func:`upgrade_targets`, :func:`split_stage_config`), the
+    network built for its class names, and ``weights`` (``ema`` or ``model``) loaded. The
+    stage must play one of the roles of :mod:`cascade.roles`.
     """
     from hydra.utils import instantiate  # local: keeps checkpoint I/O importable without hydra's start-up cost
 
     payload = load_checkpoint(path, map_location=device)
     payload["config"] = upgrade_targets(payload["config"])
-    stage = instantiate(payload["config"]["stage"])
+    stage_config, _ = split_stage_config(payload["config"]["stage"])
+    stage = instantiate(stage_config)
+    if not isinstance(stage, (Generator, Upsampler, NoisyClassifier)):
+        raise CheckpointError(f"{path}: its stage {type(stage).__name__} plays no stage role (generator, upsampler, noisy classifier)")
     net = stage.build(num_classes=len(payload["class_names"]))
-    net.load_state_dict(payload[weights])
+    net.load_state_dict(_without_untrained_null_rows(payload[weights], net.state_dict()))
     return stage, net.to(device).eval(), payload
+
+
+def _without_untrained_null_rows(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints written before ``null_class`` gave every class table a null row, even with p_uncond = 0, where it was
+    never trained; a network built without it takes the table less that last row."""
+    fixed = dict(saved)
+    for key, value in saved.items():
+        if key.endswith("class_embed.weight") and key in expected and value.shape[0] == expected[key].shape[0] + 1:
+            fixed[key] = value[:-1]
+    return fixed

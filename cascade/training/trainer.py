@@ -12,13 +12,12 @@ and a progress bar with loss, rate and ETA.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,30 +29,38 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cascade.training import faults
-from cascade.training.checkpoint import load_latest, prune_checkpoints, remove_temporaries, rng_state, save_checkpoint, set_rng_state
 from cascade.data.order import SeededItems, StepBatchSampler
+from cascade.roles import Trainable
+from cascade.training import faults
+from cascade.training.checkpoint import load_latest, prune_checkpoints, remove_temporaries, save_checkpoint
+from cascade.training.state import TrainingState
 from cascade.utils.device import bf16_autocast, native_bf16
+from cascade.utils.rng import keyed_seed
 from cascade.nn.native import group_norm_kernels
 from cascade.utils.plots import plot_loss_curve, read_metrics
 
-__all__ = ["Stage", "Trainer", "count_parameters", "StepBatchSampler"]
+__all__ = ["Stage", "Trainer", "Reporter", "ReportContext", "count_parameters", "StepBatchSampler"]
 
 
-class Stage(Protocol):
-    """What the trainer needs from a stage."""
+Stage = Trainable  # what the trainer needs from a stage (cascade.roles.Trainable)
 
-    name: str
-    resolution: int
 
-    def build(self, num_classes: int) -> nn.Module: ...
+@dataclass(frozen=True)
+class ReportContext:
+    """What a reporter is given besides the EMA network: where to write and what to report on."""
 
-    def loss(self, net: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor: ...
+    step: int
+    out_dir: Path  # samples/ of the run folder
+    class_names: list[str]
+    val_data: Dataset | None  # held-out images at the stage resolution, if the data config has a val split
+    device: torch.device
+    generator: torch.Generator  # seeded with the run seed at every report: reports are comparable across steps
 
-    def report(
-        self, net: nn.Module, *, step: int, out_dir: Path, class_names: list[str], val_data: Dataset | None,
-        device: torch.device, generator: torch.Generator,
-    ) -> dict[str, float]: ...
+
+class Reporter(Protocol):
+    """The periodic preview of a run (e.g. :func:`cascade.evaluation.previews.bind`); returns metrics for ``metrics.jsonl``."""
+
+    def __call__(self, net: nn.Module, context: ReportContext) -> dict[str, float]: ...
 
 
 def count_parameters(net: nn.Module) -> int:
@@ -110,15 +117,16 @@ class Trainer:
         self.ckpt_every, self.keep_ckpts, self.sample_every, self.log_every = ckpt_every, keep_ckpts, sample_every, log_every
         self.num_workers, self.bf16, self.channels_last, self.progress = num_workers, bf16, channels_last, progress
 
-    def fit(self, stage: Stage, dataset: Dataset, **kwargs: Any) -> dict[str, Any]:
+    def fit(self, stage: Stage, dataset: Dataset, *, reporter: Reporter | None = None, **kwargs: Any) -> dict[str, Any]:
         """Train ``stage`` on ``dataset`` into ``run_dir``; resumes from the newest intact checkpoint there.
 
-        Keywords: ``run_dir``, ``config``, ``seed``, ``device``, ``val_data``. SIGTERM/SIGINT
-        end the run cleanly after a checkpoint (``"stopped_by"`` in the result names the
-        signal); see :mod:`cascade.training.faults` and README "Reliability".
+        Keywords: ``run_dir``, ``config``, ``seed``, ``device``, ``val_data``; ``reporter``
+        (e.g. :func:`cascade.evaluation.previews.bind`) makes the periodic previews, none
+        without it. SIGTERM/SIGINT end the run cleanly after a checkpoint (``"stopped_by"`` in
+        the result names the signal); see :mod:`cascade.training.faults` and README "Reliability".
         """
         with faults.StopRequest(f"[{stage.name}] ") as stop, contextlib.ExitStack() as cleanup:
-            return self._fit(stage, dataset, stop=stop, cleanup=cleanup, **kwargs)
+            return self._fit(stage, dataset, reporter=reporter, stop=stop, cleanup=cleanup, **kwargs)
 
     def _fit(
         self,
@@ -130,9 +138,33 @@ class Trainer:
         seed: int = 0,
         device: torch.device = torch.device("cpu"),
         val_data: Dataset | None = None,
+        reporter: Reporter | None,
         stop: faults.StopRequest,
         cleanup: contextlib.ExitStack,
     ) -> dict[str, Any]:
+        run = self._initialise(stage, dataset, Path(run_dir), config, seed, device, val_data, reporter)
+        self._resume(run)
+        if run.state.step >= self.max_steps:
+            run.say(f"already trained to step {run.state.step} (max_steps={self.max_steps}); nothing to do")
+            return {"step": run.state.step, "run_dir": str(run.run_dir)}
+        self._prepare_training(run, cleanup)
+        while run.state.step < self.max_steps:
+            self._train_step(run, stop)
+            if self._due(run, self.log_every):
+                self._log(run)
+            if self._due(run, self.ckpt_every) or run.stopping:
+                self._checkpoint(run, numbered=self._due(run, self.ckpt_every))
+            if run.stopping:
+                return self._stop(run, stop)
+            if self._due(run, self.sample_every):
+                self._report(run)
+        return self._finish(run)
+
+    # --- the sections of _fit, in order ---
+
+    def _initialise(self, stage: Stage, dataset: Dataset, run_dir: Path, config: dict[str, Any], seed: int,
+                    device: torch.device, val_data: Dataset | None, reporter: Reporter | None) -> _Run:
+        """Ranks and device, the network, EMA, optimizer, schedule and random streams at step 0."""
         rank, world_size = _setup_distributed(device)
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -146,193 +178,251 @@ class Trainer:
         if device.type == "cuda" and self.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (outside bf16 autocast) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
-        is_main = rank == 0
-        run_dir = Path(run_dir)
-        ckpt_dir, sample_dir = run_dir / "checkpoints", run_dir / "samples"
         class_names = list(dataset.class_names)
-
-        net = stage.build(num_classes=len(class_names)).to(device)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        net = net.to(memory_format=memory_format)
-        if is_main:
+        net = stage.build(num_classes=len(class_names)).to(device).to(memory_format=memory_format)
+        if rank == 0:
             print(f"[{stage.name}] {type(net).__name__}: {count_parameters(net) / 1e6:.1f}M parameters, "
                   f"{len(dataset)} images of {len(class_names)} classes at {stage.resolution}px, device {device}, "
                   f"{world_size} rank(s)", flush=True)
-        ema = ModelEmaV3(net, decay=self.ema_decay, use_warmup=self.ema_warmup)
         optimizer = self.optimizer(net.parameters(), lr=self.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, self.warmup_steps)))
-        generator = torch.Generator(device).manual_seed(seed * 7919 + rank)  # reseeded per micro-batch by accumulate_gradients
-        nonfinite = faults.NonFiniteSteps(self.max_nonfinite_steps)
+        state = TrainingState(
+            net=net, ema=ModelEmaV3(net, decay=self.ema_decay, use_warmup=self.ema_warmup), optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, self.warmup_steps))),
+            generator=torch.Generator(device).manual_seed(seed * 7919 + rank),  # reseeded per micro-batch by accumulate_gradients
+            nonfinite=faults.NonFiniteSteps(self.max_nonfinite_steps), device=device, rank=rank, world_size=world_size)
+        return _Run(stage=stage, dataset=dataset, run_dir=run_dir, config=config, seed=seed, device=device, val_data=val_data,
+                    reporter=reporter, rank=rank, world_size=world_size, micro=micro, memory_format=memory_format,
+                    class_names=class_names, state=state)
 
-        step = 0
-        last = ckpt_dir / "last.pt"
-        if is_main and ckpt_dir.is_dir():
+    def _resume(self, run: _Run) -> None:
+        """Load the newest intact checkpoint of the run folder, if any, and drop metric rows written after it."""
+        ckpt_dir = run.ckpt_dir
+        if run.is_main and ckpt_dir.is_dir():
             remove_temporaries(ckpt_dir)  # left by a write that a kill interrupted
-        found = load_latest(ckpt_dir, map_location=device) if ckpt_dir.is_dir() else None
+        found = load_latest(ckpt_dir, map_location=run.device) if ckpt_dir.is_dir() else None
         if found is not None:
-            source, state = found
-            if state["stage"] != stage.name:
-                raise ValueError(f"{source} belongs to stage {state['stage']!r}, not {stage.name!r}; use another run_dir")
-            net.load_state_dict(state["model"])
-            ema.module.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["lr_scheduler"])
-            saved = state["rng"].get("ranks") or [{"generator": g} for g in state["rng"]["generator"]]  # format 1: generators only
-            if len(saved) == world_size:  # same layout of ranks: continue each rank's random streams exactly
-                set_rng_state(saved[rank], generator, device)
-            elif is_main:
-                print(f"[{stage.name}] resuming on {world_size} rank(s) from a {len(saved)}-rank run: noise streams restart", flush=True)
-            if "nonfinite" in state.get("trainer", {}):
-                nonfinite.load_state_dict(state["trainer"]["nonfinite"])
-            step = int(state["step"])
-            if is_main:
-                print(f"[{stage.name}] resumed from {source} at step {step}", flush=True)
-        last_saved = step if found is not None else None  # step of the newest checkpoint on disk
-        if step >= self.max_steps:
-            if is_main:
-                print(f"[{stage.name}] already trained to step {step} (max_steps={self.max_steps}); nothing to do", flush=True)
-            return {"step": step, "run_dir": str(run_dir)}
-        if is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
+            source, saved = found
+            if saved["stage"] != run.stage.name:
+                raise ValueError(f"{source} belongs to stage {saved['stage']!r}, not {run.stage.name!r}; use another run_dir")
+            run.state.load_state_dict(saved)
+            if not run.state.streams_restored:
+                run.say(f"resuming on {run.world_size} rank(s) from a {run.state.saved_ranks}-rank run: noise streams restart")
+            run.say(f"resumed from {source} at step {run.state.step}")
+            run.last_saved = run.state.step
+        if run.is_main and run.state.step < self.max_steps:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(run.run_dir / "metrics.jsonl", run.state.step)
 
-        ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else None
-        model = ddp or net
+    def _prepare_training(self, run: _Run, cleanup: contextlib.ExitStack) -> None:
+        """DDP and compile wrappers, the data loader from the current step, the progress bar."""
+        net, device = run.state.net, run.device
+        if run.world_size > 1:
+            run.ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        run.model = run.ddp or net
         if device.type == "cpu" and self.channels_last and self.bf16 and native_bf16(device):
-            # Channels-last bf16 norms run on the C++ GroupNorm kernel: build or load it now: its one-time build message then comes before the progress bar,
-            # and torch.compile traces norms onto it only if it is loaded before tracing.
+            # Channels-last bf16 norms run on the C++ GroupNorm kernel: build or load it now: its one-time build message then
+            # comes before the progress bar, and torch.compile traces norms onto it only if it is loaded before tracing.
             group_norm_kernels()
         if self.compile:  # compile after wrapping (DDP-aware graph breaks); ``net`` stays the plain module for EMA and state_dict
-            model = torch.compile(model)
-        per_rank = self.batch_size // world_size
+            run.model = torch.compile(run.model)
+        per_rank = self.batch_size // run.world_size
         loader = DataLoader(
-            SeededItems(dataset, seed),  # item augmentations seeded by (seed, epoch, index): exact on resume
-            batch_sampler=StepBatchSampler(len(dataset), per_rank, seed=seed, start_step=step, rank=rank, world_size=world_size),
+            SeededItems(run.dataset, run.seed),  # item augmentations seeded by (seed, epoch, index): exact on resume
+            batch_sampler=StepBatchSampler(len(run.dataset), per_rank, seed=run.seed, start_step=run.state.step, rank=run.rank,
+                                           world_size=run.world_size),
             num_workers=self.num_workers,
             pin_memory=device.type == "cuda",
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(seed),  # worker seeds without drawing from the global RNG
+            generator=torch.Generator().manual_seed(run.seed),  # worker seeds without drawing from the global RNG
             worker_init_fn=faults.ignore_stop_signals,
         )
-
-        def checkpoint(numbered: bool) -> None:
-            nonlocal last_saved
-            rank_states = [rng_state(generator, device)]
-            if world_size > 1:
-                gathered = [None] * world_size
-                dist.all_gather_object(gathered, {k: v.cpu() for k, v in rank_states[0].items()})
-                rank_states = gathered
-            last_saved = step
-            if not is_main:
-                return
-            payload = {
-                "stage": stage.name, "config": config, "class_names": class_names, "resolution": stage.resolution,
-                "step": step, "model": net.state_dict(), "ema": ema.module.state_dict(),
-                "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                "rng": {"ranks": rank_states}, "trainer": {"nonfinite": nonfinite.state_dict()},
-            }
-            save_checkpoint(payload, last)
-            if numbered:
-                save_checkpoint(payload, ckpt_dir / f"step_{step:07d}.pt")
-                prune_checkpoints(ckpt_dir, self.keep_ckpts)
-
-        def report() -> dict[str, float]:
-            if not is_main:
-                return {}
-            ema.module.eval()
-            # fork_rng: whatever the report draws from the global generators, training continues as if it had not run.
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bf16_autocast(device, self.bf16):
-                metrics = stage.report(ema.module, step=step, out_dir=sample_dir, class_names=class_names, val_data=val_data,
-                                       device=device, generator=torch.Generator(device).manual_seed(seed))
-            if metrics:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **metrics}) + "\n")
-            return metrics
-
-        bar = tqdm(total=self.max_steps, initial=step, desc=stage.name, unit="step", disable=not (is_main and self.progress), dynamic_ncols=True)
+        run.data = iter(loader)
+        cleanup.callback(faults.close_loader, run.data)  # workers ignore SIGTERM: stop them before the process exits
+        run.bar = tqdm(total=self.max_steps, initial=run.state.step, desc=run.stage.name, unit="step",
+                       disable=not (run.is_main and self.progress), dynamic_ncols=True)
+        run.window.restart()
         net.train()
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        window_finite, faults_seen = 0, 0
-        data = iter(loader)
-        cleanup.callback(faults.close_loader, data)  # workers ignore SIGTERM: stop them before the process exits
-        while step < self.max_steps:
-            images, labels = next(data)
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = accumulate_gradients(
-                stage, model, images.to(device, non_blocking=True).contiguous(memory_format=memory_format),
-                labels.to(device, non_blocking=True), micro_batch_size=micro, generator=generator, seed=seed, step=step,
-                first_chunk=rank * (per_rank // micro), no_sync=ddp.no_sync if ddp is not None else None,
-                autocast=partial(bf16_autocast, device, self.bf16),
-            )
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf)
-            bad, stopping = faults.agree([not faults.is_finite(loss_value, grad_norm), stop.requested], device, world_size)
-            if nonfinite.record(not bad):  # a non-finite step changes no weights, EMA or optimizer state
-                optimizer.step()
-            scheduler.step()
-            step += 1
-            if not bad:
-                ema.update(net, step=step)
-                window_loss += loss_value
-                window_finite += 1
-            elif nonfinite.exceeded:
-                kept = f"{last} (step {last_saved})" if last_saved is not None else "none (no checkpoint was written)"
-                raise faults.TrainingDiverged(
-                    f"{nonfinite.in_a_row} non-finite steps in a row up to step {step} (loss {loss_value}, grad norm "
-                    f"{float(grad_norm)}); stopped without saving. Last good checkpoint: {kept}. Lower trainer.lr, "
-                    "check the data, or raise trainer.max_nonfinite_steps")
-            elif is_main:
-                bar.write(f"[{stage.name}] step {step}: non-finite loss {loss_value} / grad norm {float(grad_norm)}; "
-                          f"step skipped ({nonfinite.in_a_row} in a row, {nonfinite.total} in all)")
-            window_steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
 
-            if step % self.log_every == 0 or step == self.max_steps:
-                elapsed = time.perf_counter() - window_start
-                row = {"step": step, "loss": window_loss / window_finite if window_finite else None, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "steps_per_s": window_steps / elapsed,
-                       "images_per_s": window_steps * self.batch_size / elapsed}
-                if row["loss"] is None:
-                    del row["loss"]  # every step of the window was non-finite
-                data_faults = faults.data_fault_counts(dataset, device, world_size)
-                row.update(nonfinite_steps=nonfinite.total, **data_faults)
-                if is_main and sum(data_faults.values()) > faults_seen:
-                    faults_seen = sum(data_faults.values())
-                    bar.write(f"[{stage.name}] step {step}: data faults so far: " + ", ".join(f"{k}={v}" for k, v in data_faults.items()))
-                if is_main:
-                    with open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{stage.name} training loss")
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-                window_finite = 0
-            if step % self.ckpt_every == 0 or step == self.max_steps or stopping:
-                checkpoint(numbered=step % self.ckpt_every == 0 or step == self.max_steps)
-            if stopping:
-                bar.close()
-                if is_main:
-                    print(f"[{stage.name}] stopped by {stop.signal_name or 'a signal on another rank'} at step {step}: "
-                          f"saved {last}; run the same command to resume", flush=True)
-                if world_size > 1:
-                    dist.barrier()
-                return {"step": step, "run_dir": str(run_dir), "stopped_by": stop.signal_name or "peer"}
-            if step % self.sample_every == 0 or step == self.max_steps:
-                net.eval()
-                metrics = report()
-                net.train()
-                if metrics and is_main:
-                    bar.write(f"[{stage.name}] step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        bar.close()
-        if is_main:
-            print(f"[{stage.name}] done: {run_dir}/checkpoints/last.pt, samples in {sample_dir}, loss curve {run_dir}/loss.png", flush=True)
-        if world_size > 1:
+    def _train_step(self, run: _Run, stop: faults.StopRequest) -> None:
+        """One optimisation step; a non-finite loss or gradient (agreed over ranks) changes no weights, EMA or optimizer state."""
+        state, device = run.state, run.device
+        images, labels = next(run.data)
+        state.optimizer.zero_grad(set_to_none=True)
+        per_rank = self.batch_size // run.world_size
+        loss_value = accumulate_gradients(
+            run.stage, run.model, images.to(device, non_blocking=True).contiguous(memory_format=run.memory_format),
+            labels.to(device, non_blocking=True), micro_batch_size=run.micro, generator=state.generator, seed=run.seed,
+            step=state.step, first_chunk=run.rank * (per_rank // run.micro), no_sync=run.ddp.no_sync if run.ddp is not None else None,
+            autocast=partial(bf16_autocast, device, self.bf16),
+        )
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.net.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf)
+        bad, run.stopping = faults.agree([not faults.is_finite(loss_value, grad_norm), stop.requested], device, run.world_size)
+        if state.nonfinite.record(not bad):
+            state.optimizer.step()
+        state.scheduler.step()
+        state.step += 1
+        run.grad_norm = float(grad_norm)
+        if not bad:
+            state.ema.update(state.net, step=state.step)
+        elif state.nonfinite.exceeded:
+            kept = f"{run.ckpt_dir / 'last.pt'} (step {run.last_saved})" if run.last_saved is not None else "none (no checkpoint was written)"
+            raise faults.TrainingDiverged(
+                f"{state.nonfinite.in_a_row} non-finite steps in a row up to step {state.step} (loss {loss_value}, grad norm "
+                f"{float(grad_norm)}); stopped without saving. Last good checkpoint: {kept}. Lower trainer.lr, "
+                "check the data, or raise trainer.max_nonfinite_steps")
+        elif run.is_main:
+            run.bar.write(f"[{run.stage.name}] step {state.step}: non-finite loss {loss_value} / grad norm {float(grad_norm)}; "
+                          f"step skipped ({state.nonfinite.in_a_row} in a row, {state.nonfinite.total} in all)")
+        run.window.add(loss_value, finite=not bad)
+        run.bar.update(1)
+        run.bar.set_postfix(loss=f"{loss_value:.4f}")
+
+    def _due(self, run: _Run, every: int) -> bool:
+        return run.state.step % every == 0 or run.state.step == self.max_steps
+
+    def _log(self, run: _Run) -> None:
+        """A ``metrics.jsonl`` row for the window since the last one (loss, lr, rates, fault counts) and ``loss.png``."""
+        row = run.window.row(run.state.step, lr=run.state.scheduler.get_last_lr()[0], grad_norm=run.grad_norm,
+                             batch_size=self.batch_size)
+        data_faults = faults.data_fault_counts(run.dataset, run.device, run.world_size)
+        row.update(nonfinite_steps=run.state.nonfinite.total, **data_faults)
+        if run.is_main and sum(data_faults.values()) > run.faults_seen:
+            run.faults_seen = sum(data_faults.values())
+            run.bar.write(f"[{run.stage.name}] step {run.state.step}: data faults so far: "
+                          + ", ".join(f"{k}={v}" for k, v in data_faults.items()))
+        if run.is_main:
+            with open(run.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            plot_loss_curve(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png", title=f"{run.stage.name} training loss")
+        run.window.restart()
+
+    def _checkpoint(self, run: _Run, *, numbered: bool) -> None:
+        """``last.pt`` (and ``step_NNNNNNN.pt`` when ``numbered``), written by rank 0 with every rank's random streams."""
+        resumable = run.state.state_dict()  # collective: every rank's streams
+        run.last_saved = run.state.step
+        if not run.is_main:
+            return
+        payload = {"stage": run.stage.name, "config": run.config, "class_names": run.class_names,
+                   "resolution": run.stage.resolution, **resumable}
+        order = ["stage", "config", "class_names", "resolution", "step", "model", "ema", "optimizer", "lr_scheduler", "rng", "trainer"]
+        payload = {key: payload[key] for key in order}  # the entries' order is part of the digest
+        save_checkpoint(payload, run.ckpt_dir / "last.pt")
+        if numbered:
+            save_checkpoint(payload, run.ckpt_dir / f"step_{run.state.step:07d}.pt")
+            prune_checkpoints(run.ckpt_dir, self.keep_ckpts)
+
+    def _report(self, run: _Run) -> None:
+        """The reporter on the EMA weights (rank 0), its metrics into ``metrics.jsonl``; training's random streams untouched."""
+        if run.reporter is None or not run.is_main:
+            return
+        state, device = run.state, run.device
+        state.net.eval()
+        state.ema.module.eval()
+        context = ReportContext(step=state.step, out_dir=run.sample_dir, class_names=run.class_names, val_data=run.val_data,
+                                device=device, generator=torch.Generator(device).manual_seed(run.seed))
+        # fork_rng: whatever the report draws from the global generators, training continues as if it had not run.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bf16_autocast(device, self.bf16):
+            metrics = run.reporter(state.ema.module, context)
+        state.net.train()
+        if metrics:
+            with open(run.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": state.step, **metrics}) + "\n")
+            run.bar.write(f"[{run.stage.name}] step {state.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    def _stop(self, run: _Run, stop: faults.StopRequest) -> dict[str, Any]:
+        """End a run a signal stopped (after its checkpoint)."""
+        run.bar.close()
+        run.say(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {run.state.step}: "
+                f"saved {run.ckpt_dir / 'last.pt'}; run the same command to resume")
+        if run.world_size > 1:
             dist.barrier()
-        return {"step": step, "run_dir": str(run_dir)}
+        return {"step": run.state.step, "run_dir": str(run.run_dir), "stopped_by": stop.signal_name or "peer"}
+
+    def _finish(self, run: _Run) -> dict[str, Any]:
+        run.bar.close()
+        if run.is_main:
+            print(f"[{run.stage.name}] done: {run.run_dir}/checkpoints/last.pt, samples in {run.sample_dir}, "
+                  f"loss curve {run.run_dir}/loss.png", flush=True)
+        if run.world_size > 1:
+            dist.barrier()
+        return {"step": run.state.step, "run_dir": str(run.run_dir)}
+
+
+class _MetricWindow:
+    """Loss and rate over the steps since the last ``metrics.jsonl`` row."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.loss, self.steps, self.finite, self.start = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, *, finite: bool) -> None:
+        self.steps += 1
+        if finite:
+            self.loss += loss
+            self.finite += 1
+
+    def row(self, step: int, *, lr: float, grad_norm: float, batch_size: int) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.start
+        row: dict[str, Any] = {"step": step}
+        if self.finite:  # a window of only non-finite steps logs no loss
+            row["loss"] = self.loss / self.finite
+        row |= {"lr": lr, "grad_norm": grad_norm, "steps_per_s": self.steps / elapsed,
+                "images_per_s": self.steps * batch_size / elapsed}
+        return row
+
+
+@dataclass(eq=False)
+class _Run:
+    """One call of :meth:`Trainer.fit`: what it trains on, where it writes, its state and its running parts."""
+
+    stage: Stage
+    dataset: Dataset
+    run_dir: Path
+    config: dict[str, Any]
+    seed: int
+    device: torch.device
+    val_data: Dataset | None
+    reporter: Reporter | None
+    rank: int
+    world_size: int
+    micro: int  # per-rank micro-batch
+    memory_format: torch.memory_format
+    class_names: list[str]
+    state: TrainingState
+    last_saved: int | None = None  # step of the newest checkpoint on disk
+    ddp: nn.parallel.DistributedDataParallel | None = None
+    model: nn.Module | None = None  # what the loss runs: the network, DDP-wrapped and/or compiled
+    data: Any = None  # the loader's iterator
+    bar: Any = None  # tqdm
+    window: _MetricWindow = field(default_factory=_MetricWindow)
+    grad_norm: float = 0.0
+    faults_seen: int = 0
+    stopping: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def sample_dir(self) -> Path:
+        return self.run_dir / "samples"
+
+    def say(self, message: str) -> None:
+        """Print ``[stage] message`` on rank 0."""
+        if self.is_main:
+            print(f"[{self.stage.name}] {message}", flush=True)
 
 
 def micro_batch_seed(seed: int, step: int, chunk: int) -> int:
     """A 63-bit seed from a stable hash of (seed, step, chunk): the randomness of one micro-batch of one step."""
-    digest = hashlib.blake2b(struct.pack("<qqq", seed, step, chunk), digest_size=8, person=b"step-noise").digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+    return keyed_seed(b"step-noise", seed, step, chunk)
 
 
 def accumulate_gradients(

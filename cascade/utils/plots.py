@@ -11,8 +11,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from torch import Tensor  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
 
-__all__ = ["read_metrics", "plot_loss_curve", "plot_bars"]
+__all__ = ["read_metrics", "plot_loss_curve", "plot_bars", "save_grid"]
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -64,3 +66,11 @@ def plot_bars(labels: Sequence[str], values: Sequence[float], out_path: str | Pa
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)
+
+
+def save_grid(images: Tensor, nrow: int, *paths: str | Path) -> None:
+    """Images (N, 3, H, W) in [−1, 1] as one PNG grid of ``nrow`` columns (2px white gaps), written to every path."""
+    grid = make_grid((images.float().cpu() + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
+    for path in paths:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)

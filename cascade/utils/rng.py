@@ -19,13 +19,25 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Generator", "ImageGenerators", "randn", "derive_seed"]
+__all__ = ["Generator", "ImageGenerators", "randn", "derive_seed", "keyed_seed"]
 
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (e.g. seed, stage, image index): SHA-256 of their 64-bit encodings."""
     digest = hashlib.sha256(struct.pack(f"<{len(parts)}q", *parts)).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def keyed_seed(key: bytes, *parts: int) -> int:
+    """A 63-bit seed from integers under a key naming the stream: BLAKE2b (8 bytes, ``person=key``) of their 64-bit encodings.
+
+    The data set's scenes (``shapes-v1``), the item augmentations (``item-seed``) and the
+    training noise of each micro-batch (``step-noise``) are seeded with it; a new key gives an
+    independent stream without touching the existing ones (their values are part of every
+    data set and training run).
+    """
+    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8, person=key).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class ImageGenerators:
