@@ -37,7 +37,7 @@ Parameterization = Literal["eps", "x0", "v"]
 
 def at(values: Tensor, k: Tensor, like: Tensor) -> Tensor:
     """``values[k]`` shaped (B, 1, …, 1) to broadcast against ``like`` (B, …), in ``like``'s dtype."""
-    out = values.to(like.device)[k.to(like.device)].to(like.dtype)  # (B,)
+    out = values.to(like.device, non_blocking=True)[k.to(like.device)].to(like.dtype)  # (B,); a host table: no stream sync
     return out.reshape(-1, *([1] * (like.ndim - 1)))
 
 

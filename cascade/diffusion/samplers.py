@@ -44,9 +44,13 @@ GuidanceMode = Literal["mean", "eps"]  # how classifier guidance enters a step (
 
 
 def _steps(schedule: NoiseSchedule, x: Tensor, desc: str, progress: bool) -> Iterator[tuple[int, Tensor]]:
-    """Positions k = K−1 … 0 with the batch's training timesteps t (B,), under a progress bar."""
+    """Positions k = K−1 … 0 with the batch's training timesteps t (B,), under a progress bar.
+
+    The schedule is read on the host once, before the loop: a step reads no tensor value (no device sync).
+    """
+    timesteps = schedule.timesteps.tolist()
     for k in tqdm(range(len(schedule) - 1, -1, -1), desc=desc, disable=not progress, leave=False, unit="step"):
-        yield k, torch.full((x.shape[0],), int(schedule.timesteps[k]), device=x.device, dtype=torch.long)
+        yield k, torch.full((x.shape[0],), timesteps[k], device=x.device, dtype=torch.long)
 
 
 def _noise_like(x: Tensor, generator: Generator) -> Tensor:
@@ -70,11 +74,12 @@ def sample_ddpm(
     β and β̃ are those of the kept steps (Nichol & Dhariwal §4).
     """
     cond = dict(cond or {})
-    ab_all, ab_prev_all, betas = schedule.alphas_cumprod, schedule.alphas_cumprod_prev, schedule.betas
+    # Host copies, read once: a step reads no tensor value (no device sync; CUDA-graph friendly).
+    ab_all, ab_prev_all, betas = schedule.alphas_cumprod.tolist(), schedule.alphas_cumprod_prev.tolist(), schedule.betas.tolist()
     x = x_T
     for k, t in _steps(schedule, x, "DDPM", progress):
         out = model_fn(x, t, **cond)
-        ab, ab_prev, beta = float(ab_all[k]), float(ab_prev_all[k]), float(betas[k])
+        ab, ab_prev, beta = ab_all[k], ab_prev_all[k], betas[k]
         x0 = x0_from_eps(x, out.eps, torch.tensor(ab, dtype=x.dtype))  # (B, C, H, W)
         mean = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x
         if k == 0:
@@ -105,10 +110,11 @@ def sample_ddim(
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     cond = dict(cond or {})
+    ab_all, ab_prev_all = schedule.alphas_cumprod.tolist(), schedule.alphas_cumprod_prev.tolist()  # read once (no per-step sync)
     x = x_T
     for k, t in _steps(schedule, x, "DDIM", progress):
         out = model_fn(x, t, **cond)
-        ab, ab_prev = float(schedule.alphas_cumprod[k]), float(schedule.alphas_cumprod_prev[k])
+        ab, ab_prev = ab_all[k], ab_prev_all[k]
         x0 = x0_from_eps(x, out.eps, torch.tensor(ab, dtype=x.dtype))  # (B, C, H, W)
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab)) * math.sqrt(1 - ab / ab_prev)
         x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * out.eps
@@ -140,24 +146,25 @@ def sample_dpmpp_2m(
     """
     del generator
     cond = dict(cond or {})
-    alpha = schedule.alphas_cumprod.sqrt()  # (K,)
-    sigma = (1.0 - schedule.alphas_cumprod).sqrt()  # (K,)
-    lam = (alpha / sigma).log()  # (K,)
+    alpha_t = schedule.alphas_cumprod.sqrt()  # (K,)
+    sigma_t = (1.0 - schedule.alphas_cumprod).sqrt()  # (K,)
+    # Host copies, read once: a step reads no tensor value (no device sync; CUDA-graph friendly).
+    alpha, sigma, lam = alpha_t.tolist(), sigma_t.tolist(), (alpha_t / sigma_t).log().tolist()
     x = x_T
     x0_prev: Tensor | None = None
     h_prev = 0.0
     for k, t in _steps(schedule, x, "DPM-Solver++(2M)", progress):
         out = model_fn(x, t, **cond)
-        x0 = x0_from_eps(x, out.eps, torch.tensor(float(alpha[k]) ** 2, dtype=x.dtype))  # (B, C, H, W)
+        x0 = x0_from_eps(x, out.eps, torch.tensor(alpha[k] ** 2, dtype=x.dtype))  # (B, C, H, W)
         if k == 0:
             return x0
-        h = float(lam[k - 1] - lam[k])
+        h = lam[k - 1] - lam[k]
         if x0_prev is None or (k == 1 and lower_order_final):
             d = x0  # first order: the first step has no history; the last one is too long to extrapolate
         else:
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = (float(sigma[k - 1]) / float(sigma[k])) * x - float(alpha[k - 1]) * math.expm1(-h) * d
+        x = (sigma[k - 1] / sigma[k]) * x - alpha[k - 1] * math.expm1(-h) * d
         x0_prev, h_prev = x0, h
     return x
 

@@ -86,9 +86,16 @@ class NoiseSchedule:
         return var.log()  # (K,)
 
     def positions(self, t: Tensor) -> Tensor:
-        """Positions k in this schedule of the training timesteps ``t`` (any shape, long)."""
-        table = self.timesteps.to(t.device)
+        """Positions k in this schedule of the training timesteps ``t`` (any shape, long).
+
+        On an accelerator the check that every t is a step runs on the device (an asynchronous assert), so that a
+        sampler step never waits for the host; on CPU a miss is a ValueError naming the timesteps.
+        """
+        table = self.timesteps.to(t.device, non_blocking=True)
         k = torch.searchsorted(table, t.long()).clamp(max=len(table) - 1)
+        if t.device.type != "cpu":
+            torch._assert_async((table[k] == t).all(), "timesteps are not steps of this schedule")
+            return k
         if not bool((table[k] == t).all()):
             missing = sorted(set(t.flatten().tolist()) - set(table.tolist()))[:5]
             raise ValueError(f"timesteps {missing} are not steps of this schedule")

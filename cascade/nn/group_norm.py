@@ -44,18 +44,21 @@ MIN_ELEMENTS = 2**19
 def channels_last_kernel(x: Tensor) -> type[torch.autograd.Function] | None:
     """The autograd function :func:`group_norm_act` runs on ``x``, or None for PyTorch's GroupNorm.
 
-    Bf16/fp16 4-d CPU tensors stored NHWC (and not also NCHW) take the channels-last kernel: the C++ one
-    for bf16 where it could be built (under ``torch.compile``: where it is already loaded), else the
-    PyTorch-ops one from ``MIN_ELEMENTS`` up. In float32 PyTorch's own channels-last kernel is as fast.
+    Bf16/fp16/float32 4-d CPU tensors stored NHWC (and not also NCHW) take the channels-last kernel: the C++
+    one for bf16 and float32 where it could be built (under ``torch.compile``: where it is already loaded), else
+    for bf16/fp16 the PyTorch-ops one from ``MIN_ELEMENTS`` up, and for float32 PyTorch's own kernel (the
+    PyTorch-ops algorithm is no faster than it in float32).
     """
-    if not (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 4
+    if not (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.dim() == 4
             and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
         return None
-    if x.dtype == torch.bfloat16:
+    if x.dtype in (torch.bfloat16, torch.float32):
         # torch.compile traces through here: it may only look at what is loaded (the trainer loads it first).
         available = native.loaded_group_norm_kernels() if torch.compiler.is_compiling() else group_norm_kernels()
         if available is not None:
             return _NativeGroupNormAct
+        if x.dtype == torch.float32:
+            return None
     return _ChannelsLastGroupNormAct if x.numel() >= MIN_ELEMENTS else None
 
 
