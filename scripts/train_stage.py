@@ -22,11 +22,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from cascade.training.checkpoint import CheckpointError  # noqa: E402
-from cascade.utils.device import resolve_device  # noqa: E402
-from cascade.training.faults import TrainingDiverged  # noqa: E402
+from cascade.training.checkpoint import CheckpointError
+from cascade.utils.device import resolve_device
+from cascade.training.faults import TrainingDiverged
 
 BAD_INPUT = (ValueError, CheckpointError, FileNotFoundError)
 
