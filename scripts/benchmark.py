@@ -32,8 +32,6 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from cascade.tools.benchmark import StageBench, benchmark_stage  # noqa: E402
 from cascade.utils.device import bf16_autocast, resolve_device  # noqa: E402
 from cascade.diffusion.guidance import classifier_log_prob, log_prob_gradient  # noqa: E402

@@ -15,15 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from omegaconf import OmegaConf
 
-from omegaconf import OmegaConf  # noqa: E402
-
-from cascade.training.checkpoint import CheckpointError  # noqa: E402
-from cascade.utils.cli import OneLineParser  # noqa: E402
-from cascade.utils.device import resolve_device  # noqa: E402
-from cascade.pipeline.job import SR_STAGES, CascadeRequest, run_cascade  # noqa: E402
-from cascade.diffusion.samplers import SAMPLERS  # noqa: E402
+from cascade.training.checkpoint import CheckpointError
+from cascade.utils.cli import OneLineParser
+from cascade.utils.device import resolve_device
+from cascade.pipeline.job import SR_STAGES, CascadeRequest, run_cascade
+from cascade.diffusion.samplers import SAMPLERS
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cascade.yaml"
 

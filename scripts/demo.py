@@ -5,7 +5,7 @@
 Runs, and prints, the very commands a user would type:
 ``scripts/train_stage.py stage=<base|classifier|sr256|sr1024> preset=tiny`` (into runs/<stage>),
 then ``scripts/cascade_sample.py``. A stage already trained to its last step is reused, not
-retrained, so running the demo again only samples. About 10 minutes on 2 CPU cores (11 with the install).
+retrained, so running the demo again only samples. README (Quickstart) gives its measured duration.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from cascade.utils.cli import OneLineParser  # noqa: E402
+from cascade.utils.cli import OneLineParser
 
 SCRIPTS = Path(__file__).resolve().parent
 STAGES = ("base", "classifier", "sr256", "sr1024")
@@ -46,7 +44,7 @@ def main() -> None:
     start = time.perf_counter()
     for stage in STAGES:
         run([sys.executable, str(SCRIPTS / "train_stage.py"), f"stage={stage}", "preset=tiny", f"device={args.device}"])
-    # 10 solver steps at 1024px: a full-size step of the tiny sr1024 takes seconds on a CPU.
+    # 10 solver steps at 1024px: a full-size step of the tiny sr1024 is the costliest part of the demo on a CPU.
     run([sys.executable, str(SCRIPTS / "cascade_sample.py"), "--class", args.class_, "--num", "1", "--sr1024-steps", "10",
          "--device", args.device, "--out", args.out])
     minutes = (time.perf_counter() - start) / 60

@@ -20,11 +20,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from cascade.training.checkpoint import CheckpointError  # noqa: E402
-from cascade.utils.device import resolve_device  # noqa: E402
-from cascade.evaluation.evaluate import (  # noqa: E402
+from cascade.training.checkpoint import CheckpointError
+from cascade.utils.device import resolve_device
+from cascade.evaluation.evaluate import (
     LOWER_IS_BETTER,
     FeatureSpace,
     aug_level_sweep,
@@ -37,9 +35,9 @@ from cascade.evaluation.evaluate import (  # noqa: E402
     reference_classifier,
     select_level,
 )
-from cascade.evaluation.features import InceptionFeatures, NoisyClassifierFeatures, TimmFeatures, inception_weights  # noqa: E402
-from cascade.pipeline.orchestrator import LoadedStage, load  # noqa: E402
-from cascade.evaluation.tuned import write_tuned  # noqa: E402
+from cascade.evaluation.features import InceptionFeatures, NoisyClassifierFeatures, TimmFeatures, inception_weights
+from cascade.pipeline.orchestrator import LoadedStage, load
+from cascade.evaluation.tuned import write_tuned
 
 
 def feature_kind(cfg: DictConfig, data: dict[str, Any]) -> str:

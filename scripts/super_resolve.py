@@ -13,17 +13,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch
+from torchvision.utils import save_image
 
-import torch  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
-
-from cascade.training.checkpoint import CheckpointError, load_stage  # noqa: E402
-from cascade.utils.cli import OneLineParser  # noqa: E402
-from cascade.data import class_index  # noqa: E402
-from cascade.utils.device import resolve_device  # noqa: E402
-from cascade.diffusion.samplers import SAMPLERS  # noqa: E402
-from stages.upsampler import UpsamplerStage, load_image, super_resolve  # noqa: E402
+from cascade.training.checkpoint import CheckpointError, load_stage
+from cascade.utils.cli import OneLineParser
+from cascade.data import class_index
+from cascade.utils.device import resolve_device
+from cascade.diffusion.samplers import SAMPLERS
+from stages.upsampler import UpsamplerStage, load_image, super_resolve
 
 
 def main() -> None:

@@ -22,12 +22,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from cascade.evaluation import previews  # noqa: E402
-from cascade.training.checkpoint import CheckpointError  # noqa: E402
-from cascade.utils.device import resolve_device  # noqa: E402
-from cascade.training.faults import TrainingDiverged  # noqa: E402
+from cascade.evaluation import previews
+from cascade.training.checkpoint import CheckpointError
+from cascade.utils.device import resolve_device
+from cascade.training.faults import TrainingDiverged
 
 BAD_INPUT = (ValueError, CheckpointError, FileNotFoundError)
 

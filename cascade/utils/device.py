@@ -37,8 +37,8 @@ def keep_freed_memory() -> bool:
     unmaps them on free, so every such tensor is page-faulted in again, op after op: a tiny sr1024
     step at 1024px spent as much time in the kernel as in convolutions. With mmap off and trimming
     off, freed blocks stay in the heap and are reused (the usual remedy is jemalloc/tcmalloc via
-    LD_PRELOAD; this needs nothing installed). Measured on 2 cores: 10 solver steps of the tiny
-    sr1024 at 1024px 102 s → 55 s. The process keeps its peak memory until it exits.
+    LD_PRELOAD; this needs nothing installed). Full-size sr1024 sampling on a CPU gains the most
+    (README, "Speed and scale"). The process keeps its peak memory until it exits.
     Returns whether the allocator was changed.
     """
     if not sys.platform.startswith("linux"):
