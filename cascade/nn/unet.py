@@ -80,7 +80,8 @@ class EncoderOptions:
         """Channels of ``level``: int(model_channels · channel_mult[level]) (ADM)."""
         channels = int(self.model_channels * self.channel_mult[level])
         if channels < 1 or channels != self.model_channels * self.channel_mult[level]:
-            raise ValueError(f"model_channels {self.model_channels} × channel_mult {self.channel_mult[level]} is not a whole channel count")
+            raise ValueError(f"model_channels {self.model_channels} × channel_mult {self.channel_mult[level]} "
+                             "is not a whole channel count")
         return channels
 
     def resblock(self, emb_channels: int) -> partial[ResBlock]:
