@@ -17,7 +17,6 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cascade.training.checkpoint import CheckpointError
@@ -35,6 +34,7 @@ from cascade.evaluation.evaluate import (
     reference_classifier,
     select_level,
 )
+from cascade.evaluation.held_out import held_out_data
 from cascade.evaluation.features import InceptionFeatures, NoisyClassifierFeatures, TimmFeatures, inception_weights
 from cascade.pipeline.orchestrator import LoadedStage, load
 from cascade.evaluation.tuned import write_tuned
@@ -154,9 +154,10 @@ def main(cfg: DictConfig) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         data = loaded.payload["config"]["data"]
         resolution = loaded.stage.resolution
-        val = instantiate(data["val"] or data["train"], resolution=resolution)
+        role = "classifier" if loaded.is_classifier else "upsampler" if loaded.is_upsampler else "base"
+        train, val, held_out = held_out_data(data, resolution, role)  # never the training images (issue 20 item 5)
         report: dict[str, Any] = {"ckpt": str(cfg.ckpt), "stage": loaded.name, "step": loaded.payload["step"],
-                                  "settings": OmegaConf.to_container(cfg, resolve=True)}
+                                  "held_out": held_out, "settings": OmegaConf.to_container(cfg, resolve=True)}
         if loaded.is_classifier:
             report |= classifier_noise_accuracy(loaded.stage, loaded.net, val, out_dir=out_dir, buckets=cfg.eval_buckets,
                                                 num_images=cfg.eval_images, device=device, seed=cfg.seed)
@@ -165,7 +166,6 @@ def main(cfg: DictConfig) -> None:
         else:  # fail fast on missing Inception weights, before anything is trained or sampled
             kind = feature_kind(cfg, data)
             inception = InceptionFeatures(inception_weights(cfg.features_path), device) if kind == "inception" else None
-            train = instantiate(data["train"], resolution=resolution)
             evaluate = evaluate_upsampler if loaded.is_upsampler else evaluate_base
             report |= evaluate(cfg, loaded, train, val, inception, out_dir, device)
         (out_dir / "metrics.json").write_text(json.dumps(json_ready(report), indent=2))
