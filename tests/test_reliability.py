@@ -35,7 +35,7 @@ from cascade.training.checkpoint import (
 from cascade.data import ImageFolderDataset
 from cascade.data.order import SeededItems, StepBatchSampler
 from cascade.training.faults import TrainingDiverged
-from cascade.training.trainer import Trainer
+from cascade.training.trainer import ReportContext, Trainer
 from tests.helpers import ROOT, run_script
 
 # --- a one-layer stage for in-process runs -----------------------------------------------------------
@@ -80,16 +80,18 @@ class TinyStage:
             loss = loss + (weight * 0).abs().sum().sqrt()
         return loss
 
-    def report(self, net: nn.Module, **kwargs: object) -> dict[str, float]:
-        torch.rand(100)  # a report drawing from the global RNG must not shift training
-        return {}
+
+def report(net: nn.Module, context: ReportContext) -> dict[str, float]:
+    torch.rand(100)  # a report drawing from the global RNG must not shift training
+    return {}
 
 
 def fit(run_dir: Path, *, steps: int, stage: TinyStage | None = None, dataset: Dataset | None = None, **trainer: object) -> dict:
     options = dict(max_steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, ckpt_every=2, sample_every=3, log_every=1,
                    num_workers=0, progress=False, bf16=False)
     torch.manual_seed(0)  # what train_stage.py does before building: initial weights
-    return Trainer(**{**options, **trainer}).fit(stage or TinyStage(), dataset or Noise(), run_dir=run_dir, config={}, seed=3)
+    return Trainer(**{**options, **trainer}).fit(stage or TinyStage(), dataset or Noise(), run_dir=run_dir, config={}, seed=3,
+                                                 reporter=report)
 
 
 def assert_same_state(a: Path, b: Path, context: str = "") -> None:

@@ -266,7 +266,7 @@ def run_cascade(request: CascadeRequest, device: torch.device, *, progress: bool
     record = {
         "command": request.argv, "class": {"index": label, "name": class_name}, "num": request.num, "seed": request.seed,
         **described, "torch": torch.__version__, "notes": notes, "out": str(out), "files": files,
-        "seeding": "stage j, batch b: torch.Generator(device).manual_seed(cascade.pipeline.orchestrator.stage_seed(seed, j, b))",
+        "seeding": "stage j, image i: torch.Generator(device).manual_seed(cascade.pipeline.orchestrator.image_seed(seed, j, i))",
     }
     (out / "cascade.json").write_text(json.dumps(record, indent=2))
     return record

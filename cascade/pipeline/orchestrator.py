@@ -32,7 +32,17 @@ from cascade.training.checkpoint import CheckpointError, load_stage
 from cascade.utils.device import bf16_autocast
 from cascade.utils.rng import ImageGenerators
 
-__all__ = ["StageSettings", "LoadedStage", "ChainError", "Cascade", "check_chain", "check_settings", "stage_seed", "image_seed"]
+__all__ = [
+    "StageSettings",
+    "LoadedStage",
+    "ChainError",
+    "Cascade",
+    "check_chain",
+    "check_settings",
+    "stage_seed",
+    "image_seed",
+    "IMAGE_SEED_STRIDE",
+]
 
 
 @dataclass

@@ -1,12 +1,16 @@
 """The generic training loop shared by every stage.
 
-A stage (see ``stages/``) says *what* is learned: it builds its network, computes a
-per-example loss from a batch, and reports (sample grids, accuracies). The trainer says
-*how*: AdamW with linear warm-up, EMA of the weights (timm ``ModelEmaV3``), gradient
+A stage (see ``stages/``, :class:`cascade.roles.Trainable`) says *what* is learned: it builds
+its network and computes a per-example loss from a batch. A :class:`Reporter` injected by the
+caller (``cascade.evaluation.previews``) makes the periodic previews. The trainer says *how*: AdamW with linear warm-up, EMA of the weights (timm ``ModelEmaV3``), gradient
 clipping, bf16 autocast (CUDA, and CPUs with native bf16), data-parallel training under ``torchrun``
 with gradient accumulation over micro-batches, optional ``torch.compile``, periodic
 self-describing checkpoints, resume from ``last.pt``, ``metrics.jsonl``, ``loss.png``
 and a progress bar with loss, rate and ETA.
+
+:meth:`Trainer._fit` runs named sections in the order of EDM's ``training_loop``: initialise,
+resume, prepare, then per step train → log → checkpoint → (stop) → report, and finish. What a
+run resumes from is one :class:`~cascade.training.state.TrainingState`.
 """
 
 from __future__ import annotations
