@@ -18,14 +18,16 @@ def _check_tiny(stage: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> gpu_ch
     """The CPU mode on one stage (smallest ladder), with every section and skip reason checked."""
     monkeypatch.setitem(gpu_check.LADDERS["tiny"], stage, (2,))
     report = gpu_check.run_gpu_check("tiny", torch.device("cpu"), budget_s=900, stages=(stage,), log=lambda line: None)
-    (resume,) = [c for c in report.correctness if c["stage"] == stage]
+    (resume,) = [c for c in report.correctness if c["check"].startswith("2-step train + resume")]
+    assert resume["stage"] == stage
     assert resume["passed"] and resume["differing_tensors"] == []
     (train,) = report.training
     assert train["stage"] == stage and train["batch"] == 2 and train["images_per_s"] > 0 and train["train_gflop_per_image"] > 0
     assert train["mfu"] is None  # no GPU peak on a CPU
     skipped = {s["what"]: s["reason"] for s in report.skipped}
     assert "CPU mode" in skipped["DDP over NCCL"]
-    assert "CUDA only" in skipped[f"{stage}: fused SDPA backend"]
+    (sdpa,) = [c for c in report.correctness if c["check"].startswith("attention on a fused SDPA backend")]
+    assert sdpa["stage"] == stage and isinstance(sdpa["passed"], bool)
     assert "needs all four stages" in skipped["sampling"]
     assert "tiny mode" in skipped[f"{stage}: torch.compile training"]
     json_path, md_path = gpu_check.write(report, tmp_path)
@@ -46,6 +48,20 @@ def test_tiny_mode_base_with_switches(tmp_path, monkeypatch: pytest.MonkeyPatch)
     assert [s["switch"] for s in report.switches] == ["bf16 autocast, NCHW, fused AdamW (the default)", "channels-last",
                                                        "gradient checkpointing per block", "fp32 (TF32 on CUDA) instead of bf16",
                                                        "AdamW without fused"]
+
+
+@pytest.mark.xfail(strict=True, reason="AttentionBlock (cascade/nn/layers.py) hands SDPA q, k, v whose last dimension has stride "
+                   "T, not 1: every fused kernel (CUDA flash / memory-efficient, CPU flash) refuses them and the math kernel runs. "
+                   "The fix belongs with the attention layout change in layers.py; then remove this marker.")
+def test_unet_attention_runs_on_a_fused_sdpa_backend() -> None:
+    """The check the GPU script makes, on the CPU's flash kernel: a math fallback raises instead of running."""
+    from cascade.nn import UNet
+
+    stage = gpu_check.instantiate(gpu_check.compose_config("base", "tiny").stage)
+    net = stage.build(num_classes=10)
+    result = gpu_check.sdpa_check(stage, net, torch.device("cpu"), 2)
+    assert isinstance(net, UNet)
+    assert result["passed"], result["error"]
 
 
 def test_budget_guard_skips_what_does_not_fit() -> None:
@@ -91,3 +107,14 @@ def test_cpu_features_agree_with_torch() -> None:
     line = describe_cpu(features)
     for key, label in (("amx", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512", "AVX-512"), ("avx2", "AVX2")):
         assert (f"no {label}" in line) != features[key]
+
+
+def test_hard_time_limit_cuts_a_section_and_keeps_the_report() -> None:
+    """The script's alarm raises TimeUp inside whatever runs; here the first section's log line does."""
+
+    def alarm(line: str) -> None:
+        raise gpu_check.TimeUp
+
+    report = gpu_check.run_gpu_check("tiny", torch.device("cpu"), budget_s=600, stages=("classifier",), log=alarm)
+    assert report.correctness == [] and report.skipped[-1]["what"] == "the rest of the check"
+    assert report.skipped[-1]["reason"].startswith("hard time limit")
