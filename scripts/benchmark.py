@@ -32,7 +32,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from cascade.tools.benchmark import StageBench, benchmark_stage  # noqa: E402
+from cascade.tools.benchmark import StageBench, benchmark_stage, cpu_features, describe_cpu  # noqa: E402
 from cascade.utils.device import bf16_autocast, resolve_device  # noqa: E402
 from cascade.diffusion.guidance import classifier_log_prob, log_prob_gradient  # noqa: E402
 
@@ -116,8 +116,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()}
+               "threads": torch.get_num_threads(), "load_average_start": os.getloadavg(), "cpu_features": cpu_features()}
+    machine["cpu"] = describe_cpu(machine["cpu_features"])
     print(f"benchmark: preset {args.preset}, device {machine['device']}, {machine['threads']} threads, torch {torch.__version__}")
+    print(f"benchmark: CPU {machine['cpu']}")
 
     results: list[StageBench] = []
     for name in args.stages:
@@ -150,7 +152,8 @@ def main() -> None:
     machine["load_average_end"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = table(results)
+    text = (f"Device: {machine['device']}; CPU: {machine['cpu']}; {machine['threads']} threads; torch {machine['torch']}; "
+            f"load average {machine['load_average_start'][0]:.1f} → {machine['load_average_end'][0]:.1f}\n\n" + table(results))
     print("\n" + text)
     (out / "benchmark.md").write_text(text + "\n")
     (out / "benchmark.json").write_text(json.dumps({"machine": machine, "args": vars(args),

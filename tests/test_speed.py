@@ -114,6 +114,39 @@ def test_fused_group_norm_matches_float64_in_value_and_gradient(layout: str, ada
             assert (got.double() - want).norm() / want.norm() < 1e-5
 
 
+@pytest.mark.parametrize("adaptive, act", [(False, False), (False, True), (True, True)])
+def test_fused_group_norm_float32_channels_last_matches_float64(adaptive: bool, act: bool) -> None:
+    """Float32 channels-last maps take the C++ kernel (where PyTorch's channels-last GroupNorm is slow): output and
+    the gradients of x, w, b, scale and shift are the float64 computation to float32 accuracy (relative to the norm;
+    PyTorch's own float32 kernel is held to the same bound, so the kernel is no less exact than what it replaces)."""
+    from cascade.nn import group_norm
+    from cascade.nn.group_norm import channels_last_kernel, group_norm_act
+    from cascade.nn.native import group_norm_kernels
+
+    assert group_norm_kernels() is not None, "the C++ GroupNorm kernel did not build (see the warning above)"
+    torch.manual_seed(0)
+    b, c = 4, 96  # 3 channels per group
+    weight, bias = torch.randn(c, requires_grad=True), torch.randn(c, requires_grad=True)
+    scale = (0.3 * torch.randn(b, c)).requires_grad_(True) if adaptive else None
+    shift = (0.3 * torch.randn(b, c)).requires_grad_(True) if adaptive else None
+    x = torch.randn(b, c, 24, 24) * torch.rand(b, 1, 1, 1) * 3 + 5 + torch.randn(1, c, 1, 1)  # 576 rows: 2 blocks each
+    grad_out = torch.randn(b, c, 24, 24)
+    params = [p for p in (weight, bias, scale, shift) if p is not None]
+    x_ref = x.double().requires_grad_(True)
+    ref = _adagn_reference(x_ref, weight, bias, scale, shift, act)
+    ref_grads = torch.autograd.grad(ref, [x_ref, *params], grad_out.double())
+    for memory_format in (torch.channels_last, torch.contiguous_format):  # the C++ kernel, then PyTorch's NCHW one
+        x_fast = x.contiguous(memory_format=memory_format).requires_grad_(True)
+        expected = group_norm._NativeGroupNormAct if memory_format == torch.channels_last else None
+        assert channels_last_kernel(x_fast) is expected
+        out = group_norm_act(x_fast, 32, weight, bias, 1e-5, scale, shift, act)
+        grads = torch.autograd.grad(out, [x_fast, *params], grad_out.contiguous(memory_format=memory_format))
+        assert out.dtype == torch.float32 and out.is_contiguous(memory_format=memory_format)
+        assert (out.double() - ref).norm() / ref.norm() < 1e-6
+        for got, want in zip(grads, ref_grads):
+            assert (got.double() - want).norm() / want.norm() < 1e-5
+
+
 @pytest.mark.parametrize("kernel", ["native", "torch"])
 def test_channels_last_group_norm_statistics_have_no_cancellation(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A mean 10⁴ standard deviations away: E[x²] − E[x]² in float32 would lose the variance entirely (10⁸ ± 10⁴ at
@@ -139,14 +172,15 @@ def test_channels_last_group_norm_statistics_have_no_cancellation(kernel: str, m
         assert (got.double() - want).norm() / want.norm() < 1e-4
 
 
-def test_native_group_norm_does_not_depend_on_the_thread_count() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_group_norm_does_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
     """The C++ kernels sum fixed blocks of rows and combine them in a fixed order: 1 and 2 threads agree bit for bit."""
     from cascade.nn.group_norm import group_norm_act
     from cascade.nn.native import group_norm_kernels
 
     assert group_norm_kernels() is not None
     torch.manual_seed(0)
-    x = torch.randn(3, 64, 40, 40).bfloat16().contiguous(memory_format=torch.channels_last)  # 1600 rows: 4 blocks each
+    x = torch.randn(3, 64, 40, 40).to(dtype).contiguous(memory_format=torch.channels_last)  # 1600 rows: 4 blocks each
     weight, bias, scale, shift = torch.randn(64), torch.randn(64), torch.randn(3, 64), torch.randn(3, 64)
     grad_out = torch.randn_like(x)
     threads = torch.get_num_threads()

@@ -14,7 +14,9 @@ kernel is about 10× slower in bf16 than its NCHW one. Here a bf16 channels-last
 stay channels-last. On 2 CPU cores, GN + scale-shift + SiLU forward and backward on (16, 64, 64, 64):
 4.9 ms, against 8 ms for PyTorch's NCHW kernels, 13 ms for the same algorithm in PyTorch ops (the
 fallback where the C++ kernels cannot be built, and for fp16) and 45 ms for PyTorch's channels-last
-kernels. Everything else (CUDA, NCHW, float32) takes PyTorch's kernels.
+kernels. Float32 channels-last maps take the same C++ kernels (on CPUs without native bf16 the networks train in
+float32, and PyTorch's channels-last float32 GroupNorm is about as slow as its NCHW one, while oneDNN's float32
+convolutions gain from NHWC); everything else (CUDA, NCHW) takes PyTorch's kernels.
 
 Precision: each channel is shifted by one of its own values and group means are formed relative to
 one channel's shift, so the statistics are float32 sums of centred values and never suffer the

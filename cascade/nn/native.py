@@ -73,7 +73,7 @@ def group_norm_kernels() -> ModuleType | None:
     except Exception as error:  # any build failure means: use PyTorch's ops
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         warnings.warn(f"cascade: the C++ GroupNorm kernel could not be built ({first_line[:200]}); using PyTorch ops, "
-                      "which are slower for channels-last bf16 on CPU. Set CASCADE_NATIVE_KERNELS=0 to silence this.",
+                      "which are slower for channels-last bf16 and float32 on CPU. Set CASCADE_NATIVE_KERNELS=0 to silence this.",
                       RuntimeWarning, stacklevel=2)
         return None
     finally:

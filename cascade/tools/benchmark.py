@@ -40,11 +40,58 @@ __all__ = [
     "DiffusersTwin",
     "diffusers_twin",
     "unet_kwargs",
+    "cpu_features",
+    "describe_cpu",
 ]
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; matched against the device name.
 PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("GH200", 989.4),
                     ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0))
+
+
+def cpu_features() -> dict[str, Any]:
+    """The CPU's instruction sets that decide our CPU speed: AMX and AVX512-BF16 (native bf16 matrix arithmetic;
+    without either, oneDNN emulates bf16 and bf16 autocast is off), AVX-512 and AVX2 (the vector width of float32
+    code, and which build of the C++ kernels runs), from the kernel's CPU flags (Linux) and PyTorch's own detection."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    cpu = getattr(torch, "cpu", None)
+
+    def torch_says(name: str) -> bool:
+        check = getattr(cpu, name, None)
+        return bool(check()) if check is not None else False
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {
+        "amx": torch_says("_is_amx_tile_supported") or "amx_tile" in flags,
+        "avx512_bf16": torch_says("_is_avx512_bf16_supported") or "avx512_bf16" in flags,
+        "avx512": capability.startswith("AVX512") or "avx512f" in flags,
+        "avx2": capability.startswith(("AVX2", "AVX512")) or "avx2" in flags,
+        "torch_cpu_capability": capability,
+        "model_name": _cpu_model_name(),
+    }
+
+
+def _cpu_model_name() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def describe_cpu(features: dict[str, Any]) -> str:
+    """One line, e.g. ``Intel Xeon … — AVX-512, AVX2; no AVX512-BF16, no AMX (bf16 emulated: float32 runs)``."""
+    names = (("amx", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512", "AVX-512"), ("avx2", "AVX2"))
+    has = [label for key, label in names if features[key]]
+    lacks = [f"no {label}" for key, label in names if not features[key]]
+    kind = "native bf16" if features["amx"] or features["avx512_bf16"] else "bf16 emulated: float32 runs"
+    return f"{features['model_name']}: {', '.join(has) or 'none of them'}; {', '.join(lacks) or 'all'} ({kind})"
 
 
 def peak_bf16_tflops(device: torch.device) -> float | None:

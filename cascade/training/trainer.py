@@ -38,7 +38,7 @@ from cascade.roles import Trainable
 from cascade.training import faults
 from cascade.training.checkpoint import load_latest, prune_checkpoints, remove_temporaries, save_checkpoint
 from cascade.training.state import TrainingState
-from cascade.utils.device import bf16_autocast, native_bf16
+from cascade.utils.device import bf16_autocast
 from cascade.utils.rng import keyed_seed
 from cascade.nn.native import group_norm_kernels
 from cascade.utils.plots import plot_loss_curve, read_metrics
@@ -101,7 +101,7 @@ class Trainer:
         log_every: int = 100,  # metrics.jsonl period
         num_workers: int = 4,  # data loader workers per rank
         bf16: bool = True,  # bf16 autocast where native: CUDA, CPUs with AMX / AVX512-BF16
-        channels_last: bool = False,  # NHWC memory format (tensor cores; on CPU slower for GroupNorm nets, see README)
+        channels_last: bool = False,  # NHWC memory format (tensor cores; on CPU with our C++ GroupNorm kernel, see README)
         micro_batch_size: int | None = None,  # per-rank micro-batch for gradient accumulation; None = the whole rank batch
         compile: bool = False,  # torch.compile the network for the training step (EMA and checkpoints keep the plain module)
         tf32: bool = True,  # TF32 matmuls/convolutions for float32 work on Ampere+ GPUs (no effect on CPU)
@@ -224,9 +224,9 @@ class Trainer:
         if run.world_size > 1:
             run.ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         run.model = run.ddp or net
-        if device.type == "cpu" and self.channels_last and self.bf16 and native_bf16(device):
-            # Channels-last bf16 norms run on the C++ GroupNorm kernel: build or load it now: its one-time build message then
-            # comes before the progress bar, and torch.compile traces norms onto it only if it is loaded before tracing.
+        if device.type == "cpu" and self.channels_last:
+            # Channels-last norms (bf16 and float32) run on the C++ GroupNorm kernel: build or load it now: its one-time build
+            # message then comes before the progress bar, and torch.compile traces norms onto it only if it is loaded before tracing.
             group_norm_kernels()
         if self.compile:  # compile after wrapping (DDP-aware graph breaks); ``net`` stays the plain module for EMA and state_dict
             run.model = torch.compile(run.model)
