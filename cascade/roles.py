@@ -95,8 +95,8 @@ class Upsampler(_DiffusionRole):
     lowres_resolution: int  # input resolution
     factor: int  # resolution // lowres_resolution
     noise_augmentation: bool  # the low-res input is corrupted at a level s the network is told (CDM §4.3)
-    aug_max_level: int  # highest trained level s (0 without augmentation)
-    sample_aug_level: int  # default s at sampling
+    aug_max_level: int | None  # highest trained level s (None without augmentation)
+    sample_aug_level: int | None  # default s at sampling (None without augmentation)
 
     @abstractmethod
     def sample(

@@ -322,12 +322,11 @@ class UpsamplerStage(DiffusionStage, Upsampler):
         if self.class_conditional:
             if class_labels is None:
                 class_labels = torch.full((batch,), self.null_label(net), dtype=torch.long, device=lowres.device)  # null class
-            top = network_classes(net)
-            top = top if top is not None else 0
+            top = network_classes(net)  # None for a bare model function: its embedding checks the range itself
             if class_labels.shape != (batch,):
                 raise ValueError(f"class_labels must have shape ({batch},), got {tuple(class_labels.shape)}")
-            last = top if self.null_class else top - 1
-            if bool(((class_labels < 0) | (class_labels > last)).any()):
+            last = None if top is None else (top if self.null_class else top - 1)
+            if last is not None and bool(((class_labels < 0) | (class_labels > last)).any()):
                 null = f" (or {top}, the null class)" if self.null_class else ""
                 raise ValueError(f"class labels must be in 0..{top - 1}{null}, got {class_labels.tolist()}")
             cond["class_labels"] = class_labels.to(lowres.device)

@@ -34,14 +34,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cascade.data.order import SeededItems, StepBatchSampler
+from cascade.nn.native import group_norm_kernels
 from cascade.roles import Trainable
 from cascade.training import faults
 from cascade.training.checkpoint import load_latest, prune_checkpoints, remove_temporaries, save_checkpoint
 from cascade.training.state import TrainingState
 from cascade.utils.device import bf16_autocast
-from cascade.utils.rng import keyed_seed
-from cascade.nn.native import group_norm_kernels
 from cascade.utils.plots import plot_loss_curve, read_metrics
+from cascade.utils.rng import keyed_seed
 
 __all__ = ["Stage", "Trainer", "Reporter", "ReportContext", "count_parameters", "StepBatchSampler"]
 
