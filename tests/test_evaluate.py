@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from cascade.evaluation import features as features_module
 from cascade.evaluation.evaluate import classification_accuracy_score, json_ready, reference_classifier, select_level
@@ -19,7 +18,7 @@ from cascade.evaluation.features import FeatureError, InceptionFeatures, incepti
 from cascade.evaluation.fid import fid, frechet_distance, inception_score, knn_radii, precision_recall
 from cascade.evaluation.metrics import psnr, ssim, super_resolution_metrics, topk_accuracy
 from cascade.data.resize import downsample
-from cascade.pipeline.job import CascadeRequest
+from cascade.pipeline.job import settings_from_argv
 from cascade.evaluation.tuned import read_tuned, tuned_path, write_tuned
 from tests.helpers import CONFIGS, run_script
 
@@ -215,24 +214,26 @@ def test_cas_is_high_for_faithful_samples_and_zero_for_samples_of_the_wrong_clas
 # --- the tuned aug level reaches the sampler ---------------------------------------------------------------
 
 
-def cascade_config() -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONFIGS / "cascade.yaml"))
+def sampling(*argv: str):
+    """The merged sampling settings of ``cascade_sample.py argv…`` with the real configs/cascade.yaml."""
+    return settings_from_argv(list(argv), CONFIGS / "cascade.yaml")
 
 
 def test_tuned_level_is_a_layer_between_config_and_flags(tmp_path):
     ckpt = tmp_path / "sr256" / "last.pt"
     ckpt.parent.mkdir()
-    flags = {"class_": "1", "sr256_ckpt": str(ckpt)}
-    assert CascadeRequest.from_sources(cascade_config(), flags).stages["sr256"].settings["aug_level"] is None
+    flags = ["--class", "1", "--sr256-ckpt", str(ckpt)]
+    assert sampling(*flags).config.upsamplers["sr256"].settings.aug_level is None
     write_tuned(ckpt, {"aug_level": 120}, chosen_by="lowest fid over aug levels [0, 120]", step=7, report="m.json")
     assert tuned_path(ckpt) == tmp_path / "sr256" / "last.tuned.json" and read_tuned(ckpt)["checkpoint"]["step"] == 7
-    stage = CascadeRequest.from_sources(cascade_config(), flags).stages["sr256"]
-    assert stage.settings["aug_level"] == 120 and stage.sources["aug_level"].startswith(str(tuned_path(ckpt)))
-    flagged = CascadeRequest.from_sources(cascade_config(), {**flags, "sr256_aug_level": 30}).stages["sr256"]
-    assert flagged.settings["aug_level"] == 30 and flagged.sources["aug_level"] == "--sr256-aug-level"
+    tuned = sampling(*flags)
+    assert tuned.config.upsamplers["sr256"].settings.aug_level == 120
+    assert tuned.source("sr256", "aug_level").startswith(str(tuned_path(ckpt)))
+    flagged = sampling(*flags, "--sr256-aug-level", "30")
+    assert flagged.config.upsamplers["sr256"].settings.aug_level == 30 and flagged.source("sr256", "aug_level") == "--sr256-aug-level"
     tuned_path(ckpt).write_text("{not json")
     with pytest.raises(ValueError, match="last.tuned.json is not a tuned-settings file"):
-        CascadeRequest.from_sources(cascade_config(), flags)
+        sampling(*flags)
 
 
 # --- the CLI end to end ------------------------------------------------------------------------------------

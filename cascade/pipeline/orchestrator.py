@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from cascade.training.checkpoint import CheckpointError, load_stage
 from cascade.utils.device import bf16_autocast
 from cascade.diffusion.samplers import SAMPLERS, SamplerName
-from cascade.diffusion.schedules import check_same_schedule
+from cascade.diffusion.schedules import Spacing, check_same_schedule
 
 __all__ = ["StageSettings", "LoadedStage", "ChainError", "Cascade", "check_chain", "check_settings", "stage_seed"]
 
@@ -40,6 +40,7 @@ class StageSettings:
     cfg_scale: float = 1.0  # classifier-free guidance w (1 = the conditional model)
     classifier_scale: float = 0.0  # classifier guidance s (base only)
     aug_level: int | None = None  # noise-augmentation level s of the low-res input (upsamplers only)
+    spacing: Spacing | None = None  # respacing of the training process (None: the sampler's default)
 
 
 @dataclass
@@ -238,7 +239,7 @@ class Cascade:
                 with bf16_autocast(self.device, self.bf16):
                     if j == 0:
                         images = self.base.stage.sample(
-                            self.base.net, labels[part], sampler=s.sampler, steps=s.steps,
+                            self.base.net, labels[part], sampler=s.sampler, steps=s.steps, spacing=s.spacing,
                             classifier=self.classifier.net if self.classifier else None,
                             classifier_schedule=self.classifier.stage.schedule if self.classifier else None,
                             classifier_scale=s.classifier_scale, cfg_scale=s.cfg_scale, generator=generator, progress=progress)
@@ -246,7 +247,7 @@ class Cascade:
                         lowres = outputs[j - 1][part].to(self.device)  # (b, 3, r, r)
                         class_cond = labels[part] if loaded.class_conditional else None
                         images = loaded.stage.sample(loaded.net, lowres, class_cond, aug_level=levels[j], sampler=s.sampler,
-                                                     steps=s.steps, cfg_scale=s.cfg_scale, generator=generator, progress=progress)
+                                                     steps=s.steps, spacing=s.spacing, cfg_scale=s.cfg_scale, generator=generator, progress=progress)
                 images = images.float().cpu()  # (b, 3, R, R)
                 produced.append(images)
                 if on_stage_output is not None:
