@@ -19,6 +19,7 @@ from cascade.evaluation.fid import fid, frechet_distance, inception_score, knn_r
 from cascade.evaluation.metrics import psnr, ssim, super_resolution_metrics, topk_accuracy
 from cascade.data.resize import downsample
 from cascade.pipeline.job import settings_from_argv
+from cascade.evaluation.run import evaluation_config, feature_kind
 from cascade.evaluation.tuned import read_tuned, tuned_path, write_tuned
 from tests.helpers import CONFIGS, run_script
 
@@ -209,6 +210,31 @@ def test_cas_is_high_for_faithful_samples_and_zero_for_samples_of_the_wrong_clas
     assert faithful["top1"] >= 0.9 and faithful["real_data"]["top1"] >= 0.9 and faithful["train_images"] == 64
     wrong = classification_accuracy_score(samples, (real.labels + 1) % 4, real_baseline=False, **kwargs)  # class y drawn as y−1
     assert wrong["top1"] <= 0.1 and "real_data" not in wrong
+
+
+# --- settings and the choice of features ---------------------------------------------------------------------
+
+
+class _Undeclared(torch.utils.data.Dataset):
+    """A data set that does not say what its images are."""
+
+
+def test_auto_features_follow_what_the_data_set_declares():
+    assert feature_kind("auto", {"train": {"_target_": "cascade.data.ShapesDataset"}}) == "classifier"
+    assert feature_kind("auto", {"train": {"_target_": "cascade.data.ImageFolderDataset"}}) == "inception"
+    assert feature_kind("inception", {"train": {"_target_": "cascade.data.ShapesDataset"}}) == "inception"
+    with pytest.raises(ValueError, match="_Undeclared does not declare its image domain"):
+        feature_kind("auto", {"train": {"_target_": f"{__name__}._Undeclared"}})
+    with pytest.raises(ValueError, match="features=dino is unknown"):
+        feature_kind("dino", {"train": {"_target_": "cascade.data.ShapesDataset"}})
+
+
+def test_evaluation_settings_are_typed_per_role():
+    cfg = evaluation_config({"ckpt": "x.pt", "steps": 3, "sr_steps": 5, "sr_batch_size": 2, "aug_levels": [0, 9]})
+    assert (cfg.generator().steps, cfg.upsampler().steps, cfg.upsampler().batch_size) == (3, 5, 2)
+    assert cfg.upsampler().aug_levels == [0, 9] and cfg.classifier().buckets == 4
+    with pytest.raises(ValueError, match="the evaluation settings do not fit: .*sr_stepz"):
+        evaluation_config({"ckpt": "x.pt", "sr_stepz": 5})
 
 
 # --- the tuned aug level reaches the sampler ---------------------------------------------------------------
