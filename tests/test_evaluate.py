@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from cascade.evaluation import features as features_module
 from cascade.evaluation.evaluate import classification_accuracy_score, json_ready, reference_classifier, select_level
@@ -19,7 +18,8 @@ from cascade.evaluation.features import FeatureError, InceptionFeatures, incepti
 from cascade.evaluation.fid import fid, frechet_distance, inception_score, knn_radii, precision_recall
 from cascade.evaluation.metrics import psnr, ssim, super_resolution_metrics, topk_accuracy
 from cascade.data.resize import downsample
-from cascade.pipeline.job import CascadeRequest
+from cascade.pipeline.job import settings_from_argv
+from cascade.evaluation.run import evaluation_config, feature_kind
 from cascade.evaluation.tuned import read_tuned, tuned_path, write_tuned
 from tests.helpers import CONFIGS, run_script
 
@@ -212,27 +212,54 @@ def test_cas_is_high_for_faithful_samples_and_zero_for_samples_of_the_wrong_clas
     assert wrong["top1"] <= 0.1 and "real_data" not in wrong
 
 
+# --- settings and the choice of features ---------------------------------------------------------------------
+
+
+class _Undeclared(torch.utils.data.Dataset):
+    """A data set that does not say what its images are."""
+
+
+def test_auto_features_follow_what_the_data_set_declares():
+    assert feature_kind("auto", {"train": {"_target_": "cascade.data.ShapesDataset"}}) == "classifier"
+    assert feature_kind("auto", {"train": {"_target_": "cascade.data.ImageFolderDataset"}}) == "inception"
+    assert feature_kind("inception", {"train": {"_target_": "cascade.data.ShapesDataset"}}) == "inception"
+    with pytest.raises(ValueError, match="_Undeclared does not declare its image domain"):
+        feature_kind("auto", {"train": {"_target_": f"{__name__}._Undeclared"}})
+    with pytest.raises(ValueError, match="features=dino is unknown"):
+        feature_kind("dino", {"train": {"_target_": "cascade.data.ShapesDataset"}})
+
+
+def test_evaluation_settings_are_typed_per_role():
+    cfg = evaluation_config({"ckpt": "x.pt", "steps": 3, "sr_steps": 5, "sr_batch_size": 2, "aug_levels": [0, 9]})
+    assert (cfg.generator().steps, cfg.upsampler().steps, cfg.upsampler().batch_size) == (3, 5, 2)
+    assert cfg.upsampler().aug_levels == [0, 9] and cfg.classifier().buckets == 4
+    with pytest.raises(ValueError, match="the evaluation settings do not fit: .*sr_stepz"):
+        evaluation_config({"ckpt": "x.pt", "sr_stepz": 5})
+
+
 # --- the tuned aug level reaches the sampler ---------------------------------------------------------------
 
 
-def cascade_config() -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONFIGS / "cascade.yaml"))
+def sampling(*argv: str):
+    """The merged sampling settings of ``cascade_sample.py argv…`` with the real configs/cascade.yaml."""
+    return settings_from_argv(list(argv), CONFIGS / "cascade.yaml")
 
 
 def test_tuned_level_is_a_layer_between_config_and_flags(tmp_path):
     ckpt = tmp_path / "sr256" / "last.pt"
     ckpt.parent.mkdir()
-    flags = {"class_": "1", "sr256_ckpt": str(ckpt)}
-    assert CascadeRequest.from_sources(cascade_config(), flags).stages["sr256"].settings["aug_level"] is None
+    flags = ["--class", "1", "--sr256-ckpt", str(ckpt)]
+    assert sampling(*flags).config.upsamplers["sr256"].settings.aug_level is None
     write_tuned(ckpt, {"aug_level": 120}, chosen_by="lowest fid over aug levels [0, 120]", step=7, report="m.json")
     assert tuned_path(ckpt) == tmp_path / "sr256" / "last.tuned.json" and read_tuned(ckpt)["checkpoint"]["step"] == 7
-    stage = CascadeRequest.from_sources(cascade_config(), flags).stages["sr256"]
-    assert stage.settings["aug_level"] == 120 and stage.sources["aug_level"].startswith(str(tuned_path(ckpt)))
-    flagged = CascadeRequest.from_sources(cascade_config(), {**flags, "sr256_aug_level": 30}).stages["sr256"]
-    assert flagged.settings["aug_level"] == 30 and flagged.sources["aug_level"] == "--sr256-aug-level"
+    tuned = sampling(*flags)
+    assert tuned.config.upsamplers["sr256"].settings.aug_level == 120
+    assert tuned.source("sr256", "aug_level").startswith(str(tuned_path(ckpt)))
+    flagged = sampling(*flags, "--sr256-aug-level", "30")
+    assert flagged.config.upsamplers["sr256"].settings.aug_level == 30 and flagged.source("sr256", "aug_level") == "--sr256-aug-level"
     tuned_path(ckpt).write_text("{not json")
     with pytest.raises(ValueError, match="last.tuned.json is not a tuned-settings file"):
-        CascadeRequest.from_sources(cascade_config(), flags)
+        sampling(*flags)
 
 
 # --- the CLI end to end ------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def test_default_base_is_adm_imagenet64():
     assert isinstance(net, UNet)
     assert sum(p.numel() for p in net.parameters()) == pytest.approx(295.9e6, rel=0.01)
     assert stage.objective.learned_variance and stage.out_channels == 6
-    # Cosine schedule of DESIGN §1.
+    # Cosine schedule of docs/design.md §2.1.
     torch.testing.assert_close(stage.schedule.alphas_cumprod, cosine_schedule(1000).alphas_cumprod)
 
 

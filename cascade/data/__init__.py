@@ -6,15 +6,18 @@ import difflib
 import re
 from collections.abc import Sequence
 
+from cascade.data.domain import ImageDomain, image_domain
 from cascade.data.imagefolder import ImageFolderDataset, adm_center_crop, imagenet_class_names
 from cascade.data.shapes import ShapeParams, ShapesDataset, render_shape, sample_shape_params
 
 __all__ = [
+    "ImageDomain",
     "ImageFolderDataset",
     "ShapesDataset",
     "ShapeParams",
     "adm_center_crop",
     "class_index",
+    "image_domain",
     "imagenet_class_names",
     "render_shape",
     "sample_shape_params",

@@ -36,13 +36,15 @@ from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from cascade.data.domain import ImageDomain
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
@@ -156,6 +158,8 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
     trainer seeds it per item, :class:`cascade.data.order.SeededItems`). Unreadable and
     small images follow the module's policy.
     """
+
+    domain: ClassVar[ImageDomain] = "natural"  # photographs: Inception features apply (cascade.data.ImageDomain)
 
     def __init__(
         self, *, root: str, resolution: int, flip: bool = True, small_images: Literal["upscale", "skip"] = "upscale"

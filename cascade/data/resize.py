@@ -1,4 +1,4 @@
-"""Resizing between cascade resolutions (DESIGN §1, "Low-res making"): kornia, half-pixel centres.
+"""Resizing between cascade resolutions (docs/design.md §2.8, "Low-res making"): kornia, half-pixel centres.
 
 The upsamplers make their low-res inputs with :func:`downsample` and resize the conditioning
 up with :func:`upsample`; the evaluation uses the same two to make held-out inputs and the

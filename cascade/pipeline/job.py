@@ -1,35 +1,66 @@
-"""The sampling job behind ``scripts/cascade_sample.py``: settings, stage selection, outputs, ``cascade.json``.
+"""The sampling job behind ``scripts/cascade_sample.py``: its flags, stage selection, outputs, ``cascade.json``.
 
-Settings are merged in layers: ``configs/cascade.yaml`` ← the tuned settings an evaluation sweep
-wrote beside a stage's checkpoint (``<ckpt>.tuned.json``, :mod:`cascade.evaluation.tuned`) ← a replayed
-``cascade.json`` (``--replay``) ← the flags given; ``cascade.json`` records where each upsampler's
-augmentation level came from. A stage whose *default* checkpoint is absent ends the cascade
-at the previous resolution (with a note); a checkpoint that was asked for by path must exist.
+Settings are merged in one place, :func:`cascade.pipeline.settings.merge_settings`:
+``configs/cascade.yaml`` ← the tuned settings an evaluation sweep wrote beside a stage's checkpoint
+(``<ckpt>.tuned.json``) ← a replayed ``cascade.json`` (``--replay``) ← the flags given;
+``cascade.json`` records where each upsampler's augmentation level came from.
+
+The flags are made from the stage names: ``--base-*`` for the generator, ``--<name>-*`` for every
+upsampler of the config, of a replayed run, or added with ``--stage NAME=PATH``. ``--stage`` (repeated,
+in chain order) replaces the config's upsamplers, so any chain — 64→256, 32→128→512, 64→256→1024 —
+runs with the same code: ``--base-ckpt b32.pt --stage sr128=a.pt --stage sr512=b.pt``.
+A stage whose *default* checkpoint is absent ends the cascade at the previous resolution (with a
+note); a checkpoint that was asked for (flag, ``--stage``, replay) must exist.
 """
 
 from __future__ import annotations
 
-import copy
+import argparse
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torchvision.utils import save_image
 
 from cascade.data import class_index
+from cascade.diffusion.samplers import SAMPLERS
 from cascade.pipeline.orchestrator import Cascade, LoadedStage, StageSettings, load
-from cascade.evaluation.tuned import read_tuned, tuned_path
+from cascade.pipeline.settings import (
+    CONFIG_SOURCE,
+    GeneratorSettings,
+    Override,
+    ResolvedSettings,
+    UpsamplerSettings,
+    chain_names,
+    merge_settings,
+    read_replay,
+)
+from cascade.training.checkpoint import CheckpointError
+from cascade.utils.cli import OneLineParser
+from cascade.evaluation.tuned import tuned_path
+from cascade.utils.device import resolve_device
 
-__all__ = ["SR_STAGES", "StageRequest", "CascadeRequest", "run_cascade", "file_sha256", "strip"]
+__all__ = ["build_parser", "settings_from_argv", "run_cascade", "main", "file_sha256", "strip"]
 
-SR_STAGES = ("sr256", "sr1024")
 STRIP_PANEL = 512  # side of each panel of a sample's side-by-side strip
+STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+# Per-stage flags: option → (dotted key under the stage's slot, type, help).
+STAGE_OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "ckpt": ("ckpt", str, "checkpoint"),
+    "steps": ("settings.steps", int, "sampler steps"),
+    "sampler": ("settings.sampler", str, "sampler"),
+    "batch-size": ("settings.batch_size", int, "images per sampler call"),
+    "spacing": ("settings.spacing", str, "respacing of the training process (default: the sampler's)"),
+}
+METAVARS = {"ckpt": "PATH", "steps": "N", "batch-size": "N", "spacing": "SPACING"}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -40,115 +71,103 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class StageRequest:
-    ckpt: str
-    explicit: bool  # named by a flag or a replayed cascade.json: it must exist
-    settings: dict[str, Any]  # StageSettings fields plus its _target_
-    sources: dict[str, str] = field(default_factory=dict)  # setting → where it came from, when not configs/cascade.yaml
-    tuned: dict[str, Any] | None = None  # the <ckpt>.tuned.json record applied, if any
+def _pre_parser() -> argparse.ArgumentParser:
+    """The flags that decide which other flags exist: the config, a replayed run, the ``--stage`` list."""
+    p = OneLineParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--config", help="settings file (default configs/cascade.yaml)")
+    p.add_argument("--replay", help="a cascade.json: rerun its exact settings (flags given here override)")
+    p.add_argument("--stage", action="append", default=[], metavar="NAME=PATH",
+                   help="an upsampler of the chain, in order (repeat; replaces the config's upsamplers)")
+    return p
 
 
-@dataclass
-class CascadeRequest:
-    """Everything one cascade run needs, merged from config, replay and flags."""
+def _stage_pairs(values: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not path or not STAGE_NAME.fullmatch(name) or name == "base":
+            parser.error(f"--stage {value}: give NAME=PATH, NAME a letter then letters, digits or _ (not 'base'), "
+                         "e.g. --stage sr512=runs/sr512/checkpoints/last.pt")
+        pairs.append((name, path))
+    return pairs
 
-    class_query: str
-    num: int
-    seed: int
-    device: str
-    bf16: bool
-    out: str | None
-    stop_at: int | None
-    classifier: str | None  # None: no classifier guidance
-    classifier_explicit: bool
-    guidance_explicit: bool  # the classifier scale was asked for (flag or replay), not a config default
-    stages: dict[str, StageRequest]
-    argv: list[str] = field(default_factory=list)
-    expected_sha256: dict[str, str] = field(default_factory=dict)  # path → hash recorded by a replayed run
 
-    @classmethod
-    def from_sources(cls, config: dict[str, Any], flags: dict[str, Any], argv: list[str] | None = None) -> CascadeRequest:
-        """Merge ``configs/cascade.yaml`` (as a dict), an optional ``flags['replay']`` cascade.json, and set flags."""
-        cfg = copy.deepcopy(config)
-        stages = {name: StageRequest(entry["ckpt"], False, dict(entry["settings"])) for name, entry in cfg["stages"].items()}
-        request = cls(class_query="", num=cfg["num"], seed=cfg["seed"], device=cfg["device"], bf16=cfg["bf16"], out=cfg["out"],
-                      stop_at=None, classifier=cfg["classifier"], classifier_explicit=False, guidance_explicit=False,
-                      stages=stages, argv=list(argv or []))
-        if flags.get("replay"):
-            request.apply_replay(flags["replay"])
-        request.apply_flags(flags)
-        request.apply_tuned()
-        if not request.class_query:
-            raise ValueError("give the class to sample: --class INDEX or --class NAME (or --replay a cascade.json)")
-        if request.num < 1:
-            raise ValueError(f"--num must be >= 1, got {request.num}")
-        return request
+def build_parser(upsamplers: Sequence[str], description: str | None = None) -> argparse.ArgumentParser:
+    """The full command line, with ``--<name>-*`` flags for the base and every upsampler in ``upsamplers``."""
+    p = OneLineParser(description=description, parents=[_pre_parser()],
+                      epilog="Every flag defaults to None: an unset flag falls back to --replay's cascade.json, the "
+                      "checkpoint's tuned file, then the config. Per-stage flags exist for the base and for every "
+                      "upsampler of the config, of a replayed run and of --stage.")
+    p.add_argument("--class", dest="class_", help="class index or name, e.g. 207 or 'golden retriever'")
+    p.add_argument("--num", type=int, help="number of samples")
+    p.add_argument("--seed", type=int, help="seed of every stage's noise")
+    p.add_argument("--guidance-scale", type=float, help="classifier guidance scale s of the base (0 = off)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale w of the base (1 = off)")
+    p.add_argument("--out", help="output folder (default outputs/<class>_seed<seed>)")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--fp32", action="store_true", default=None, help="no bf16 autocast")
+    p.add_argument("--stop-at", type=int, help="last resolution to produce, e.g. 64 or 256")
+    p.add_argument("--classifier-ckpt", help="noisy classifier checkpoint ('none': no classifier guidance)")
+    for name in ("base", *upsamplers):
+        group = p.add_argument_group(f"stage {name}", "the generator" if name == "base" else "an upsampler")
+        for option, (_, kind, what) in STAGE_OPTIONS.items():
+            extra = {"choices": list(SAMPLERS)} if option == "sampler" else {"metavar": METAVARS[option]}
+            group.add_argument(f"--{name}-{option}", dest=f"{name}:{option}", type=kind, help=f"{name} {what}", **extra)
+        if name != "base":
+            group.add_argument(f"--{name}-aug-level", dest=f"{name}:aug-level", type=int, metavar="S",
+                               help=f"noise-augmentation level s of {name}'s low-res input")
+    return p
 
-    def apply_replay(self, path: str) -> None:
-        """Take every setting of a previous run's ``cascade.json``; its checkpoints become required."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--replay {path} does not exist; pass the cascade.json of an earlier run")
-        try:
-            record = json.loads(path.read_text())
-            self.class_query = str(record["class"]["index"])
-            self.num, self.seed, self.bf16 = int(record["num"]), int(record["seed"]), bool(record["bf16"])
-            self.device = record["device"].split(":")[0]
-            ran = {entry["name"]: entry for entry in record["stages"]}
-            for name, stage in self.stages.items():
-                if name in ran:
-                    entry = ran[name]
-                    stage.ckpt, stage.explicit = entry["path"], True
-                    replayed = {k: entry[k] for k in stage.settings if k in entry and k != "_target_"}
-                    stage.settings.update(replayed)
-                    stage.sources.update({k: f"--replay {path}" for k in replayed})
-                    self.expected_sha256[entry["path"]] = entry["sha256"]
-            self.stop_at = int(record["stages"][-1]["resolution"])
-            clf = record.get("classifier")
-            self.classifier, self.classifier_explicit = (clf["path"], True) if clf else (None, False)
-            if clf:
-                self.expected_sha256[clf["path"]] = clf["sha256"]
-            self.guidance_explicit = True
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
-            raise ValueError(f"--replay {path} is not a cascade.json written by cascade_sample.py ({error})") from None
 
-    def apply_flags(self, flags: dict[str, Any]) -> None:
-        """Flags that were given (not None) override everything else."""
-        simple = {"class_": "class_query", "num": "num", "seed": "seed", "device": "device", "out": "out", "stop_at": "stop_at"}
-        for flag, attr in simple.items():
-            if flags.get(flag) is not None:
-                setattr(self, attr, flags[flag])
-        if flags.get("fp32"):
-            self.bf16 = False
-        if flags.get("classifier_ckpt") is not None:
-            none = flags["classifier_ckpt"].lower() == "none"
-            self.classifier, self.classifier_explicit = (None, False) if none else (flags["classifier_ckpt"], True)
-        base = self.stages["base"].settings
-        if flags.get("guidance_scale") is not None:
-            base["classifier_scale"], self.guidance_explicit = flags["guidance_scale"], True
-        if flags.get("cfg_scale") is not None:
-            base["cfg_scale"] = flags["cfg_scale"]
-        for name, stage in self.stages.items():
-            key = name.replace("-", "_")
-            if flags.get(f"{key}_ckpt") is not None:
-                stage.ckpt, stage.explicit = flags[f"{key}_ckpt"], True
-            for option in ("steps", "sampler", "batch_size", "aug_level"):
-                if flags.get(f"{key}_{option}") is not None:
-                    stage.settings[option] = flags[f"{key}_{option}"]
-                    stage.sources[option] = f"--{name}-{option.replace('_', '-')}"
+def settings_from_argv(argv: Sequence[str], config: str | Path, *, description: str | None = None) -> ResolvedSettings:
+    """Parse ``argv`` (without the program name) and merge it with the config, tuned files and replay."""
+    pre, _ = _pre_parser().parse_known_args(argv)
+    config_path = Path(pre.config or config)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"--config {config_path} does not exist")
+    file_layer = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    replay_names = read_replay(pre.replay)[1] if pre.replay and Path(pre.replay).is_file() else None
+    stage_pairs = _stage_pairs(pre.stage, _pre_parser())
+    chain = chain_names(file_layer, replay_names, [name for name, _ in stage_pairs])
+    known = list(dict.fromkeys([*chain, *(file_layer.get("upsamplers") or {}), *(replay_names or [])]))
+    args = vars(build_parser(known, description).parse_args(argv))
 
-    def apply_tuned(self) -> None:
-        """Settings an evaluation sweep chose for each stage's checkpoint (``<ckpt>.tuned.json``), unless replayed or flagged."""
-        for stage in self.stages.values():
-            tuned = read_tuned(stage.ckpt)
-            if tuned is None:
-                continue
-            for key, value in tuned["settings"].items():
-                if key in stage.settings and key not in stage.sources:
-                    stage.settings[key] = value
-                    stage.sources[key] = f"{tuned_path(stage.ckpt)} ({tuned.get('chosen_by', 'evaluate_stage.py')})"
-                    stage.tuned = tuned
+    overrides: list[Override] = []
+    simple = {"class_": ("class_query", "--class"), "num": ("num", "--num"), "seed": ("seed", "--seed"),
+              "device": ("device", "--device"), "out": ("out", "--out"), "stop_at": ("stop_at", "--stop-at"),
+              "guidance_scale": ("base.settings.classifier_scale", "--guidance-scale"),
+              "cfg_scale": ("base.settings.cfg_scale", "--cfg-scale")}
+    for dest, (key, flag) in simple.items():
+        if args[dest] is not None:
+            overrides.append(Override(key, args[dest], flag))
+    if args["fp32"]:
+        overrides.append(Override("bf16", False, "--fp32"))
+    if args["classifier_ckpt"] is not None:
+        none = args["classifier_ckpt"].lower() == "none"
+        overrides.append(Override("classifier", None if none else args["classifier_ckpt"], "--classifier-ckpt"))
+    for name, path in stage_pairs:
+        overrides.append(Override(f"upsamplers.{name}.ckpt", path, f"--stage {name}={path}"))
+    for name in ("base", *known):
+        prefix = "base" if name == "base" else f"upsamplers.{name}"
+        options = {**{k: v[0] for k, v in STAGE_OPTIONS.items()}, **({"aug-level": "settings.aug_level"} if name != "base" else {})}
+        for option, key in options.items():
+            if args.get(f"{name}:{option}") is not None:
+                overrides.append(Override(f"{prefix}.{key}", args[f"{name}:{option}"], f"--{name}-{option}"))
+    label = CONFIG_SOURCE if pre.config is None else str(config_path)
+    resolved = merge_settings(file_layer, overrides, replay=pre.replay, chain=chain, config_source=label)
+    cfg = resolved.config
+    if not cfg.class_query:
+        raise ValueError("give the class to sample: --class INDEX or --class NAME (or --replay a cascade.json)")
+    if cfg.num < 1:
+        raise ValueError(f"--num must be >= 1, got {cfg.num}")
+    if cfg.stop_at is not None and cfg.stop_at < 1:
+        raise ValueError(f"--stop-at must be a resolution >= 1, got {cfg.stop_at}")
+    return resolved
+
+
+def _stage_settings(settings: GeneratorSettings | UpsamplerSettings) -> StageSettings:
+    """The orchestrator's settings of one stage (fields a role does not have keep their neutral defaults)."""
+    return StageSettings(**asdict(settings))
 
 
 def _slug(text: str) -> str:
@@ -172,70 +191,79 @@ def strip(images: list[torch.Tensor], panel: int = STRIP_PANEL) -> torch.Tensor:
     return torch.cat(panels, dim=-1)  # (3, P, len·P)
 
 
-def _select_stages(request: CascadeRequest, device: torch.device, notes: list[str]) -> tuple[LoadedStage, list[LoadedStage], LoadedStage | None]:
-    base_req = request.stages["base"]
-    if not Path(base_req.ckpt).is_file():
-        raise FileNotFoundError(f"base checkpoint {base_req.ckpt} does not exist; train it with "
+def _select_stages(resolved: ResolvedSettings, device: torch.device, notes: list[str]
+                   ) -> tuple[LoadedStage, list[tuple[str, LoadedStage]], LoadedStage | None]:
+    cfg = resolved.config
+    if not Path(cfg.base.ckpt).is_file():
+        raise FileNotFoundError(f"base checkpoint {cfg.base.ckpt} does not exist; train it with "
                                 "`python scripts/train_stage.py stage=base` (add preset=tiny on a CPU) or pass --base-ckpt PATH")
-    base = load(base_req.ckpt, device)
+    base = load(cfg.base.ckpt, device)
     classifier = None
-    scale = float(base_req.settings.get("classifier_scale", 0.0))
-    if scale > 0 and request.classifier is not None and Path(request.classifier).is_file():
-        classifier = load(request.classifier, device)
-    elif scale > 0 and (request.classifier_explicit or request.guidance_explicit):
-        where = f"{request.classifier} does not exist" if request.classifier else "--classifier-ckpt none was given"
+    scale = cfg.base.settings.classifier_scale
+    # Asked for: a classifier path or the scale given by a flag or replay (--classifier-ckpt none asks for no classifier).
+    asked = (resolved.explicit("classifier") and cfg.classifier is not None) or resolved.explicit("base.settings.classifier_scale")
+    if scale > 0 and cfg.classifier is not None and Path(cfg.classifier).is_file():
+        classifier = load(cfg.classifier, device)
+    elif scale > 0 and asked:
+        where = f"{cfg.classifier} does not exist" if cfg.classifier else "--classifier-ckpt none was given"
         raise FileNotFoundError(f"classifier guidance needs a noisy classifier, but {where}; train one with "
                                 "`python scripts/train_stage.py stage=classifier`, pass --classifier-ckpt PATH, or --guidance-scale 0")
     elif scale > 0:  # the config's default scale, and no classifier trained: sample unguided
-        notes.append(f"no noisy classifier at {request.classifier}: classifier guidance is off")
-        base_req.settings["classifier_scale"] = 0.0
-    upsamplers: list[LoadedStage] = []
+        notes.append(f"no noisy classifier at {cfg.classifier}: classifier guidance is off")
+        cfg.base.settings.classifier_scale = 0.0
+    upsamplers: list[tuple[str, LoadedStage]] = []
     resolution = base.stage.resolution  # of the last stage kept so far
-    for name in SR_STAGES:
-        req = request.stages.get(name)
-        if req is None or (request.stop_at is not None and request.stop_at <= resolution):
+    for name, slot in cfg.upsamplers.items():
+        if cfg.stop_at is not None and cfg.stop_at <= resolution:
             break
-        if not Path(req.ckpt).is_file():
-            if req.explicit:
-                raise FileNotFoundError(f"{name} checkpoint {req.ckpt} does not exist; pass the right --{name}-ckpt")
-            notes.append(f"no {name} checkpoint at {req.ckpt}: the cascade stops at {resolution}px "
+        if not Path(slot.ckpt).is_file():
+            if resolved.explicit(f"upsamplers.{name}.ckpt"):
+                raise FileNotFoundError(f"{name} checkpoint {slot.ckpt} does not exist; pass the right "
+                                        f"{resolved.sources[f'upsamplers.{name}.ckpt'].split('=')[0]}")
+            notes.append(f"no {name} checkpoint at {slot.ckpt}: the cascade stops at {resolution}px "
                          f"(train it with `python scripts/train_stage.py stage={name}`)")
             break
-        upsamplers.append(load(req.ckpt, device))
-        resolution = upsamplers[-1].stage.resolution
+        upsamplers.append((name, load(slot.ckpt, device)))
+        resolution = upsamplers[-1][1].stage.resolution
     return base, upsamplers, classifier
 
 
-def run_cascade(request: CascadeRequest, device: torch.device, *, progress: bool = True) -> dict[str, Any]:
+def run_cascade(resolved: ResolvedSettings, device: torch.device, *, argv: Sequence[str] = (), progress: bool = True
+                ) -> dict[str, Any]:
     """Load, check and sample the cascade; write PNGs per sample and stage, strips and ``cascade.json``. Returns the record."""
+    cfg = resolved.config
     notes: list[str] = []
-    base, upsamplers, classifier = _select_stages(request, device, notes)
-    cascade = Cascade(base, upsamplers, classifier, device=device, bf16=request.bf16)
-    label = class_index(cascade.class_names, request.class_query)
+    base, upsamplers, classifier = _select_stages(resolved, device, notes)
+    cascade = Cascade(base, [up for _, up in upsamplers], classifier, device=device, bf16=cfg.bf16)
+    label = class_index(cascade.class_names, cfg.class_query)
     class_name = cascade.class_names[label]
-    names = ["base", *[up.name for up in upsamplers]]
-    settings: list[StageSettings] = [instantiate(request.stages[name].settings) for name in names]
+    names = ["base", *[name for name, _ in upsamplers]]
+    typed = [cfg.base.settings, *[cfg.upsamplers[name].settings for name in names[1:]]]
+    settings = [_stage_settings(s) for s in typed]
     cascade.check(settings)
-    for name, loaded in zip(names, cascade.stages):
-        req = request.stages[name]
-        if req.tuned is not None:
-            for key in req.tuned["settings"]:
-                if req.sources.get(key, "").startswith(str(tuned_path(req.ckpt))):
-                    notes.append(f"{name} {key.replace('_', ' ')} {req.settings[key]} from {req.sources[key]}")
-            tuned_step = req.tuned.get("checkpoint", {}).get("step")
-            if tuned_step is not None and tuned_step != int(loaded.payload["step"]):
-                notes.append(f"{tuned_path(req.ckpt)} was chosen at step {tuned_step} but the checkpoint is at step "
-                             f"{loaded.payload['step']}: run evaluate_stage.py on it again")
+    for name, loaded, slot_settings in zip(names, cascade.stages, typed):
+        record = resolved.tuned.get(name)
+        if record is None:
+            continue
+        ckpt = cfg.base.ckpt if name == "base" else cfg.upsamplers[name].ckpt
+        for key in record["settings"]:
+            source = resolved.source(name, key)
+            if source.startswith(str(tuned_path(ckpt))):
+                notes.append(f"{name} {key.replace('_', ' ')} {getattr(slot_settings, key)} from {source}")
+        tuned_step = record.get("checkpoint", {}).get("step")
+        if tuned_step is not None and tuned_step != int(loaded.payload["step"]):
+            notes.append(f"{tuned_path(ckpt)} was chosen at step {tuned_step} but the checkpoint is at step "
+                         f"{loaded.payload['step']}: run evaluate_stage.py on it again")
     # Hashed once, right after loading: what the record names is what was sampled with.
     sha256 = {loaded.path: file_sha256(loaded.path) for loaded in [*cascade.stages, *([classifier] if classifier else [])]}
     for path, digest in sha256.items():
-        expected = request.expected_sha256.get(path)
+        expected = resolved.expected_sha256.get(path)
         if expected and digest != expected:
             notes.append(f"{path} has changed since the replayed run: the images will differ")
     for note in notes:
         print(f"note: {note}")
 
-    out = Path(request.out or f"outputs/{_slug(class_name)}_seed{request.seed}")
+    out = Path(cfg.out or f"outputs/{_slug(class_name)}_seed{cfg.seed}")
     out.mkdir(parents=True, exist_ok=True)
     files: list[str] = []
 
@@ -246,11 +274,11 @@ def run_cascade(request: CascadeRequest, device: torch.device, *, progress: bool
             save_image((image + 1) / 2, path)
             files.append(str(path))
 
-    labels = torch.full((request.num,), label, dtype=torch.long)
-    print(f"sampling {request.num} × class {label} ({class_name!r}) through {' → '.join(f'{s.stage.resolution}px' for s in cascade.stages)}"
+    labels = torch.full((cfg.num,), label, dtype=torch.long)
+    print(f"sampling {cfg.num} × class {label} ({class_name!r}) through {' → '.join(f'{s.stage.resolution}px' for s in cascade.stages)}"
           f" on {device}" + (f", classifier guidance s={settings[0].classifier_scale:g}" if classifier else ""), flush=True)
-    outputs = cascade.sample(labels, settings, seed=request.seed, progress=progress, on_stage_output=write)
-    for i in range(request.num):
+    outputs = cascade.sample(labels, settings, seed=cfg.seed, progress=progress, on_stage_output=write)
+    for i in range(cfg.num):
         path = out / f"{i:03d}_strip.png"
         save_image((strip([o[i] for o in outputs]) + 1) / 2, path)
 
@@ -258,16 +286,30 @@ def run_cascade(request: CascadeRequest, device: torch.device, *, progress: bool
     for entry, name, loaded in zip(described["stages"], names, cascade.stages):
         entry |= {"name": name, "sha256": sha256[loaded.path]}
         if "aug_level" in entry:
-            req = request.stages[name]
-            entry["aug_level_source"] = req.sources.get("aug_level") or (
-                "configs/cascade.yaml" if req.settings.get("aug_level") is not None else "the checkpoint's sample_aug_level")
+            source = resolved.source(name, "aug_level")
+            if not source.startswith("--") and ".tuned.json" not in source:  # the config file or the schema's default
+                given = cfg.upsamplers[name].settings.aug_level is not None
+                source = source if given else "the checkpoint's sample_aug_level"
+            entry["aug_level_source"] = source
     if classifier is not None:
         described["classifier"]["sha256"] = sha256[classifier.path]
     record = {
-        "command": request.argv, "class": {"index": label, "name": class_name}, "num": request.num, "seed": request.seed,
+        "command": list(argv), "class": {"index": label, "name": class_name}, "num": cfg.num, "seed": cfg.seed,
         **described, "torch": torch.__version__, "notes": notes, "out": str(out), "files": files,
         "seeding": "stage j, image i: torch.Generator(device).manual_seed(cascade.pipeline.orchestrator.image_seed(seed, j, i))",
     }
     (out / "cascade.json").write_text(json.dumps(record, indent=2))
     return record
 
+
+def main(config: str | Path, argv: Sequence[str] | None = None, *, description: str | None = None) -> None:
+    """``scripts/cascade_sample.py``: bad input is one ``error:`` line and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        resolved = settings_from_argv(argv, config, description=description)
+        report = run_cascade(resolved, device=resolve_device(resolved.config.device), argv=[sys.argv[0], *argv])
+    except (ValueError, CheckpointError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {len(report['files'])} images to {report['out']}/ (strips: {report['out']}/*_strip.png, settings: "
+          f"{report['out']}/cascade.json)")

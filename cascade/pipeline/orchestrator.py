@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cascade.diffusion.samplers import REGISTRY, SamplerName
-from cascade.diffusion.schedules import check_same_schedule
+from cascade.diffusion.schedules import Spacing, check_same_schedule
 from cascade.roles import Generator, NoisyClassifier, Role, Upsampler
 from cascade.training.checkpoint import CheckpointError, load_stage
 from cascade.utils.device import bf16_autocast
@@ -55,6 +55,7 @@ class StageSettings:
     cfg_scale: float = 1.0  # classifier-free guidance w (1 = the conditional model)
     classifier_scale: float = 0.0  # classifier guidance s (generator only)
     aug_level: int | None = None  # noise-augmentation level s of the low-res input (upsamplers only)
+    spacing: Spacing | None = None  # respacing of the training process (None: the sampler's default)
 
 
 @dataclass
@@ -304,12 +305,14 @@ class Cascade:
         stage = loaded.stage
         if isinstance(stage, Generator):
             clf = self.classifier
-            return stage.sample(loaded.net, labels, sampler=s.sampler, steps=s.steps, classifier=clf.net if clf else None,
+            return stage.sample(loaded.net, labels, sampler=s.sampler, steps=s.steps, spacing=s.spacing,
+                                classifier=clf.net if clf else None,
                                 classifier_schedule=clf.stage.schedule if clf else None, classifier_scale=s.classifier_scale,
                                 cfg_scale=s.cfg_scale, generator=generators, progress=progress)
         assert isinstance(stage, Upsampler) and lowres is not None  # check_chain
         return stage.sample(loaded.net, lowres.to(self.device), labels if stage.class_conditional else None, aug_level=aug_level,
-                            sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, generator=generators, progress=progress)
+                            sampler=s.sampler, steps=s.steps, spacing=s.spacing, cfg_scale=s.cfg_scale, generator=generators,
+                            progress=progress)
 
     def describe(self, settings: Sequence[StageSettings]) -> dict[str, Any]:
         """Every stage and setting, JSON-ready (the core of ``cascade.json``)."""

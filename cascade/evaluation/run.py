@@ -1,0 +1,333 @@
+"""Evaluate one stage checkpoint: the orchestration behind ``scripts/evaluate_stage.py``.
+
+The settings are ``configs/evaluate/evaluate.yaml`` (flat keys: they are the command line,
+``steps=…``, ``sr_steps=…``), validated against :class:`EvaluationConfig`, and handed to each
+role as its own typed view: :class:`GeneratorEvaluation` (guidance sweep, CAS),
+:class:`UpsamplerEvaluation` (aug-level sweep, tuned file), :class:`ClassifierEvaluation`
+(accuracy by noise level). The stage's role comes from the checkpoint.
+
+Features of FID / IS / precision-recall are chosen explicitly: ``features=inception`` or
+``features=classifier``, or ``auto``, which asks the data set what its images are
+(:func:`cascade.data.image_domain`: natural → Inception, synthetic → a classifier trained on it).
+
+Writes ``metrics.json``, the plots and grids of :mod:`cascade.evaluation.evaluate`, and for an
+upsampler ``<ckpt>.tuned.json`` (:mod:`cascade.evaluation.tuned`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, List, Literal, Optional
+
+import torch
+from hydra.utils import get_class
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+from torch.utils.data import Dataset
+
+from cascade.data import image_domain
+from cascade.evaluation.evaluate import (
+    LOWER_IS_BETTER,
+    FeatureSpace,
+    aug_level_sweep,
+    classification_accuracy_score,
+    classifier_noise_accuracy,
+    guidance_sweep,
+    json_ready,
+    plot_sr_sweep,
+    random_subset,
+    reference_classifier,
+    select_level,
+)
+from cascade.evaluation.held_out import held_out_data
+from cascade.evaluation.features import InceptionFeatures, NoisyClassifierFeatures, TimmFeatures, inception_weights
+from cascade.evaluation.tuned import write_tuned
+from cascade.pipeline.orchestrator import LoadedStage, load
+from cascade.utils.device import resolve_device
+
+__all__ = [
+    "ReferenceSettings",
+    "CasSettings",
+    "EvaluationConfig",
+    "GeneratorEvaluation",
+    "UpsamplerEvaluation",
+    "ClassifierEvaluation",
+    "FeatureKind",
+    "evaluation_config",
+    "feature_kind",
+    "evaluate_checkpoint",
+]
+
+FeatureKind = Literal["inception", "classifier"]
+
+
+@dataclass
+class ReferenceSettings:
+    """The clean-image judge, trained from scratch on the checkpoint's own data set."""
+
+    arch: str = "resnet18"
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 2.0e-3
+    ckpt: Optional[str] = None  # reuse a saved one; otherwise trained and saved to out_dir/reference_<arch>[_crop<c>].pt
+    eval_images: int = 1000
+
+
+@dataclass
+class CasSettings:
+    """Classification Accuracy Score (CDM §4.1) of the base's best setting."""
+
+    enabled: bool = True
+    arch: str = "resnet50"
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 2.0e-3
+    real_baseline: bool = True
+    eval_images: int = 1000
+
+
+@dataclass
+class EvaluationConfig:
+    """The schema of ``configs/evaluate/evaluate.yaml`` (its comments say what each key does)."""
+
+    ckpt: str = MISSING
+    classifier_ckpt: Optional[str] = None
+    out_dir: Optional[str] = None
+    device: str = "auto"
+    bf16: bool = True
+    seed: int = 0
+    progress: bool = True
+    # features (every role that measures distributions)
+    features: str = "auto"  # inception | classifier | auto
+    features_path: Optional[str] = None
+    crop: int = 256
+    tiles_per_image: Optional[int] = 16
+    pr_k: int = 3
+    is_splits: int = 10
+    feature_batch_size: int = 100
+    reference: ReferenceSettings = field(default_factory=ReferenceSettings)
+    # generator
+    sampler: str = "dpmpp_2m"
+    steps: int = 25
+    num_samples: int = 10000
+    num_real: int = 10000
+    batch_size: int = 50
+    classifier_scales: List[float] = field(default_factory=lambda: [0.0, 1.0, 3.0])
+    cfg_scales: List[float] = field(default_factory=lambda: [1.0])
+    cas: CasSettings = field(default_factory=CasSettings)
+    # upsampler
+    aug_levels: List[int] = field(default_factory=lambda: [0, 25, 50, 100, 200, 300])
+    select_by: str = "fid"
+    write_tuned: bool = True
+    num_images: int = 1000
+    sr_crop: Optional[int] = None
+    sr_batch_size: int = 8
+    sr_steps: int = 25
+    sr_sampler: str = "dpmpp_2m"
+    # classifier
+    eval_buckets: int = 4
+    eval_images: int = 1000
+
+    def generator(self) -> GeneratorEvaluation:
+        return GeneratorEvaluation(sampler=self.sampler, steps=self.steps, batch_size=self.batch_size,
+                                   num_samples=self.num_samples, num_real=self.num_real,
+                                   classifier_scales=list(self.classifier_scales), cfg_scales=list(self.cfg_scales),
+                                   classifier_ckpt=self.classifier_ckpt, cas=self.cas)
+
+    def upsampler(self) -> UpsamplerEvaluation:
+        return UpsamplerEvaluation(sampler=self.sr_sampler, steps=self.sr_steps, batch_size=self.sr_batch_size,
+                                   aug_levels=[int(s) for s in self.aug_levels], select_by=self.select_by,
+                                   write_tuned=self.write_tuned, num_images=self.num_images, crop=self.sr_crop)
+
+    def classifier(self) -> ClassifierEvaluation:
+        return ClassifierEvaluation(buckets=self.eval_buckets, num_images=self.eval_images)
+
+
+@dataclass
+class GeneratorEvaluation:
+    """A generator's guidance sweep: every (classifier scale, CFG scale) from the same seed."""
+
+    sampler: str
+    steps: int
+    batch_size: int
+    num_samples: int  # generated images per setting
+    num_real: int  # real training images compared with
+    classifier_scales: list[float]
+    cfg_scales: list[float]
+    classifier_ckpt: str | None
+    cas: CasSettings
+
+
+@dataclass
+class UpsamplerEvaluation:
+    """An upsampler's sweep over augmentation levels on held-out images, and the level it picks."""
+
+    sampler: str
+    steps: int
+    batch_size: int
+    aug_levels: list[int]
+    select_by: str
+    write_tuned: bool
+    num_images: int
+    crop: int | None  # super-resolve the central aligned crop of this hi-res size
+
+
+@dataclass
+class ClassifierEvaluation:
+    """A noisy classifier's held-out accuracy per t-bucket."""
+
+    buckets: int
+    num_images: int
+
+
+def evaluation_config(cfg: DictConfig | dict[str, Any]) -> EvaluationConfig:
+    """The typed settings of a composed hydra config (interpolations resolved); one-line ValueError if they do not fit."""
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvaluationConfig), data))
+    except OmegaConfBaseException as error:
+        raise ValueError(f"the evaluation settings do not fit: {str(error).splitlines()[0]}") from None
+
+
+def feature_kind(features: str, data: dict[str, Any]) -> FeatureKind:
+    """``features`` as given, or for ``auto`` what the training data set declares about its images."""
+    if features not in ("auto", "inception", "classifier"):
+        raise ValueError(f"features={features} is unknown; use inception, classifier or auto")
+    if features == "auto":
+        return "inception" if image_domain(get_class(data["train"]["_target_"])) == "natural" else "classifier"
+    return features  # type: ignore[return-value]
+
+
+def _judge(cfg: EvaluationConfig, loaded: LoadedStage, train: Dataset, val: Dataset, out_dir: Path,
+           device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The reference classifier (trained on random ``crop`` crops of images larger than ``crop``) and its report."""
+    crop = cfg.crop if cfg.crop < loaded.stage.resolution else None
+    ref = cfg.reference
+    name = f"reference_{ref.arch}" + (f"_crop{crop}" if crop else "") + ".pt"
+    path = Path(ref.ckpt) if ref.ckpt else out_dir / name
+    return reference_classifier(
+        path, explicit=bool(ref.ckpt), arch=ref.arch, crop=crop, train_data=train, val_data=val, steps=ref.steps,
+        batch_size=ref.batch_size, lr=ref.lr, eval_images=ref.eval_images, device=device, bf16=cfg.bf16, seed=cfg.seed,
+        progress=cfg.progress)
+
+
+def _feature_space(cfg: EvaluationConfig, kind: FeatureKind, inception: Any, reference: nn.Module | None,
+                   ref_report: dict | None, loaded: LoadedStage, device: torch.device) -> FeatureSpace:
+    if kind == "inception":
+        extractor = inception
+    elif cfg.features_path:  # a noisy classifier checkpoint at t = 0
+        clf = load(cfg.features_path, device)
+        if not clf.is_classifier or clf.class_names != loaded.class_names:
+            raise ValueError(f"features_path={cfg.features_path} must be a noisy-classifier checkpoint of the same classes "
+                             f"as {cfg.ckpt} (it is a {clf.name!r} checkpoint of {len(clf.class_names)} classes)")
+        extractor = NoisyClassifierFeatures(
+            clf.net, clf.stage.schedule.timesteps[:1], input_size=clf.stage.resolution,
+            description=f"classifier: noisy classifier {cfg.features_path} at t=0, attention-pooled features")
+    else:
+        size = ref_report["crop"] or loaded.stage.resolution
+        extractor = TimmFeatures(reference, input_size=size, description=f"classifier: reference {cfg.reference.arch} trained "
+                                 f"from scratch on this data set ({size}px), pre-logits features")
+    crop = extractor.input_size or cfg.crop
+    return FeatureSpace(extractor, crop=crop, tiles_per_image=cfg.tiles_per_image, batch_size=cfg.feature_batch_size)
+
+
+def _evaluate_generator(cfg: EvaluationConfig, kind: FeatureKind, loaded: LoadedStage, train: Dataset, val: Dataset,
+                        inception: Any, out_dir: Path, device: torch.device) -> dict[str, Any]:
+    run = cfg.generator()
+    reference, ref_report = _judge(cfg, loaded, train, val, out_dir, device)
+    features = _feature_space(cfg, kind, inception, reference, ref_report, loaded, device)
+    real = features.of_dataset(train, random_subset(len(train), run.num_real, cfg.seed), progress=cfg.progress)
+    classifier = load(run.classifier_ckpt, device) if run.classifier_ckpt else None
+    if classifier is not None and not classifier.is_classifier:
+        raise ValueError(f"classifier_ckpt={run.classifier_ckpt} is a {classifier.name!r} checkpoint, not a noisy classifier")
+    sweep, samples, labels = guidance_sweep(
+        loaded.stage, loaded.net, reference=reference, features=features, real_features=real, class_names=loaded.class_names,
+        out_dir=out_dir, classifier=classifier.net if classifier else None,
+        classifier_schedule=classifier.stage.schedule if classifier else None, classifier_scales=run.classifier_scales,
+        cfg_scales=run.cfg_scales, num_samples=run.num_samples, batch_size=run.batch_size, sampler=run.sampler,
+        steps=run.steps, pr_k=cfg.pr_k, is_splits=cfg.is_splits, device=device, bf16=cfg.bf16, seed=cfg.seed,
+        progress=cfg.progress)
+    report = {"features": features.description, "reference": ref_report, **sweep}
+    if run.cas.enabled:  # on the samples of the lowest-FID setting
+        best = min(sweep["guidance"], key=lambda r: r["fid"])
+        cas = run.cas
+        report["cas"] = {"classifier_scale": best["classifier_scale"], "cfg_scale": best["cfg_scale"],
+                         **classification_accuracy_score(
+                             samples, labels, num_classes=len(loaded.class_names), train_data=train, val_data=val,
+                             arch=cas.arch, steps=cas.steps, batch_size=cas.batch_size, lr=cas.lr,
+                             eval_images=cas.eval_images, real_baseline=cas.real_baseline, device=device,
+                             bf16=cfg.bf16, seed=cfg.seed, progress=cfg.progress)}
+    for r in sweep["guidance"]:
+        print(f"s={r['classifier_scale']:g} w={r['cfg_scale']:g}: FID {r['fid']:.2f}  IS {r['is']:.2f}  precision "
+              f"{r['precision']:.3f}  recall {r['recall']:.3f}  requested-class accuracy {r['requested_class_accuracy']:.3f}")
+    if "cas" in report:
+        cas_report = report["cas"]
+        print(f"CAS ({cas_report['arch']}, s={cas_report['classifier_scale']:g} w={cas_report['cfg_scale']:g}): top-1 "
+              f"{cas_report['top1']:.3f} top-5 {cas_report['top5']:.3f}"
+              + (f"; real data: top-1 {cas_report['real_data']['top1']:.3f}" if "real_data" in cas_report else ""))
+    return report
+
+
+def _evaluate_upsampler(cfg: EvaluationConfig, kind: FeatureKind, loaded: LoadedStage, train: Dataset, val: Dataset,
+                        inception: Any, out_dir: Path, device: torch.device) -> dict[str, Any]:
+    run = cfg.upsampler()
+    reference, ref_report = None, None
+    if kind == "classifier" and not cfg.features_path:
+        reference, ref_report = _judge(cfg, loaded, train, val, out_dir, device)
+    features = _feature_space(cfg, kind, inception, reference, ref_report, loaded, device)
+    sweep = aug_level_sweep(loaded.stage, loaded.net, val, aug_levels=run.aug_levels, features=features, out_dir=out_dir,
+                            num_images=run.num_images, crop=run.crop, batch_size=run.batch_size, sampler=run.sampler,
+                            steps=run.steps, pr_k=cfg.pr_k, device=device, bf16=cfg.bf16, seed=cfg.seed,
+                            progress=cfg.progress)
+    best = select_level(sweep["levels"], run.select_by)
+    plot_sr_sweep(sweep, best["aug_level"], run.select_by, out_dir / "sr_sweep.png")
+    chosen_by = f"{'lowest' if run.select_by in LOWER_IS_BETTER else 'highest'} {run.select_by} over aug levels {run.aug_levels}"
+    report = {"features": features.description, "reference": ref_report, **sweep, "select_by": run.select_by,
+              "chosen_aug_level": best["aug_level"], "chosen_by": chosen_by, "tuned_file": None}
+    if run.write_tuned:
+        report["tuned_file"] = str(write_tuned(cfg.ckpt, {"aug_level": best["aug_level"]}, chosen_by=chosen_by,
+                                               step=loaded.payload["step"], report=out_dir / "metrics.json"))
+    for r in sweep["levels"]:
+        print(f"s={r['aug_level']}: PSNR {r['psnr']:.2f} (bicubic {r['psnr_bicubic']:.2f})  SSIM {r['ssim']:.3f} "
+              f"(bicubic {r['ssim_bicubic']:.3f})  consistency {r['consistency_psnr']:.2f} dB  FID {r['fid']:.2f} "
+              f"(bicubic {sweep['bicubic']['fid']:.2f})")
+    print(f"chosen aug level: {best['aug_level']} ({chosen_by})" + (
+        f"; wrote {report['tuned_file']}: cascade_sample.py now samples {loaded.name} at this level with this checkpoint "
+        "(a flag or --replay still overrides; delete the file to undo)" if report["tuned_file"] else ""))
+    return report
+
+
+def _evaluate_classifier(cfg: EvaluationConfig, loaded: LoadedStage, val: Dataset, out_dir: Path,
+                         device: torch.device) -> dict[str, Any]:
+    run = cfg.classifier()
+    report = classifier_noise_accuracy(loaded.stage, loaded.net, val, out_dir=out_dir, buckets=run.buckets,
+                                       num_images=run.num_images, device=device, seed=cfg.seed)
+    accuracy = report["accuracy_by_t"].items()
+    print("held-out accuracy by t: " + ", ".join(f"{k.removeprefix('acc_')} {v:.3f}" for k, v in accuracy))
+    return report
+
+
+def evaluate_checkpoint(cfg: EvaluationConfig) -> tuple[dict[str, Any], Path]:
+    """Evaluate the stage in ``cfg.ckpt`` by its role; write ``metrics.json`` and the plots. Returns (report, out_dir)."""
+    device = resolve_device(cfg.device)
+    loaded = load(cfg.ckpt, device)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt).resolve().parents[1] / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = loaded.payload["config"]["data"]
+    resolution = loaded.stage.resolution
+    role = "classifier" if loaded.is_classifier else "upsampler" if loaded.is_upsampler else "base"
+    train, val, held_out = held_out_data(data, resolution, role)  # never the training images
+    report: dict[str, Any] = {"ckpt": str(cfg.ckpt), "stage": loaded.name, "step": loaded.payload["step"],
+                              "held_out": held_out, "settings": asdict(cfg)}
+    if loaded.is_classifier:
+        report |= _evaluate_classifier(cfg, loaded, val, out_dir, device)
+    else:  # fail fast on missing Inception weights, before anything is trained or sampled
+        kind = feature_kind(cfg.features, data)
+        inception = InceptionFeatures(inception_weights(cfg.features_path), device) if kind == "inception" else None
+        evaluate = _evaluate_upsampler if loaded.is_upsampler else _evaluate_generator
+        report |= evaluate(cfg, kind, loaded, train, val, inception, out_dir, device)
+    (out_dir / "metrics.json").write_text(json.dumps(json_ready(report), indent=2))
+    return report, out_dir
