@@ -264,7 +264,7 @@ def test_dinov2_position_grid_resampling_follows_dinov2s_formula() -> None:
 
     from cascade.evaluation.dinov2 import _resample_grid
 
-    pos = torch.randn(1, 1 + 37 * 37, 8, dtype=torch.float64)
+    pos = torch.randn(1, 1 + 37 * 37, 8)  # float32, as DINOv2 interpolates
     out = _resample_grid(pos, 16)
     grid = pos[:, 1:].reshape(1, 37, 37, 8).permute(0, 3, 1, 2)
     expected = F.interpolate(grid, scale_factor=(16.1 / 37, 16.1 / 37), mode="bicubic", antialias=False)
