@@ -105,15 +105,21 @@ def test_settings_that_cannot_run_are_refused(loaded):
 
 def test_stage_outputs_do_not_depend_on_later_stages_or_batching(loaded):
     """Each image draws from its own generators: the images are the same with or without the upsampler and whatever
-    the batch sizes of either stage."""
+    the batch sizes of either stage. Bit-identical for the same batch size; across batch sizes oneDNN may pick other
+    convolution algorithms (another summation order), so there they agree to float32 rounding, far below the O(1)
+    difference that another noise draw makes."""
     labels = torch.tensor([0, 1, 2])
     short = Cascade(loaded("base"), [], None).sample(labels, [StageSettings(steps=2)], seed=3, progress=False)
     cascade = Cascade(loaded("base"), [loaded("sr256")], None)
     runs = [cascade.sample(labels, [StageSettings(steps=2, batch_size=b0), StageSettings(steps=2, batch_size=b1, aug_level=10)],
                            seed=3, progress=False) for b0, b1 in [(3, 3), (1, 2), (2, 1)]]
     assert torch.equal(short[0], runs[0][0])
+    again = cascade.sample(labels, [StageSettings(steps=2, batch_size=3), StageSettings(steps=2, batch_size=3, aug_level=10)],
+                           seed=3, progress=False)
+    assert torch.equal(runs[0][0], again[0]) and torch.equal(runs[0][1], again[1])
     for other in runs[1:]:
-        assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
+        for stage in (0, 1):
+            assert (runs[0][stage] - other[stage]).abs().max() <= 1e-4, (stage, (runs[0][stage] - other[stage]).abs().max())
     assert runs[0][1].shape == (3, 3, 256, 256) and runs[0][1].abs().max() <= 1
     assert not torch.equal(runs[0][0][0], runs[0][0][1])  # every image its own noise
 
