@@ -32,9 +32,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from cascade.diffusion.guidance import classifier_log_prob, log_prob_gradient  # noqa: E402
 from cascade.tools.benchmark import StageBench, benchmark_stage, cpu_features, describe_cpu  # noqa: E402
 from cascade.utils.device import bf16_autocast, resolve_device  # noqa: E402
-from cascade.diffusion.guidance import classifier_log_prob, log_prob_gradient  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ("base", "classifier", "sr256", "sr1024")
@@ -63,24 +63,34 @@ def sampler_for(stage, name: str, batch: int, num_classes: int, device: torch.de
             else:
                 low = stage.lowres_resolution
                 lowres = (torch.rand(batch, 3, low, low, generator=g) * 2 - 1).to(device)
-                stage.sample(net, lowres, labels if stage.class_conditional else None, steps=steps,
-                             generator=torch.Generator(device).manual_seed(0), progress=False)
+                stage.sample(
+                    net,
+                    lowres,
+                    labels if stage.class_conditional else None,
+                    steps=steps,
+                    generator=torch.Generator(device).manual_seed(0),
+                    progress=False,
+                )
 
     return run
 
 
 def table(results: list[StageBench]) -> str:
-    lines = ["| stage | model | params | variant | images/s (best) | images/s (median) | step ms | peak MB | GFLOP/img | TFLOP/s | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| stage | model | params | variant | images/s (best) | images/s (median) | step ms | peak MB | GFLOP/img | TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for bench in results:
         s = bench.summary()
         for row in s["variants"]:
             params = s["params"] if row["model"] == "ours" else s["twin_params"]
             gflop = s["train_gflops_per_image"] if row["model"] == "ours" else bench.twin_flops_per_image / 1e9
             mfu = f"{row['mfu']:.1%}" if "mfu" in row else "–"
-            lines.append(f"| {s['stage']} | {row['model']} | {params / 1e6:.2f}M | {row['variant']} | {row['images_per_s']:.1f} | "
-                         f"{row['images_per_s_median']:.1f} | {row['step_s_best'] * 1e3:.0f} | {row['peak_memory_mb']:.0f} | "
-                         f"{gflop:.2f} | {row['achieved_tflops']:.3f} | {mfu} |")
+            lines.append(
+                f"| {s['stage']} | {row['model']} | {params / 1e6:.2f}M | {row['variant']} | {row['images_per_s']:.1f} | "
+                f"{row['images_per_s_median']:.1f} | {row['step_s_best'] * 1e3:.0f} | {row['peak_memory_mb']:.0f} | "
+                f"{gflop:.2f} | {row['achieved_tflops']:.3f} | {mfu} |"
+            )
     return "\n".join(lines)
 
 
@@ -94,7 +104,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--sample-steps", type=int, default=5)
     parser.add_argument("--sample-batch", type=int, default=None, help="images per sampling run (default: 8, 1 at 1024px)")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile, NCHW and channels-last (minutes of compilation)")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time torch.compile, NCHW and channels-last (minutes of compilation)"
+    )
     parser.add_argument("--no-diffusers", action="store_true", help="skip the UNet2DModel comparison")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -114,9 +126,15 @@ def main() -> None:
         sys.exit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "threads": torch.get_num_threads(), "load_average_start": os.getloadavg(), "cpu_features": cpu_features()}
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "load_average_start": os.getloadavg(),
+        "cpu_features": cpu_features(),
+    }
     machine["cpu"] = describe_cpu(machine["cpu_features"])
     print(f"benchmark: preset {args.preset}, device {machine['device']}, {machine['threads']} threads, torch {torch.__version__}")
     print(f"benchmark: CPU {machine['cpu']}")
@@ -131,33 +149,49 @@ def main() -> None:
         sample_batch = args.sample_batch or (1 if stage.resolution >= 1024 else 8)
         models = 1 if name == "classifier" or args.no_diffusers else 2
         variants = models * (4 + 2 * int(args.compile)) + 1  # + ours with gradient checkpointing
-        bar = tqdm(total=variants * (args.rounds + args.warmup + 1), desc=f"{name} training steps", unit="step",
-                   dynamic_ncols=True)  # + 1: the untimed peak-memory round
-        bench = benchmark_stage(stage, num_classes=args.num_classes, batch_size=batch, device=device, rounds=args.rounds,
-                                warmup=args.warmup, compile=args.compile, compare=not args.no_diffusers, ckpt_net=ckpt_net,
-                                sample=sampler_for(stage, name, sample_batch, args.num_classes, device, bf16=True),
-                                sample_batch=sample_batch, sample_steps=args.sample_steps,
-                                optimizer=partial(instantiate(cfg.trainer.optimizer), lr=float(cfg.trainer.lr)),
-                                on_step=lambda: bar.update(1))
+        bar = tqdm(
+            total=variants * (args.rounds + args.warmup + 1), desc=f"{name} training steps", unit="step", dynamic_ncols=True
+        )  # + 1: the untimed peak-memory round
+        bench = benchmark_stage(
+            stage,
+            num_classes=args.num_classes,
+            batch_size=batch,
+            device=device,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            compile=args.compile,
+            compare=not args.no_diffusers,
+            ckpt_net=ckpt_net,
+            sample=sampler_for(stage, name, sample_batch, args.num_classes, device, bf16=True),
+            sample_batch=sample_batch,
+            sample_steps=args.sample_steps,
+            optimizer=partial(instantiate(cfg.trainer.optimizer), lr=float(cfg.trainer.lr)),
+            on_step=lambda: bar.update(1),
+        )
         bar.close()
         results.append(bench)
         s = bench.summary()
         sampled = s["sampling"]
-        print(f"[{name}] {s['params'] / 1e6:.2f}M params, {s['train_gflops_per_image']:.2f} GFLOP/image (train step), "
-              f"sampling {sampled['batch']} image(s): {sampled['s_per_step'] * 1e3:.0f} ms/step, "
-              f"{sampled['s_per_image'] * 1e3:.0f} ms/image for {sampled['steps']} steps")
+        print(
+            f"[{name}] {s['params'] / 1e6:.2f}M params, {s['train_gflops_per_image']:.2f} GFLOP/image (train step), "
+            f"sampling {sampled['batch']} image(s): {sampled['s_per_step'] * 1e3:.0f} ms/step, "
+            f"{sampled['s_per_image'] * 1e3:.0f} ms/image for {sampled['steps']} steps"
+        )
         for label, ratio in s["speedups"].items():
             print(f"[{name}]   {label}: {ratio:.2f}x")
 
     machine["load_average_end"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = (f"Device: {machine['device']}; CPU: {machine['cpu']}; {machine['threads']} threads; torch {machine['torch']}; "
-            f"load average {machine['load_average_start'][0]:.1f} → {machine['load_average_end'][0]:.1f}\n\n" + table(results))
+    text = (
+        f"Device: {machine['device']}; CPU: {machine['cpu']}; {machine['threads']} threads; torch {machine['torch']}; "
+        f"load average {machine['load_average_start'][0]:.1f} → {machine['load_average_end'][0]:.1f}\n\n" + table(results)
+    )
     print("\n" + text)
     (out / "benchmark.md").write_text(text + "\n")
-    (out / "benchmark.json").write_text(json.dumps({"machine": machine, "args": vars(args),
-                                                    "stages": [b.summary() for b in results]}, indent=2) + "\n")
+    (out / "benchmark.json").write_text(
+        json.dumps({"machine": machine, "args": vars(args), "stages": [b.summary() for b in results]}, indent=2) + "\n"
+    )
     print(f"\nwrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
 
 

@@ -29,8 +29,10 @@ def run(command: list[str]) -> None:
     print(f"\n$ {shlex.join(shown)}", flush=True)
     code = subprocess.call(command)
     if code:
-        print(f"error: the step above failed (exit code {code}); fix what it says and run the demo again: "
-              "finished stages are kept", file=sys.stderr)
+        print(
+            f"error: the step above failed (exit code {code}); fix what it says and run the demo again: finished stages are kept",
+            file=sys.stderr,
+        )
         sys.exit(code)
 
 
@@ -45,11 +47,27 @@ def main() -> None:
     for stage in STAGES:
         run([sys.executable, str(SCRIPTS / "train_stage.py"), f"stage={stage}", "preset=tiny", f"device={args.device}"])
     # 10 solver steps at 1024px: a full-size step of the tiny sr1024 is the costliest part of the demo on a CPU.
-    run([sys.executable, str(SCRIPTS / "cascade_sample.py"), "--class", args.class_, "--num", "1", "--sr1024-steps", "10",
-         "--device", args.device, "--out", args.out])
+    run(
+        [
+            sys.executable,
+            str(SCRIPTS / "cascade_sample.py"),
+            "--class",
+            args.class_,
+            "--num",
+            "1",
+            "--sr1024-steps",
+            "10",
+            "--device",
+            args.device,
+            "--out",
+            args.out,
+        ]
+    )
     minutes = (time.perf_counter() - start) / 60
-    print(f"\ndemo finished in {minutes:.1f} min. Pictures: {args.out}/000_strip.png (64 → 256 → 1024 side by side), "
-          f"{args.out}/000_1024px.png; training curves and sample grids: runs/<stage>/loss.png, runs/<stage>/samples/")
+    print(
+        f"\ndemo finished in {minutes:.1f} min. Pictures: {args.out}/000_strip.png (64 → 256 → 1024 side by side), "
+        f"{args.out}/000_1024px.png; training curves and sample grids: runs/<stage>/loss.png, runs/<stage>/samples/"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from pathlib import Path
 # cuBLAS needs this before its first use for deterministic matmuls (the resume check); harmless otherwise.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -35,9 +34,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny preset configs and batches (the CPU mode of the tests)")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu (cpu needs --tiny)")
-    parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="wall-clock budget of the measurements (start-up and imports come on top; 420 s keeps the whole run under "
-                             "8 minutes); sections that would not fit are skipped, one that overruns is cut 15 s after it")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="wall-clock budget of the measurements (start-up and imports come on top; 420 s keeps the whole run under "
+        "8 minutes); sections that would not fit are skipped, one that overruns is cut 15 s after it",
+    )
     parser.add_argument("--stages", nargs="+", default=list(STAGES), help=f"any of {', '.join(STAGES)} (sampling needs all)")
     parser.add_argument("--out", default="outputs/gpu_check")
     args = parser.parse_args()
@@ -53,14 +56,20 @@ def main() -> None:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
     def time_up(signum: int, frame: object) -> None:
         raise TimeUp
 
     # The hard limit: a section that overruns its estimate is cut 15 s after the budget, and the report is still written.
     signal.signal(signal.SIGALRM, time_up)
     signal.alarm(int(args.budget_s) + 15)
-    report = run_gpu_check("tiny" if args.tiny else "gpu", device, budget_s=args.budget_s, stages=args.stages,
-                           log=lambda line: print(line, file=sys.stderr, flush=True))
+    report = run_gpu_check(
+        "tiny" if args.tiny else "gpu",
+        device,
+        budget_s=args.budget_s,
+        stages=args.stages,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     signal.alarm(0)
     text = markdown(report)
     json_path, md_path = write(report, Path(args.out))
@@ -68,8 +77,10 @@ def main() -> None:
     print(f"wrote {json_path} and {md_path}")
     failed = [c for c in report.correctness if not c["passed"]]
     if failed:
-        print(f"error: {len(failed)} correctness check(s) failed: " + "; ".join(f"{c['stage']}: {c['check']}" for c in failed),
-              file=sys.stderr)
+        print(
+            f"error: {len(failed)} correctness check(s) failed: " + "; ".join(f"{c['stage']}: {c['check']}" for c in failed),
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

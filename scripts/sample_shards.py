@@ -43,8 +43,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (holds the manifest; rerun with the same --out to resume)")
     p.add_argument("--num-samples", type=int, default=50_000, help="number of images (the papers: 50,000; ADM's --num_samples)")
     p.add_argument("--seed", type=int, default=0, help="seed of every image's noise (and of random classes)")
-    p.add_argument("--classes", choices=["round-robin", "random"], default="round-robin",
-                   help="class of image i: i mod C, or uniform at random from (seed, i) as ADM samples")
+    p.add_argument(
+        "--classes",
+        choices=["round-robin", "random"],
+        default="round-robin",
+        help="class of image i: i mod C, or uniform at random from (seed, i) as ADM samples",
+    )
     p.add_argument("--class", dest="class_", help="one class (index or name) for every image")
     p.add_argument("--shard-size", type=int, default=256, help="images per shard (unit of work and resumption)")
     p.add_argument("--format", choices=["npz", "png", "both"], default="npz", help="final output")
@@ -78,16 +82,31 @@ def main() -> None:
         upsamplers = [p for p in (args.sr256_ckpt, args.sr1024_ckpt) if p]
         cascade = Cascade.from_checkpoints(args.base_ckpt, upsamplers, args.classifier_ckpt, device=device, bf16=not args.fp32)
         names = STAGES[: 1 + len(upsamplers)]
-        settings = [StageSettings(sampler=getattr(args, f"{n}_sampler"), steps=getattr(args, f"{n}_steps"),
-                                  batch_size=getattr(args, f"{n}_batch_size"),
-                                  cfg_scale=args.cfg_scale if n == "base" else 1.0,
-                                  classifier_scale=args.guidance_scale if n == "base" else 0.0,
-                                  aug_level=getattr(args, f"{n}_aug_level", None)) for n in names]
+        settings = [
+            StageSettings(
+                sampler=getattr(args, f"{n}_sampler"),
+                steps=getattr(args, f"{n}_steps"),
+                batch_size=getattr(args, f"{n}_batch_size"),
+                cfg_scale=args.cfg_scale if n == "base" else 1.0,
+                classifier_scale=args.guidance_scale if n == "base" else 0.0,
+                aug_level=getattr(args, f"{n}_aug_level", None),
+            )
+            for n in names
+        ]
         fixed = class_index(cascade.class_names, args.class_) if args.class_ is not None else None
-        job = ShardJob(out=args.out, num=args.num_samples, seed=args.seed, classes=args.classes, fixed_class=fixed,
-                       shard_size=args.shard_size, format=args.format, keep_shards=args.keep_shards)
-        manifest = run_shards(cascade, settings, job, bf16=not args.fp32, rank=rank, world=world,
-                              progress=not args.no_progress, command=sys.argv)
+        job = ShardJob(
+            out=args.out,
+            num=args.num_samples,
+            seed=args.seed,
+            classes=args.classes,
+            fixed_class=fixed,
+            shard_size=args.shard_size,
+            format=args.format,
+            keep_shards=args.keep_shards,
+        )
+        manifest = run_shards(
+            cascade, settings, job, bf16=not args.fp32, rank=rank, world=world, progress=not args.no_progress, command=sys.argv
+        )
     except (ValueError, ShardError, ChainError, CheckpointError, FileNotFoundError, NpzError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -50,8 +50,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pr-k", type=int, default=3, help="k of the k-NN balls (Kynkäänniemi et al. 2019)")
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
     p.add_argument("--batch-size", type=int, default=100, help="images per feature-network call")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "cascade", "reference_stats"),
-                   help="where reference statistics are cached")
+    p.add_argument(
+        "--cache-dir",
+        default=os.path.join(os.path.expanduser("~"), ".cache", "cascade", "reference_stats"),
+        help="where reference statistics are cached",
+    )
     p.add_argument("--out", help="metrics JSON (default: beside the samples, <samples>.metrics.json)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-progress", action="store_true")
@@ -107,19 +110,38 @@ def run(args: argparse.Namespace, extractors: dict[str, FeatureExtractor] | None
     rank, _, device = init_distributed(str(resolve_device(args.device)))
     ref_source, ref_npz = open_reference(args, samples.resolution)
     if ref_source is not None and ref_source.resolution != samples.resolution:
-        raise SourceError(f"the reference {args.ref} is at {ref_source.resolution}px but the samples are at "
-                          f"{samples.resolution}px; compare at one resolution")
+        raise SourceError(
+            f"the reference {args.ref} is at {ref_source.resolution}px but the samples are at "
+            f"{samples.resolution}px; compare at one resolution"
+        )
     if ref_source is not None and args.ref_num is not None and not isinstance(ref_source, DatasetImages):
         ref_source.limit(args.ref_num, "--ref-num")
     extractors = extractors if extractors is not None else build_extractors(args, device)
-    reference = reference_statistics(ref_source, extractors, npz=ref_npz, cache_dir=args.cache_dir, pr_num=args.pr_num,
-                                     batch_size=args.batch_size, progress=not args.no_progress)
-    metrics = score_samples(samples, reference, extractors, pr_k=args.pr_k, pr_num=args.pr_num, is_splits=args.is_splits,
-                            batch_size=args.batch_size, progress=not args.no_progress)
+    reference = reference_statistics(
+        ref_source,
+        extractors,
+        npz=ref_npz,
+        cache_dir=args.cache_dir,
+        pr_num=args.pr_num,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    metrics = score_samples(
+        samples,
+        reference,
+        extractors,
+        pr_k=args.pr_k,
+        pr_num=args.pr_num,
+        is_splits=args.is_splits,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
     if rank == 0:
         out = Path(args.out) if args.out else Path(str(args.samples).rstrip("/") + ".metrics.json")
         out.write_text(json.dumps({"command": sys.argv, **metrics}, indent=2))
-        shown = [f"{k.upper()} {metrics[k]:.4f}" for k in metrics if (k == "fid" or k.startswith("fd_")) and metrics[k] is not None]
+        shown = [
+            f"{k.upper()} {metrics[k]:.4f}" for k in metrics if (k == "fid" or k.startswith("fd_")) and metrics[k] is not None
+        ]
         if metrics.get("is") is not None:
             shown.append(f"IS {metrics['is']:.3f}")
         if metrics.get("precision") is not None:

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from cascade.data import class_index
+from cascade.diffusion.samplers import SAMPLERS
 from cascade.training.checkpoint import CheckpointError, load_stage
 from cascade.utils.cli import OneLineParser
-from cascade.data import class_index
 from cascade.utils.device import resolve_device
-from cascade.diffusion.samplers import SAMPLERS
 from stages.upsampler import UpsamplerStage, load_image, super_resolve
 
 
@@ -47,15 +47,26 @@ def main() -> None:
             raise ValueError(f"{args.ckpt} is a {payload['stage']!r} checkpoint, not an upsampler (sr256 / sr1024)")
         label = None if args.class_ is None else class_index(payload["class_names"], args.class_)
         generator = torch.Generator(device).manual_seed(args.seed)
-        output, notes = super_resolve(stage, net, image, class_label=label, aug_level=args.aug_level, sampler=args.sampler,
-                                      steps=args.steps, cfg_scale=args.cfg_scale, generator=generator)
+        output, notes = super_resolve(
+            stage,
+            net,
+            image,
+            class_label=label,
+            aug_level=args.aug_level,
+            sampler=args.sampler,
+            steps=args.steps,
+            cfg_scale=args.cfg_scale,
+            generator=generator,
+        )
         for note in notes:
             print(f"note: {note}")
         out = Path(args.out or f"{Path(args.input).stem}_{stage.resolution}px.png")
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image((output.float().cpu() + 1) / 2, out)
-        print(f"wrote {out} ({output.shape[-1]}x{output.shape[-2]}, stage {stage.name}, aug level "
-              f"{stage.sample_aug_level if args.aug_level is None else args.aug_level}, {args.sampler} {args.steps} steps, seed {args.seed})")
+        print(
+            f"wrote {out} ({output.shape[-1]}x{output.shape[-2]}, stage {stage.name}, aug level "
+            f"{stage.sample_aug_level if args.aug_level is None else args.aug_level}, {args.sampler} {args.steps} steps, seed {args.seed})"
+        )
     except (ValueError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -24,8 +24,8 @@ from omegaconf.errors import MissingMandatoryValue
 
 from cascade.evaluation import previews
 from cascade.training.checkpoint import CheckpointError
-from cascade.utils.device import resolve_device
 from cascade.training.faults import TrainingDiverged
+from cascade.utils.device import resolve_device
 
 BAD_INPUT = (ValueError, CheckpointError, FileNotFoundError)
 
@@ -50,8 +50,9 @@ def main(cfg: DictConfig) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, Path(cfg.run_dir) / "config.yaml", resolve=True)
-        trainer.fit(stage, dataset, run_dir=cfg.run_dir, config=config, seed=cfg.seed, device=device, val_data=val_data,
-                    reporter=reporter)
+        trainer.fit(
+            stage, dataset, run_dir=cfg.run_dir, config=config, seed=cfg.seed, device=device, val_data=val_data, reporter=reporter
+        )
     except BAD_INPUT as error:
         fail(error, 2)
     except InstantiationException as error:  # hydra wraps what a constructor raised: report the cause

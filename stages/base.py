@@ -42,8 +42,16 @@ class GeneratorStage(DiffusionStage, Generator):
         p_uncond: float = 0.1,  # label dropout for classifier-free guidance; 0: no null class
         fixed_variance: VarianceType = "large",  # Σ at sampling when the variance is not learned
     ) -> None:
-        super().__init__(net=net, schedule=schedule, objective=objective, name=name, resolution=resolution,
-                         class_conditional=class_conditional, p_uncond=p_uncond, fixed_variance=fixed_variance)
+        super().__init__(
+            net=net,
+            schedule=schedule,
+            objective=objective,
+            name=name,
+            resolution=resolution,
+            class_conditional=class_conditional,
+            p_uncond=p_uncond,
+            fixed_variance=fixed_variance,
+        )
 
     def loss(self, net: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
         """Per-example diffusion loss at uniformly drawn t, with labels dropped to ∅ at rate p_uncond."""
@@ -70,8 +78,16 @@ class GeneratorStage(DiffusionStage, Generator):
         Random draws: x_T (through :func:`cascade.utils.rng.randn`: per image with
         :class:`~cascade.utils.rng.ImageGenerators`), then the sampler's.
         """
-        options = SamplingOptions(sampler=sampler, steps=steps, spacing=spacing, cfg_scale=cfg_scale, classifier=classifier,
-                                  classifier_schedule=classifier_schedule, classifier_scale=classifier_scale, progress=progress)
+        options = SamplingOptions(
+            sampler=sampler,
+            steps=steps,
+            spacing=spacing,
+            cfg_scale=cfg_scale,
+            classifier=classifier,
+            classifier_schedule=classifier_schedule,
+            classifier_scale=classifier_scale,
+            progress=progress,
+        )
         shape = (len(class_labels), 3, self.resolution, self.resolution)
         x_T = rng.randn(shape, generator, device=class_labels.device)  # (B, 3, R, R)
         return self.run_sampler(net, x_T, {"class_labels": class_labels}, options, generator)

@@ -106,8 +106,11 @@ class DiffusionStage:
 
     def net_kwargs(self, num_classes: int) -> dict[str, object]:
         """What :meth:`build` fills into the network constructor (subclasses add their conditioning)."""
-        kwargs: dict[str, object] = {"resolution": self.resolution, "out_channels": self.out_channels,
-                                     "num_classes": num_classes if self.class_conditional else None}
+        kwargs: dict[str, object] = {
+            "resolution": self.resolution,
+            "out_channels": self.out_channels,
+            "num_classes": num_classes if self.class_conditional else None,
+        }
         if self.class_conditional:
             kwargs["null_class"] = self.null_class
         return kwargs
@@ -126,8 +129,10 @@ class DiffusionStage:
         if not self.class_conditional or num is None:
             raise ValueError(f"stage {self.name!r} is not class-conditional: it has no null class")
         if not self.null_class:
-            raise ValueError(f"stage {self.name!r} was trained without label dropout (p_uncond=0): it has no null class, "
-                             "so classifier-free guidance and unlabelled sampling are not available; use cfg_scale=1 and give classes")
+            raise ValueError(
+                f"stage {self.name!r} was trained without label dropout (p_uncond=0): it has no null class, "
+                "so classifier-free guidance and unlabelled sampling are not available; use cfg_scale=1 and give classes"
+            )
         return num
 
     # --- training ---
@@ -142,9 +147,7 @@ class DiffusionStage:
             return labels
         return torch.where(drop, torch.full_like(labels, self.null_label(net)), labels)
 
-    def diffusion_loss(
-        self, net: nn.Module, x0: Tensor, labels: Tensor, generator: torch.Generator, **cond: Tensor
-    ) -> Tensor:
+    def diffusion_loss(self, net: nn.Module, x0: Tensor, labels: Tensor, generator: torch.Generator, **cond: Tensor) -> Tensor:
         """Per-example loss (B,) of the objective at uniformly drawn t, given the conditioning ``cond`` and the classes.
 
         Random draws, in order: t, ε, then the label dropout (class-conditional stages only).
@@ -164,7 +167,9 @@ class DiffusionStage:
         ancestral sampler, the ε-correction for DDIM / DPM-Solver).
         """
         variance: VarianceType = "learned" if self.objective.learned_variance else self.fixed_variance
-        fn = network_model_fn(net, self.schedule, parameterization=self.objective.parameterization, variance=variance, clip_x0=True)
+        fn = network_model_fn(
+            net, self.schedule, parameterization=self.objective.parameterization, variance=variance, clip_x0=True
+        )
         if not self.class_conditional:
             fn = _hide_labels(fn)
         if options.cfg_scale != 1.0:
@@ -173,8 +178,9 @@ class DiffusionStage:
             if options.classifier_schedule is not None:
                 check_same_schedule(self.schedule, options.classifier_schedule, "the classifier")
             mode = sampler_spec(options.sampler).guidance_mode
-            fn = classifier_guidance(fn, classifier_log_prob(options.classifier), sampling_schedule, options.classifier_scale,
-                                     mode=mode)
+            fn = classifier_guidance(
+                fn, classifier_log_prob(options.classifier), sampling_schedule, options.classifier_scale, mode=mode
+            )
         return fn
 
     @torch.no_grad()

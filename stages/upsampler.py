@@ -154,12 +154,23 @@ class UpsamplerStage(DiffusionStage, Upsampler):
         blur_sigma: Sequence[float] = (0.4, 0.6),  # σ range of the blur, low-res pixels (CDM)
         blur_kernel_size: int | None = None,  # blur kernel side; None → 2·⌈3σ_max⌉ + 1
         crop_size: int | None = None,  # train on random aligned crops of this hi-res size; None → full images
-        lowres_prior: Callable[..., nn.Module] | None = None,  # e.g. cascade.diffusion.preconditioning.LowresPrior (partial): skip around the low-res image
+        lowres_prior: Callable[..., nn.Module]
+        | None = None,  # e.g. cascade.diffusion.preconditioning.LowresPrior (partial): skip around the low-res image
     ) -> None:
-        super().__init__(net=net, schedule=schedule, objective=objective, name=name, resolution=resolution,
-                         class_conditional=class_conditional, p_uncond=p_uncond, fixed_variance=fixed_variance)
+        super().__init__(
+            net=net,
+            schedule=schedule,
+            objective=objective,
+            name=name,
+            resolution=resolution,
+            class_conditional=class_conditional,
+            p_uncond=p_uncond,
+            fixed_variance=fixed_variance,
+        )
         if resolution % lowres_resolution or resolution // lowres_resolution < 2:
-            raise ValueError(f"resolution {resolution} must be an integer multiple (≥ 2) of lowres_resolution {lowres_resolution}")
+            raise ValueError(
+                f"resolution {resolution} must be an integer multiple (≥ 2) of lowres_resolution {lowres_resolution}"
+            )
         self.factor = resolution // lowres_resolution
         if crop_size is not None and (crop_size % self.factor or not 0 < crop_size <= resolution):
             raise ValueError(f"crop_size={crop_size} must be a multiple of {self.factor} in (0, {resolution}]")
@@ -169,24 +180,39 @@ class UpsamplerStage(DiffusionStage, Upsampler):
             aug_max_level = 500 if aug_max_level is None else aug_max_level
             sample_aug_level = 50 if sample_aug_level is None else sample_aug_level
             if not 0 <= aug_max_level < len(aug_schedule):
-                raise ValueError(f"aug_max_level must be a timestep of aug_schedule, 0..{len(aug_schedule) - 1}; got {aug_max_level}")
+                raise ValueError(
+                    f"aug_max_level must be a timestep of aug_schedule, 0..{len(aug_schedule) - 1}; got {aug_max_level}"
+                )
             if not 0 <= sample_aug_level <= aug_max_level:
-                raise ValueError(f"sample_aug_level must be in 0..aug_max_level={aug_max_level} (the trained levels); "
-                                 f"got {sample_aug_level}")
+                raise ValueError(
+                    f"sample_aug_level must be in 0..aug_max_level={aug_max_level} (the trained levels); got {sample_aug_level}"
+                )
         else:
-            given = [k for k, v in (("aug_schedule", aug_schedule), ("aug_max_level", aug_max_level),
-                                    ("sample_aug_level", sample_aug_level), ("lowres_prior", lowres_prior)) if v is not None]
+            given = [
+                k
+                for k, v in (
+                    ("aug_schedule", aug_schedule),
+                    ("aug_max_level", aug_max_level),
+                    ("sample_aug_level", sample_aug_level),
+                    ("lowres_prior", lowres_prior),
+                )
+                if v is not None
+            ]
             if given:
-                raise ValueError(f"noise_augmentation=false: the low-res input is never corrupted, so {', '.join(given)} "
-                                 "must not be set (remove them, or set noise_augmentation=true)")
+                raise ValueError(
+                    f"noise_augmentation=false: the low-res input is never corrupted, so {', '.join(given)} "
+                    "must not be set (remove them, or set noise_augmentation=true)"
+                )
         if not 0.0 <= blur_prob <= 1.0:
             raise ValueError(f"blur_prob must be in [0, 1], got {blur_prob}")
         sigma = tuple(float(s) for s in blur_sigma)
         if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
             raise ValueError(f"blur_sigma must be a range (low, high) with 0 < low <= high, got {list(blur_sigma)}")
         if lowres_prior is not None and objective.parameterization != "v":
-            raise ValueError(f"lowres_prior makes the network predict v around a low-res prior; set "
-                             f"objective.parameterization=v (got {objective.parameterization!r})")
+            raise ValueError(
+                f"lowres_prior makes the network predict v around a low-res prior; set "
+                f"objective.parameterization=v (got {objective.parameterization!r})"
+            )
         self.lowres_prior = lowres_prior
         if lowres_upsample not in ("bicubic", "bilinear", "nearest"):
             raise ValueError(f"unknown lowres_upsample {lowres_upsample!r}; use bicubic, bilinear or nearest")
@@ -251,9 +277,15 @@ class UpsamplerStage(DiffusionStage, Upsampler):
                 offsets = random_crop_offsets(batch, (images.shape[-2] // f, images.shape[-1] // f), crop, generator, device)
                 context = CROP_CONTEXT + self.blur_kernel_size // 2
                 images, cond = windowed_crops(  # (B, 3, c, c) each
-                    images, offsets, crop, f, context,
-                    lambda window, b: self.conditioning(window, None if k is None else k[b : b + 1], blur[b : b + 1],
-                                                        sigma[b : b + 1], generator))
+                    images,
+                    offsets,
+                    crop,
+                    f,
+                    context,
+                    lambda window, b: self.conditioning(
+                        window, None if k is None else k[b : b + 1], blur[b : b + 1], sigma[b : b + 1], generator
+                    ),
+                )
         aug_level = None if k is None else self.aug_schedule.timesteps.to(device)[k]  # (B,)
         return TrainingInputs(images, cond, aug_level, blur, offsets)
 
@@ -276,11 +308,15 @@ class UpsamplerStage(DiffusionStage, Upsampler):
         """
         if not self.noise_augmentation:
             if aug_level is not None:
-                raise ValueError(f"stage {self.name!r} was trained without noise conditioning augmentation: it takes no "
-                                 f"aug_level (got {aug_level}); leave it unset")
+                raise ValueError(
+                    f"stage {self.name!r} was trained without noise conditioning augmentation: it takes no "
+                    f"aug_level (got {aug_level}); leave it unset"
+                )
             return upsample(lowres.float(), self.factor, self.lowres_upsample), None
         if aug_level is None or not 0 <= aug_level <= self.aug_max_level:
-            raise ValueError(f"aug_level must be in 0..{self.aug_max_level} (the levels this stage was trained on), got {aug_level}")
+            raise ValueError(
+                f"aug_level must be in 0..{self.aug_max_level} (the levels this stage was trained on), got {aug_level}"
+            )
         batch, device = lowres.shape[0], lowres.device
         k = torch.full((batch,), int(aug_level), dtype=torch.long, device=device)  # (B,)
         noise = rng.randn(lowres.shape, generator, device=device)  # (B, 3, h, w)
@@ -366,10 +402,17 @@ def prepare_lowres(image: Tensor, size: int) -> tuple[Tensor, list[str]]:
         notes.append(f"centre-cropped {w}x{h} to {side}x{side}")
     side = image.shape[-1]
     if side != size:
-        image = kornia.geometry.transform.resize(image[None], (size, size), interpolation="bicubic" if side < size else "bilinear",
-                                                 align_corners=False, antialias=side > size)[0].clamp(-1, 1)
-        notes.append(f"resized {side}x{side} to the stage's low-res input {size}x{size}"
-                     + (" (antialiased)" if side > size else " (bicubic; the input had fewer pixels than the stage expects)"))
+        image = kornia.geometry.transform.resize(
+            image[None],
+            (size, size),
+            interpolation="bicubic" if side < size else "bilinear",
+            align_corners=False,
+            antialias=side > size,
+        )[0].clamp(-1, 1)
+        notes.append(
+            f"resized {side}x{side} to the stage's low-res input {size}x{size}"
+            + (" (antialiased)" if side > size else " (bicubic; the input had fewer pixels than the stage expects)")
+        )
     return image, notes
 
 
@@ -393,6 +436,15 @@ def super_resolve(
     device = next(net.parameters()).device
     lowres, notes = prepare_lowres(image.float(), stage.lowres_resolution)
     labels = None if class_label is None else torch.tensor([class_label], device=device)
-    out = stage.sample(net, lowres[None].to(device), labels, aug_level=aug_level, sampler=sampler, steps=steps,
-                       cfg_scale=cfg_scale, generator=generator, progress=progress)
+    out = stage.sample(
+        net,
+        lowres[None].to(device),
+        labels,
+        aug_level=aug_level,
+        sampler=sampler,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        generator=generator,
+        progress=progress,
+    )
     return out[0], notes

@@ -14,8 +14,16 @@ STAGES = sorted(p.stem for p in (CONFIGS / "stage").glob("*.yaml"))
 PRESETS = sorted(p.stem for p in (CONFIGS / "preset").glob("*.yaml"))
 # Small enough for a 2-step smoke run of any stage on CPU in seconds.
 SMOKE = [
-    "preset=tiny", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.log_every=1", "trainer.ckpt_every=2",
-    "trainer.sample_every=2", "trainer.num_workers=0", "trainer.progress=false", "data.train.size=64", "data.val.size=8",
+    "preset=tiny",
+    "trainer.max_steps=2",
+    "trainer.batch_size=4",
+    "trainer.log_every=1",
+    "trainer.ckpt_every=2",
+    "trainer.sample_every=2",
+    "trainer.num_workers=0",
+    "trainer.progress=false",
+    "data.train.size=64",
+    "data.val.size=8",
     "device=cpu",
 ]
 STAGE_SMOKE = {
@@ -33,11 +41,13 @@ def compose_train(overrides: list[str]):
 
 def run_script(script: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python scripts/<script> args…`` in ``cwd``, output captured."""
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
 
 
 def train(root: Path, stage: str, *extra: str) -> subprocess.CompletedProcess:
     """The smoke training of ``stage`` into ``root/stage`` (resumes if a checkpoint is there)."""
-    return run_script("train_stage.py", f"stage={stage}", f"run_dir={root / stage}", *SMOKE, *STAGE_SMOKE[stage], *extra,
-                      cwd=root)
+    return run_script(
+        "train_stage.py", f"stage={stage}", f"run_dir={root / stage}", *SMOKE, *STAGE_SMOKE[stage], *extra, cwd=root
+    )

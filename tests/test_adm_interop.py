@@ -35,14 +35,34 @@ from tests.helpers import run_script  # noqa: E402
 
 
 def adm_generator(size: int, width: int, depth: int, **flags) -> torch.nn.Module:
-    return script_util.create_model(size, width, depth, learn_sigma=True, attention_resolutions="32,16,8", use_scale_shift_norm=True,
-                                    resblock_updown=True, **flags)
+    return script_util.create_model(
+        size,
+        width,
+        depth,
+        learn_sigma=True,
+        attention_resolutions="32,16,8",
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        **flags,
+    )
 
 
 def adm_upsampler(large: int, small: int, width: int, depth: int, **flags) -> torch.nn.Module:
-    return script_util.sr_create_model(large, small, width, depth, learn_sigma=True, class_cond=True, use_checkpoint=False,
-                                       num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, resblock_updown=True,
-                                       use_fp16=False, **flags)
+    return script_util.sr_create_model(
+        large,
+        small,
+        width,
+        depth,
+        learn_sigma=True,
+        class_cond=True,
+        use_checkpoint=False,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=True,
+        dropout=0.0,
+        resblock_updown=True,
+        use_fp16=False,
+        **flags,
+    )
 
 
 def adm_classifier(size: int, width: int, depth: int) -> torch.nn.Module:
@@ -52,16 +72,25 @@ def adm_classifier(size: int, width: int, depth: int) -> torch.nn.Module:
 # Family → (builder at (width, depth), x_t side, low-res factor or None). The README flags of each release.
 # x_t is as small as the level count allows (the networks are convolutional); a classifier's pool fixes its size.
 FAMILIES: dict[str, tuple[Callable[[int, int], torch.nn.Module], int, int | None]] = {
-    "64x64_diffusion": (lambda w, d: adm_generator(64, w, d, class_cond=True, num_head_channels=64, dropout=0.1,
-                                                   use_new_attention_order=True), 16, None),
+    "64x64_diffusion": (
+        lambda w, d: adm_generator(64, w, d, class_cond=True, num_head_channels=64, dropout=0.1, use_new_attention_order=True),
+        16,
+        None,
+    ),
     "128x128_diffusion": (lambda w, d: adm_generator(128, w, d, class_cond=True, num_heads=4), 16, None),
     "256x256_diffusion": (lambda w, d: adm_generator(256, w, d, class_cond=True, num_head_channels=64), 32, None),
     "256x256_diffusion_uncond": (lambda w, d: adm_generator(256, w, d, class_cond=False, num_head_channels=64), 32, None),
     "512x512_diffusion": (lambda w, d: adm_generator(512, w, d, class_cond=True, num_head_channels=64), 64, None),
-    "64_256_upsampler": (lambda w, d: adm_upsampler(256, 64, w, d, attention_resolutions="32,16,8", num_heads=4,
-                                                    num_head_channels=-1), 32, 4),
-    "128_512_upsampler": (lambda w, d: adm_upsampler(512, 128, w, d, attention_resolutions="32,16", num_heads=4,
-                                                     num_head_channels=64), 32, 4),
+    "64_256_upsampler": (
+        lambda w, d: adm_upsampler(256, 64, w, d, attention_resolutions="32,16,8", num_heads=4, num_head_channels=-1),
+        32,
+        4,
+    ),
+    "128_512_upsampler": (
+        lambda w, d: adm_upsampler(512, 128, w, d, attention_resolutions="32,16", num_heads=4, num_head_channels=64),
+        32,
+        4,
+    ),
     "64x64_classifier": (lambda w, d: adm_classifier(64, w, d), 64, None),
     "128x128_classifier": (lambda w, d: adm_classifier(128, w, d), 128, None),
     "256x256_classifier": (lambda w, d: adm_classifier(256, w, d), 256, None),
@@ -124,10 +153,12 @@ class Float64Oracle:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, model: torch.nn.Module) -> None:
         original_float, original_embedding = torch.Tensor.float, gd_unet.timestep_embedding
-        monkeypatch.setattr(torch.Tensor, "float",
-                            lambda self, *a, **k: self if self.dtype == torch.float64 else original_float(self, *a, **k))
-        monkeypatch.setattr(gd_unet, "timestep_embedding",
-                            lambda t, dim, max_period=10000: original_embedding(t, dim, max_period).double())
+        monkeypatch.setattr(
+            torch.Tensor, "float", lambda self, *a, **k: self if self.dtype == torch.float64 else original_float(self, *a, **k)
+        )
+        monkeypatch.setattr(
+            gd_unet, "timestep_embedding", lambda t, dim, max_period=10000: original_embedding(t, dim, max_period).double()
+        )
         model.double().dtype = torch.float64
 
 
@@ -147,7 +178,9 @@ def run_both(family: str, adm: torch.nn.Module, ours: torch.nn.Module, dtype: to
         if "classifier" in family:
             return adm(x, t), ours(x, t)
         if lowres is not None:  # ADM resizes the low-res image bilinearly inside SuperResModel; our stage does it outside
-            return adm(x, t, low_res=lowres, y=y), ours(x, t, class_labels=y, lowres=upsample(lowres, FAMILIES[family][2], "bilinear"))
+            return adm(x, t, low_res=lowres, y=y), ours(
+                x, t, class_labels=y, lowres=upsample(lowres, FAMILIES[family][2], "bilinear")
+            )
         if "uncond" in family:
             return adm(x, t), ours(x, t)
         return adm(x, t, y=y), ours(x, t, class_labels=y)
@@ -177,7 +210,9 @@ def test_converted_network_reproduces_guided_diffusion(family: str, tmp_path: Pa
         assert stage["p_uncond"] == 0.0 and stage["net"]["null_class"] is False and stage["objective"]["learned_variance"]
 
 
-@pytest.mark.parametrize("family, wrong", [("64x64_diffusion", "legacy"), ("128x128_diffusion", "new"), ("64x64_classifier", "new")])
+@pytest.mark.parametrize(
+    "family, wrong", [("64x64_diffusion", "legacy"), ("128x128_diffusion", "new"), ("64x64_classifier", "new")]
+)
 def test_wrong_qkv_order_fails_the_comparison(family: str, wrong: str, tmp_path: Path) -> None:
     """Negative control: the same weights read with the other q/k/v layout are a different function."""
     adm, _, payload = converted(family, tmp_path)
@@ -216,7 +251,9 @@ def test_full_size_parameter_counts(family: str) -> None:
 def test_respacing_strings_match_adm(spec: str) -> None:
     for other in (spec, "1", "999", "ddim1000", "7,1"):  # "27", "999": ADM's rounding differs from linspace's
         assert adm_respacing(1000, other).tolist() == sorted(space_timesteps(1000, other)), other
-    diffusion = script_util.create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="linear", timestep_respacing=spec)
+    diffusion = script_util.create_gaussian_diffusion(
+        steps=1000, learn_sigma=True, noise_schedule="linear", timestep_respacing=spec
+    )
     ours = respace(linear_schedule(1000), spec)
     assert ours.timesteps.tolist() == diffusion.timestep_map
     torch.testing.assert_close(ours.betas, torch.from_numpy(diffusion.betas), rtol=1e-12, atol=1e-15)
@@ -249,7 +286,9 @@ def one_step(sampler, fn, schedule: NoiseSchedule, k: int, x: torch.Tensor, y: t
 def test_one_sampler_step_matches_guided_diffusion(spec: str, guided: bool, tmp_path: Path) -> None:
     adm, ours, _ = converted("64x64_diffusion", tmp_path)
     adm_clf, our_clf, _ = converted("64x64_classifier", tmp_path, width=64, depth=1, seed=3)
-    diffusion = script_util.create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="cosine", timestep_respacing=spec)
+    diffusion = script_util.create_gaussian_diffusion(
+        steps=1000, learn_sigma=True, noise_schedule="cosine", timestep_respacing=spec
+    )
     sampling = respace(cosine_schedule(1000), spec)
     scale = 300.0  # large, so that the guidance shift of a random classifier is far above the tolerance
 
@@ -270,10 +309,14 @@ def test_one_sampler_step_matches_guided_diffusion(spec: str, guided: bool, tmp_
     step = diffusion.ddim_sample if ddim else diffusion.p_sample
     torch.manual_seed(11)
     with torch.no_grad():
-        theirs = step(adm, x, torch.tensor([k, k]), clip_denoised=True, cond_fn=cond_fn if guided else None, model_kwargs={"y": y})
+        theirs = step(
+            adm, x, torch.tensor([k, k]), clip_denoised=True, cond_fn=cond_fn if guided else None, model_kwargs={"y": y}
+        )
     mine = one_step(sample_ddim if ddim else sample_ddpm, fn, sampling, k, x, y, seed=11)
     rel, size = relative_error(theirs["sample"], mine)
-    print(f"\n{spec} {'guided' if guided else 'unguided'} step at t = {int(sampling.timesteps[k])}: max|Δ| = {rel:.2e} × {size:.3g}")
+    print(
+        f"\n{spec} {'guided' if guided else 'unguided'} step at t = {int(sampling.timesteps[k])}: max|Δ| = {rel:.2e} × {size:.3g}"
+    )
     assert rel <= 1e-5
     if guided:  # the guidance moved the step by far more than the tolerance
         torch.manual_seed(11)
@@ -289,8 +332,9 @@ def test_convert_command(tmp_path: Path) -> None:
     adm = randomise(FAMILIES["64x64_classifier"][0](64, 1), 0)
     source = tmp_path / "64x64_classifier.pt"
     torch.save(adm.state_dict(), source)
-    result = run_script("convert_checkpoint.py", "--from", "guided-diffusion", str(source), "--out", "runs/clf/checkpoints/last.pt",
-                        cwd=tmp_path)
+    result = run_script(
+        "convert_checkpoint.py", "--from", "guided-diffusion", str(source), "--out", "runs/clf/checkpoints/last.pt", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     payload = load_checkpoint(tmp_path / "runs/clf/checkpoints/last.pt")
     assert payload["stage"] == "classifier" and payload["config"]["stage"]["net"]["attention_order"] == "legacy"
@@ -313,8 +357,13 @@ def test_foreign_files_are_refused(tmp_path: Path) -> None:
     adm = adm_classifier(64, 64, 1).state_dict()
     torch.save({**adm, "extra.weight": torch.randn(2)}, tmp_path / "modified.pt")
     torch.save({k: v for k, v in adm.items() if not k.startswith("middle_block.1.")}, tmp_path / "incomplete.pt")
-    cases = {"random.pt": "holds no guided-diffusion network", "list.pt": "not a guided-diffusion state dict",
-             "modified.pt": "match no released", "incomplete.pt": "match no released", "missing.pt": "does not exist"}
+    cases = {
+        "random.pt": "holds no guided-diffusion network",
+        "list.pt": "not a guided-diffusion state dict",
+        "modified.pt": "match no released",
+        "incomplete.pt": "match no released",
+        "missing.pt": "does not exist",
+    }
     for name, message in cases.items():
         with pytest.raises(ConversionError, match=message):
             convert(tmp_path / name, tmp_path / "out.pt")
@@ -325,8 +374,10 @@ def test_foreign_files_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CASCADE_ADM_WEIGHTS"),
-                    reason="set CASCADE_ADM_WEIGHTS to a folder with OpenAI's released 64x64_{diffusion,classifier}.pt")
+@pytest.mark.skipif(
+    not os.environ.get("CASCADE_ADM_WEIGHTS"),
+    reason="set CASCADE_ADM_WEIGHTS to a folder with OpenAI's released 64x64_{diffusion,classifier}.pt",
+)
 def test_released_64px_samples_are_classified_as_requested(tmp_path: Path) -> None:
     """64x64_diffusion.pt sampled for class 207 (DDIM, ddim25, classifier guidance 1.0 with 64x64_classifier.pt):
     the released classifier at t = 0 calls most samples class 207."""

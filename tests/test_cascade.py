@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cascade.training.checkpoint import load_checkpoint
+from cascade.diffusion.schedules import linear_schedule
 from cascade.pipeline.orchestrator import (
     IMAGE_SEED_STRIDE,
     Cascade,
@@ -21,8 +21,8 @@ from cascade.pipeline.orchestrator import (
     load,
     stage_seed,
 )
+from cascade.training.checkpoint import load_checkpoint
 from cascade.utils.device import bf16_autocast
-from cascade.diffusion.schedules import linear_schedule
 from tests.helpers import run_script
 
 CPU = torch.device("cpu")
@@ -111,11 +111,19 @@ def test_stage_outputs_do_not_depend_on_later_stages_or_batching(loaded):
     labels = torch.tensor([0, 1, 2])
     short = Cascade(loaded("base"), [], None).sample(labels, [StageSettings(steps=2)], seed=3, progress=False)
     cascade = Cascade(loaded("base"), [loaded("sr256")], None)
-    runs = [cascade.sample(labels, [StageSettings(steps=2, batch_size=b0), StageSettings(steps=2, batch_size=b1, aug_level=10)],
-                           seed=3, progress=False) for b0, b1 in [(3, 3), (1, 2), (2, 1)]]
+    runs = [
+        cascade.sample(
+            labels,
+            [StageSettings(steps=2, batch_size=b0), StageSettings(steps=2, batch_size=b1, aug_level=10)],
+            seed=3,
+            progress=False,
+        )
+        for b0, b1 in [(3, 3), (1, 2), (2, 1)]
+    ]
     assert torch.equal(short[0], runs[0][0])
-    again = cascade.sample(labels, [StageSettings(steps=2, batch_size=3), StageSettings(steps=2, batch_size=3, aug_level=10)],
-                           seed=3, progress=False)
+    again = cascade.sample(
+        labels, [StageSettings(steps=2, batch_size=3), StageSettings(steps=2, batch_size=3, aug_level=10)], seed=3, progress=False
+    )
     assert torch.equal(runs[0][0], again[0]) and torch.equal(runs[0][1], again[1])
     for other in runs[1:]:
         for stage in (0, 1):
@@ -145,8 +153,13 @@ def test_image_zero_is_what_the_per_batch_generators_gave(loaded):
     with bf16_autocast(CPU, True):
         old_base = base.stage.sample(base.net, label, sampler="ddpm", steps=3, generator=old_generator(0), progress=False)
         old_base = old_base.float().cpu()
-        old_sr = sr.stage.sample(sr.net, old_base, label, aug_level=10, sampler="ddpm", steps=2, generator=old_generator(1),
-                                 progress=False).float().cpu()
+        old_sr = (
+            sr.stage.sample(
+                sr.net, old_base, label, aug_level=10, sampler="ddpm", steps=2, generator=old_generator(1), progress=False
+            )
+            .float()
+            .cpu()
+        )
     assert torch.equal(new[0], old_base) and torch.equal(new[1], old_sr)
 
 
@@ -225,19 +238,25 @@ def test_cascade_stops_early_when_later_stages_are_absent(smoke_runs, tmp_path):
     assert (tmp_path / "o" / "000_64px.png").is_file() and not (tmp_path / "o" / "000_256px.png").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--class", "golden retriever"], "unknown class 'golden retriever'"),
-    (["--class", "10"], "class index 10 is out of range: valid indices are 0..9"),
-    (["--class", "-1"], "out of range"),
-    (["--class", "1", "--base-steps", "0"], "steps must be >= 1"),
-    (["--class", "1", "--guidance-scale", "-1"], "guidance scales must be >= 0"),
-    (["--class", "1", "--sr256-aug-level", "999"], "aug level must be in 0..500"),
-    (["--class", "1", "--sr256-ckpt", "nope.pt"], "sr256 checkpoint nope.pt does not exist"),
-    (["--class", "1", "--base-ckpt", "runs/classifier/checkpoints/last.pt"], "not a base stage"),
-    (["--class", "1", "--sr256-ckpt", "runs/sr1024/checkpoints/last.pt"], "sr1024 upsamples 256px images but base makes 64px"),
-    (["--num", "1"], "give the class to sample"),
-    (["--class", "1", "--sampler-typo"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--class", "golden retriever"], "unknown class 'golden retriever'"),
+        (["--class", "10"], "class index 10 is out of range: valid indices are 0..9"),
+        (["--class", "-1"], "out of range"),
+        (["--class", "1", "--base-steps", "0"], "steps must be >= 1"),
+        (["--class", "1", "--guidance-scale", "-1"], "guidance scales must be >= 0"),
+        (["--class", "1", "--sr256-aug-level", "999"], "aug level must be in 0..500"),
+        (["--class", "1", "--sr256-ckpt", "nope.pt"], "sr256 checkpoint nope.pt does not exist"),
+        (["--class", "1", "--base-ckpt", "runs/classifier/checkpoints/last.pt"], "not a base stage"),
+        (
+            ["--class", "1", "--sr256-ckpt", "runs/sr1024/checkpoints/last.pt"],
+            "sr1024 upsamples 256px images but base makes 64px",
+        ),
+        (["--num", "1"], "give the class to sample"),
+        (["--class", "1", "--sampler-typo"], "unrecognized arguments"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_code_2(workdir, args, message):
     result = sample(workdir, "--stop-at", "256", *args)
     assert result.returncode == 2, result.stderr[-2000:]

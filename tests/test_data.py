@@ -254,7 +254,9 @@ def test_class_index() -> None:
 
     with pytest.raises(ValueError, match="close matches: 'red disc with stripes' \\(0\\)"):
         class_index(names, "red disk with stripes")
-    with pytest.raises(ValueError, match="unknown class 'giraffe'; pass an index 0..9 or one of: 'red disc with stripes' \\(0\\), "):
+    with pytest.raises(
+        ValueError, match="unknown class 'giraffe'; pass an index 0..9 or one of: 'red disc with stripes' \\(0\\), "
+    ):
         class_index(names, "giraffe")  # a short class list is shown whole
     with pytest.raises(ValueError, match="or one of the 30 class names$"):
         class_index([f"class {i}" for i in range(30)], "giraffe")

@@ -9,6 +9,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from cascade.diffusion.denoiser import ModelOutput, network_model_fn
+from cascade.diffusion.losses import DiffusionLoss
 from cascade.diffusion.process import (
     discretized_gaussian_log_likelihood,
     eps_from_x0,
@@ -22,7 +23,6 @@ from cascade.diffusion.process import (
     x0_eps_from_prediction,
     x0_from_eps,
 )
-from cascade.diffusion.losses import DiffusionLoss
 from cascade.diffusion.samplers import sample_ddim, sample_ddpm
 from cascade.diffusion.schedules import (
     NoiseSchedule,
@@ -104,7 +104,10 @@ def test_posterior_at_first_step_is_x0():
 
 def test_parameterisation_round_trips():
     g = torch.Generator().manual_seed(2)
-    x0, eps = torch.randn((6, 3, 4, 4), generator=g, dtype=torch.float64), torch.randn((6, 3, 4, 4), generator=g, dtype=torch.float64)
+    x0, eps = (
+        torch.randn((6, 3, 4, 4), generator=g, dtype=torch.float64),
+        torch.randn((6, 3, 4, 4), generator=g, dtype=torch.float64),
+    )
     ab = torch.tensor([0.9999, 0.9, 0.5, 0.1, 1e-3, 4e-5], dtype=torch.float64).reshape(6, 1, 1, 1)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
     torch.testing.assert_close(x0_from_eps(x_t, eps, ab), x0)

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cascade.training.checkpoint import load_checkpoint
 from cascade.data import ShapesDataset
 from cascade.data.order import StepBatchSampler
 from cascade.nn import UNet
+from cascade.training.checkpoint import load_checkpoint
 from cascade.training.trainer import accumulate_gradients, micro_batch_seed
 from tests.helpers import ROOT, SMOKE, STAGE_SMOKE
 
@@ -65,8 +65,16 @@ class _RegressionStage:
 
 def _tiny_unet() -> nn.Module:
     torch.manual_seed(0)
-    net = UNet(resolution=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
-               head_channels=32, dropout=0.0, num_classes=4)
+    net = UNet(
+        resolution=16,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        head_channels=32,
+        dropout=0.0,
+        num_classes=4,
+    )
     for m in net.modules():  # the zero-initialised output convs would make most gradients vanish
         if isinstance(m, (nn.Conv1d, nn.Conv2d)) and not m.weight.any():
             m.reset_parameters()
@@ -83,8 +91,9 @@ def test_accumulated_gradient_is_the_batch_mean_gradient(micro: int) -> None:
     expected = torch.autograd.grad(full.mean(), list(net.parameters()))
 
     net.zero_grad(set_to_none=True)
-    mean = accumulate_gradients(stage, net, images, labels, micro_batch_size=micro, generator=torch.Generator(), seed=0,
-                                step=0, first_chunk=0)
+    mean = accumulate_gradients(
+        stage, net, images, labels, micro_batch_size=micro, generator=torch.Generator(), seed=0, step=0, first_chunk=0
+    )
     assert mean == pytest.approx(full.mean().item(), rel=1e-6)
     for p, g in zip(net.parameters(), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
@@ -108,8 +117,9 @@ def test_micro_batch_randomness_is_keyed_by_seed_step_and_chunk() -> None:
     a, b = NoiseStage(), NoiseStage()
     accumulate_gradients(a, net, images, labels, micro_batch_size=2, generator=torch.Generator(), seed=3, step=7, first_chunk=0)
     # Rank 1 of two, holding chunk 1 of the same step: its draws are the second micro-batch's above.
-    accumulate_gradients(b, net, images[2:], labels[2:], micro_batch_size=2, generator=torch.Generator(), seed=3, step=7,
-                         first_chunk=1)
+    accumulate_gradients(
+        b, net, images[2:], labels[2:], micro_batch_size=2, generator=torch.Generator(), seed=3, step=7, first_chunk=1
+    )
     assert torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(x, y) for x, y in zip(a.draws[2:], b.draws))
     assert not torch.equal(a.draws[0], a.draws[2])  # chunks differ
@@ -118,9 +128,16 @@ def test_micro_batch_randomness_is_keyed_by_seed_step_and_chunk() -> None:
 
 def _train_command(run_dir: Path, log_dir: Path, max_steps: int) -> list[str]:
     return [
-        str(ROOT / "scripts" / "train_stage.py"), "stage=base", f"run_dir={run_dir}", *SMOKE, *STAGE_SMOKE["base"],
-        f"trainer.max_steps={max_steps}", "trainer.micro_batch_size=2", "trainer.bf16=false",
-        "data.train._target_=tests.test_distributed.RecordingShapes", f"+data.train.log_dir={log_dir}",
+        str(ROOT / "scripts" / "train_stage.py"),
+        "stage=base",
+        f"run_dir={run_dir}",
+        *SMOKE,
+        *STAGE_SMOKE["base"],
+        f"trainer.max_steps={max_steps}",
+        "trainer.micro_batch_size=2",
+        "trainer.bf16=false",
+        "data.train._target_=tests.test_distributed.RecordingShapes",
+        f"+data.train.log_dir={log_dir}",
     ]
 
 

@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cascade.data.resize import downsample
 from cascade.evaluation import features as features_module
 from cascade.evaluation.evaluate import classification_accuracy_score, json_ready, reference_classifier, select_level
 from cascade.evaluation.features import FeatureError, InceptionFeatures, inception_weights, tiles
 from cascade.evaluation.fid import fid, frechet_distance, inception_score, knn_radii, precision_recall
 from cascade.evaluation.metrics import psnr, ssim, super_resolution_metrics, topk_accuracy
-from cascade.data.resize import downsample
-from cascade.pipeline.job import settings_from_argv
 from cascade.evaluation.run import evaluation_config, feature_kind
 from cascade.evaluation.tuned import read_tuned, tuned_path, write_tuned
+from cascade.pipeline.job import settings_from_argv
 from tests.helpers import CONFIGS, run_script
 
 CPU = torch.device("cpu")
@@ -118,8 +118,11 @@ def test_topk_accuracy():
 
 
 def test_select_level_by_metric_direction_and_ties():
-    sweep = [{"aug_level": 0, "fid": 5.0, "psnr": 20.0}, {"aug_level": 50, "fid": 3.0, "psnr": 20.0},
-             {"aug_level": 100, "fid": 3.0, "psnr": 19.0}]
+    sweep = [
+        {"aug_level": 0, "fid": 5.0, "psnr": 20.0},
+        {"aug_level": 50, "fid": 3.0, "psnr": 20.0},
+        {"aug_level": 100, "fid": 3.0, "psnr": 19.0},
+    ]
     assert select_level(sweep, "fid")["aug_level"] == 50  # lowest FID; the tie with 100 goes to the lower level
     assert select_level(sweep, "psnr")["aug_level"] == 0
     with pytest.raises(ValueError, match="select_by='lpips' is not a metric of the sweep; choose one of: fid, psnr"):
@@ -179,8 +182,22 @@ def test_a_given_reference_checkpoint_of_another_recipe_is_refused(tmp_path):
     path = tmp_path / "ref.pt"
     torch.save({"arch": "resnet18", "crop": None, "num_classes": 3, "model": {}}, path)
     with pytest.raises(ValueError, match="reference.ckpt=.* was trained as .*'num_classes': 3.* needs .*'num_classes': 10"):
-        reference_classifier(path, explicit=True, arch="resnet18", crop=None, train_data=_Classes(), val_data=[], steps=1,
-                             batch_size=1, lr=1e-3, eval_images=1, device=CPU, bf16=False, seed=0, progress=False)
+        reference_classifier(
+            path,
+            explicit=True,
+            arch="resnet18",
+            crop=None,
+            train_data=_Classes(),
+            val_data=[],
+            steps=1,
+            batch_size=1,
+            lr=1e-3,
+            eval_images=1,
+            device=CPU,
+            bf16=False,
+            seed=0,
+            progress=False,
+        )
 
 
 class _Colours(torch.utils.data.Dataset):
@@ -204,8 +221,19 @@ def test_cas_is_high_for_faithful_samples_and_zero_for_samples_of_the_wrong_clas
     real, held_out = _Colours(64, seed=0), _Colours(32, seed=1)
     images = torch.stack([real[i][0] for i in range(len(real))])
     samples = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # "generated": the right colours
-    kwargs = dict(num_classes=4, train_data=real, val_data=held_out, arch="test_resnet", steps=20, batch_size=16, lr=2e-3,
-                  eval_images=32, device=CPU, bf16=False, progress=False)
+    kwargs = dict(
+        num_classes=4,
+        train_data=real,
+        val_data=held_out,
+        arch="test_resnet",
+        steps=20,
+        batch_size=16,
+        lr=2e-3,
+        eval_images=32,
+        device=CPU,
+        bf16=False,
+        progress=False,
+    )
     faithful = classification_accuracy_score(samples, real.labels, real_baseline=True, **kwargs)
     assert faithful["top1"] >= 0.9 and faithful["real_data"]["top1"] >= 0.9 and faithful["train_images"] == 64
     wrong = classification_accuracy_score(samples, (real.labels + 1) % 4, real_baseline=False, **kwargs)  # class y drawn as y−1
@@ -256,7 +284,10 @@ def test_tuned_level_is_a_layer_between_config_and_flags(tmp_path):
     assert tuned.config.upsamplers["sr256"].settings.aug_level == 120
     assert tuned.source("sr256", "aug_level").startswith(str(tuned_path(ckpt)))
     flagged = sampling(*flags, "--sr256-aug-level", "30")
-    assert flagged.config.upsamplers["sr256"].settings.aug_level == 30 and flagged.source("sr256", "aug_level") == "--sr256-aug-level"
+    assert (
+        flagged.config.upsamplers["sr256"].settings.aug_level == 30
+        and flagged.source("sr256", "aug_level") == "--sr256-aug-level"
+    )
     tuned_path(ckpt).write_text("{not json")
     with pytest.raises(ValueError, match="last.tuned.json is not a tuned-settings file"):
         sampling(*flags)
@@ -273,8 +304,18 @@ def evaluate(cwd: Path, *overrides: str):
 def test_upsampler_sweep_writes_a_level_that_cascade_sample_uses(smoke_runs, tmp_path):
     shutil.copytree(smoke_runs / "sr256", tmp_path / "sr256")  # the tuned file must not reach the shared smoke runs
     sr256 = tmp_path / "sr256" / "checkpoints" / "last.pt"
-    result = evaluate(tmp_path, f"ckpt={sr256}", "out_dir=ev", "aug_levels=[7,30]", "num_images=4", "sr_batch_size=4",
-                      "sr_steps=2", "reference.steps=2", "reference.batch_size=8", "reference.eval_images=8")
+    result = evaluate(
+        tmp_path,
+        f"ckpt={sr256}",
+        "out_dir=ev",
+        "aug_levels=[7,30]",
+        "num_images=4",
+        "sr_batch_size=4",
+        "sr_steps=2",
+        "reference.steps=2",
+        "reference.batch_size=8",
+        "reference.eval_images=8",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert [r["aug_level"] for r in report["levels"]] == [7, 30] and report["features"].startswith("classifier:")
@@ -286,9 +327,30 @@ def test_upsampler_sweep_writes_a_level_that_cascade_sample_uses(smoke_runs, tmp
     for png in ["sr_sweep.png", "sr_samples.png"]:
         assert (tmp_path / "ev" / png).is_file()
 
-    sample = run_script("cascade_sample.py", "--device", "cpu", "--class", "1", "--num", "1", "--stop-at", "256",
-                        "--base-ckpt", str(smoke_runs / "base" / "checkpoints" / "last.pt"), "--classifier-ckpt", "none",
-                        "--sr256-ckpt", str(sr256), "--base-steps", "2", "--sr256-steps", "2", "--out", "s", cwd=tmp_path)
+    sample = run_script(
+        "cascade_sample.py",
+        "--device",
+        "cpu",
+        "--class",
+        "1",
+        "--num",
+        "1",
+        "--stop-at",
+        "256",
+        "--base-ckpt",
+        str(smoke_runs / "base" / "checkpoints" / "last.pt"),
+        "--classifier-ckpt",
+        "none",
+        "--sr256-ckpt",
+        str(sr256),
+        "--base-steps",
+        "2",
+        "--sr256-steps",
+        "2",
+        "--out",
+        "s",
+        cwd=tmp_path,
+    )
     assert sample.returncode == 0, sample.stderr[-2000:]
     entry = json.loads((tmp_path / "s" / "cascade.json").read_text())["stages"][1]
     assert entry["aug_level"] == chosen and entry["aug_level_source"].startswith(str(tuned_path(sr256)))
@@ -299,9 +361,23 @@ def test_upsampler_sweep_writes_a_level_that_cascade_sample_uses(smoke_runs, tmp
 def test_base_evaluation_reports_fid_is_precision_recall_accuracy_and_cas(smoke_runs, tmp_path):
     base = smoke_runs / "base" / "checkpoints" / "last.pt"
     clf = smoke_runs / "classifier" / "checkpoints" / "last.pt"
-    result = evaluate(tmp_path, f"ckpt={base}", f"classifier_ckpt={clf}", "out_dir=ev", "num_samples=8", "num_real=16",
-                      "batch_size=8", "steps=2", "classifier_scales=[0,1]", "cfg_scales=[1,2]", "reference.steps=2",
-                      "reference.batch_size=8", "reference.eval_images=8", "cas.steps=2", "is_splits=2")
+    result = evaluate(
+        tmp_path,
+        f"ckpt={base}",
+        f"classifier_ckpt={clf}",
+        "out_dir=ev",
+        "num_samples=8",
+        "num_real=16",
+        "batch_size=8",
+        "steps=2",
+        "classifier_scales=[0,1]",
+        "cfg_scales=[1,2]",
+        "reference.steps=2",
+        "reference.batch_size=8",
+        "reference.eval_images=8",
+        "cas.steps=2",
+        "is_splits=2",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert report["stage"] == "base" and report["features"].startswith("classifier: reference resnet18")
@@ -319,7 +395,11 @@ def test_base_evaluation_reports_fid_is_precision_recall_accuracy_and_cas(smoke_
 
 @pytest.mark.slow
 def test_missing_inception_file_is_one_line(smoke_runs, tmp_path):
-    result = evaluate(tmp_path, f"ckpt={smoke_runs / 'base' / 'checkpoints' / 'last.pt'}", "features=inception",
-                      f"features_path={tmp_path / 'nope.pth'}")
+    result = evaluate(
+        tmp_path,
+        f"ckpt={smoke_runs / 'base' / 'checkpoints' / 'last.pt'}",
+        "features=inception",
+        f"features_path={tmp_path / 'nope.pth'}",
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "features_path=" in result.stderr and "does not exist" in result.stderr

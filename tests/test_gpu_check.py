@@ -33,7 +33,11 @@ def _check_tiny(stage: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> gpu_ch
     json_path, md_path = gpu_check.write(report, tmp_path)
     assert json.loads(json_path.read_text())["training"][0]["batch"] == 2
     text = md_path.read_text()
-    assert f"| {stage} | eager | 2 |" in text and "## Skipped" in text and f"2-step train + resume bit-identical | {stage} | yes" in text
+    assert (
+        f"| {stage} | eager | 2 |" in text
+        and "## Skipped" in text
+        and f"2-step train + resume bit-identical | {stage} | yes" in text
+    )
     return report
 
 
@@ -45,14 +49,21 @@ def test_tiny_mode_trains_resumes_bit_identically_and_records_skips(tmp_path, mo
 @pytest.mark.slow
 def test_tiny_mode_base_with_switches(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     report = _check_tiny("base", tmp_path, monkeypatch)
-    assert [s["switch"] for s in report.switches] == ["bf16 autocast, NCHW, fused AdamW (the default)", "channels-last",
-                                                       "gradient checkpointing per block", "fp32 (TF32 on CUDA) instead of bf16",
-                                                       "AdamW without fused"]
+    assert [s["switch"] for s in report.switches] == [
+        "bf16 autocast, NCHW, fused AdamW (the default)",
+        "channels-last",
+        "gradient checkpointing per block",
+        "fp32 (TF32 on CUDA) instead of bf16",
+        "AdamW without fused",
+    ]
 
 
-@pytest.mark.xfail(strict=True, reason="AttentionBlock (cascade/nn/layers.py) hands SDPA q, k, v whose last dimension has stride "
-                   "T, not 1: every fused kernel (CUDA flash / memory-efficient, CPU flash) refuses them and the math kernel runs. "
-                   "The fix belongs with the attention layout change in layers.py; then remove this marker.")
+@pytest.mark.xfail(
+    strict=True,
+    reason="AttentionBlock (cascade/nn/layers.py) hands SDPA q, k, v whose last dimension has stride "
+    "T, not 1: every fused kernel (CUDA flash / memory-efficient, CPU flash) refuses them and the math kernel runs. "
+    "The fix belongs with the attention layout change in layers.py; then remove this marker.",
+)
 def test_unet_attention_runs_on_a_fused_sdpa_backend() -> None:
     """The check the GPU script makes, on the CPU's flash kernel: a math fallback raises instead of running."""
     from cascade.nn import UNet
@@ -71,10 +82,16 @@ def test_budget_guard_skips_what_does_not_fit() -> None:
 
 
 def test_resume_comparison_sees_a_single_bit() -> None:
-    state = {"model": {"w": torch.ones(3)}, "ema": {"w": torch.ones(3)}, "optimizer": {"state": {0: {"exp_avg": torch.ones(3),
-                                                                                                  "step": torch.tensor(2.0)}}}}
-    other = {"model": {"w": torch.ones(3)}, "ema": {"w": torch.ones(3)},
-             "optimizer": {"state": {0: {"exp_avg": torch.ones(3), "step": torch.tensor(2.0)}}}}
+    state = {
+        "model": {"w": torch.ones(3)},
+        "ema": {"w": torch.ones(3)},
+        "optimizer": {"state": {0: {"exp_avg": torch.ones(3), "step": torch.tensor(2.0)}}},
+    }
+    other = {
+        "model": {"w": torch.ones(3)},
+        "ema": {"w": torch.ones(3)},
+        "optimizer": {"state": {0: {"exp_avg": torch.ones(3), "step": torch.tensor(2.0)}}},
+    }
     assert gpu_check._state_differences(state, other) == []
     other["optimizer"]["state"][0]["exp_avg"][1] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
     other["ema"]["w"][0] = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))
@@ -84,15 +101,25 @@ def test_resume_comparison_sees_a_single_bit() -> None:
 @pytest.mark.slow
 def test_tiny_sampling_runs_the_whole_cascade() -> None:
     rows = gpu_check.sampling_check("tiny", torch.device("cpu"), "tiny")
-    assert [r["what"] for r in rows] == ["base 64px + classifier guidance (scale 1)", "cascade 1 image: base",
-                                         "cascade 1 image: sr256", "cascade 1 image: sr1024", "cascade 1 image: total"]
+    assert [r["what"] for r in rows] == [
+        "base 64px + classifier guidance (scale 1)",
+        "cascade 1 image: base",
+        "cascade 1 image: sr256",
+        "cascade 1 image: sr1024",
+        "cascade 1 image: total",
+    ]
     assert [r["output_px"] for r in rows[1:]] == [64, 64, 256, 256]
     assert rows[-1]["wall_s"] == pytest.approx(sum(r["wall_s"] for r in rows[1:4]))
 
 
-@pytest.mark.parametrize("args, message", [(["--device", "cpu"], "needs one; pass --tiny"),
-                                           (["--tiny", "--stages", "sr512"], "unknown stage(s) sr512"),
-                                           (["--tiny", "--budget-s", "0"], "--budget-s must be > 0")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device", "cpu"], "needs one; pass --tiny"),
+        (["--tiny", "--stages", "sr512"], "unknown stage(s) sr512"),
+        (["--tiny", "--budget-s", "0"], "--budget-s must be > 0"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_code_2(args: list[str], message: str, tmp_path) -> None:
     done = run_script("gpu_check.py", *args, "--out", str(tmp_path), cwd=ROOT)
     assert done.returncode == 2

@@ -15,7 +15,13 @@ from cascade.nn.layers import AttentionBlock, AttentionPool2d, ResBlock, timeste
 
 # A CPU-sized U-Net: two levels (32px and 16px), attention at 16px and in the middle.
 TINY = dict(
-    resolution=32, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,), head_channels=32, dropout=0.0
+    resolution=32,
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(16,),
+    head_channels=32,
+    dropout=0.0,
 )
 
 
@@ -231,7 +237,15 @@ def test_bf16_autocast_and_bf16_weights() -> None:
 
 
 def test_classifier_logits_and_input_gradient() -> None:
-    clf = EncoderClassifier(resolution=32, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,), head_channels=32, num_classes=7)
+    clf = EncoderClassifier(
+        resolution=32,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(16,),
+        head_channels=32,
+        num_classes=7,
+    )
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     logits = clf(x, torch.tensor([0, 500]))
     assert logits.shape == (2, 7)
@@ -252,8 +266,14 @@ def test_classifier_logits_and_input_gradient() -> None:
         # ADM 64→256 upsampler.
         (
             lambda: UNet(
-                resolution=256, lowres_channels=3, out_channels=6, channel_mult=(1, 1, 2, 2, 4, 4),
-                num_res_blocks=2, num_heads=4, head_channels=None, num_classes=1000,
+                resolution=256,
+                lowres_channels=3,
+                out_channels=6,
+                channel_mult=(1, 1, 2, 2, 4, 4),
+                num_res_blocks=2,
+                num_heads=4,
+                head_channels=None,
+                num_classes=1000,
             ),
             311.8e6,
         ),

@@ -7,9 +7,9 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from cascade.diffusion.process import x0_eps_from_prediction
 from cascade.diffusion.losses import DiffusionLoss
 from cascade.diffusion.preconditioning import LowresPrior, gaussian_lowres_estimate
+from cascade.diffusion.process import x0_eps_from_prediction
 from cascade.diffusion.schedules import cosine_schedule, linear_schedule
 from stages.upsampler import UpsamplerStage
 
@@ -79,11 +79,27 @@ def test_output_is_v_and_limits():
 
 
 def test_stage_wraps_its_network_and_requires_v():
-    net = instantiate({"_target_": "cascade.nn.UNet", "_partial_": True, "model_channels": 32, "channel_mult": [1, 2],
-                       "num_res_blocks": 1, "attention_resolutions": [], "middle_attention": False})
+    net = instantiate(
+        {
+            "_target_": "cascade.nn.UNet",
+            "_partial_": True,
+            "model_channels": 32,
+            "channel_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attention_resolutions": [],
+            "middle_attention": False,
+        }
+    )
     prior = instantiate({"_target_": "cascade.diffusion.preconditioning.LowresPrior", "_partial_": True, "residual_std": 0.01})
-    kwargs = dict(net=net, schedule=linear_schedule(1000), aug_schedule=linear_schedule(1000), name="sr16", resolution=16,
-                  lowres_resolution=4, lowres_prior=prior)
+    kwargs = dict(
+        net=net,
+        schedule=linear_schedule(1000),
+        aug_schedule=linear_schedule(1000),
+        name="sr16",
+        resolution=16,
+        lowres_resolution=4,
+        lowres_prior=prior,
+    )
     stage = UpsamplerStage(objective=DiffusionLoss(parameterization="v"), **kwargs)
     wrapped = stage.build(num_classes=3)
     assert isinstance(wrapped, LowresPrior)

@@ -22,6 +22,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cascade.data import ImageFolderDataset
+from cascade.data.order import SeededItems, StepBatchSampler
 from cascade.training.checkpoint import (
     CheckpointError,
     checkpoint_paths,
@@ -32,8 +34,6 @@ from cascade.training.checkpoint import (
     remove_temporaries,
     save_checkpoint,
 )
-from cascade.data import ImageFolderDataset
-from cascade.data.order import SeededItems, StepBatchSampler
 from cascade.training.faults import TrainingDiverged
 from cascade.training.trainer import ReportContext, Trainer
 from tests.helpers import ROOT, run_script
@@ -87,11 +87,22 @@ def report(net: nn.Module, context: ReportContext) -> dict[str, float]:
 
 
 def fit(run_dir: Path, *, steps: int, stage: TinyStage | None = None, dataset: Dataset | None = None, **trainer: object) -> dict:
-    options = dict(max_steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, ckpt_every=2, sample_every=3, log_every=1,
-                   num_workers=0, progress=False, bf16=False)
+    options = dict(
+        max_steps=steps,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=1,
+        ckpt_every=2,
+        sample_every=3,
+        log_every=1,
+        num_workers=0,
+        progress=False,
+        bf16=False,
+    )
     torch.manual_seed(0)  # what train_stage.py does before building: initial weights
-    return Trainer(**{**options, **trainer}).fit(stage or TinyStage(), dataset or Noise(), run_dir=run_dir, config={}, seed=3,
-                                                 reporter=report)
+    return Trainer(**{**options, **trainer}).fit(
+        stage or TinyStage(), dataset or Noise(), run_dir=run_dir, config={}, seed=3, reporter=report
+    )
 
 
 def assert_same_state(a: Path, b: Path, context: str = "") -> None:
@@ -272,12 +283,15 @@ def test_trainer_logs_the_skip_count(tmp_path):
     assert metrics(tmp_path / "run")[-1]["skipped_unreadable"] == 2
 
 
-@pytest.mark.parametrize("layout, message", [
-    ({}, "no class folders"),
-    ({"a.png": 1, "cat/b.png": 1}, "lie directly in"),
-    ({"train/cat/a.png": 1, "train/dog/b.png": 1}, "single folder 'train' whose images are all in sub-folders"),
-    ({"cat/a.png": 1, "dog/notes.txt": 1}, "no images"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({}, "no class folders"),
+        ({"a.png": 1, "cat/b.png": 1}, "lie directly in"),
+        ({"train/cat/a.png": 1, "train/dog/b.png": 1}, "single folder 'train' whose images are all in sub-folders"),
+        ({"cat/a.png": 1, "dog/notes.txt": 1}, "no images"),
+    ],
+)
 def test_empty_or_mislabelled_folder_is_one_clear_error(tmp_path, layout, message):
     for rel in layout:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -318,18 +332,39 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run_and_keep_the_checkpoint
 
 # The tiny preset shrunk further: a 0.1M-parameter U-Net at 16px, dropout on (the global RNG must resume too).
 E2E = [
-    "stage=base", "preset=tiny", "device=cpu", "trainer.progress=false", "trainer.max_steps=10", "trainer.batch_size=4",
-    "trainer.ckpt_every=3", "trainer.log_every=1", "trainer.sample_every=1000", "trainer.num_workers=1",
-    "data.train.size=64", "data.val.size=4", "stage.resolution=16", "stage.net.model_channels=8",
-    "stage.net.channel_mult=[1,2]", "stage.net.attention_resolutions=[8]", "stage.net.head_channels=8",
-    "+stage.net.norm_groups=4", "stage.net.dropout=0.1", "preview.steps=1", "preview.per_class=1",
+    "stage=base",
+    "preset=tiny",
+    "device=cpu",
+    "trainer.progress=false",
+    "trainer.max_steps=10",
+    "trainer.batch_size=4",
+    "trainer.ckpt_every=3",
+    "trainer.log_every=1",
+    "trainer.sample_every=1000",
+    "trainer.num_workers=1",
+    "data.train.size=64",
+    "data.val.size=4",
+    "stage.resolution=16",
+    "stage.net.model_channels=8",
+    "stage.net.channel_mult=[1,2]",
+    "stage.net.attention_resolutions=[8]",
+    "stage.net.head_channels=8",
+    "+stage.net.norm_groups=4",
+    "stage.net.dropout=0.1",
+    "preview.steps=1",
+    "preview.per_class=1",
     "preview.max_classes=1",
 ]
 
 
 def start(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_stage.py"), *E2E, f"run_dir={run_dir}"],
-                            cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train_stage.py"), *E2E, f"run_dir={run_dir}"],
+        cwd=run_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> int:
@@ -346,8 +381,13 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_sigterm_then_resume_is_bit_identical(tmp_path):
-    whole = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_stage.py"), *E2E, f"run_dir={tmp_path / 'whole'}"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    whole = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train_stage.py"), *E2E, f"run_dir={tmp_path / 'whole'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     run = tmp_path / "run"
@@ -386,17 +426,23 @@ def one_line_exit_2(result: subprocess.CompletedProcess, message: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, message", [
-    ("max_steps", "trainer.max_steps and trainer.batch_size must be >= 1"),
-    ("no_root", "missing config value data.train.root"),
-    ("empty_root", "no class folders"),
-    ("other_stage", "belongs to stage 'classifier', not 'base'"),
-    ("all_corrupt", "no intact checkpoint"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("max_steps", "trainer.max_steps and trainer.batch_size must be >= 1"),
+        ("no_root", "missing config value data.train.root"),
+        ("empty_root", "no class folders"),
+        ("other_stage", "belongs to stage 'classifier', not 'base'"),
+        ("all_corrupt", "no intact checkpoint"),
+    ],
+)
 def test_train_stage_bad_input_is_one_line_and_exit_code_2(tmp_path, case, message):
     run = tmp_path / "run"
-    args = {"max_steps": ["trainer.max_steps=0"], "no_root": ["data=imagefolder"],
-            "empty_root": ["data=imagefolder", f"data.root={tmp_path / 'data'}"]}.get(case, [])
+    args = {
+        "max_steps": ["trainer.max_steps=0"],
+        "no_root": ["data=imagefolder"],
+        "empty_root": ["data=imagefolder", f"data.root={tmp_path / 'data'}"],
+    }.get(case, [])
     (tmp_path / "data").mkdir()
     if case == "other_stage":
         save_checkpoint({"stage": "classifier", "config": {}, "step": 5}, run / "checkpoints" / "last.pt")
@@ -410,13 +456,16 @@ def test_train_stage_bad_input_is_one_line_and_exit_code_2(tmp_path, case, messa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
-    (["--steps", "0"], "steps must be >= 1"),
-    (["--cfg-scale", "-1"], "--cfg-scale must be >= 0"),
-    (["--aug-level", "100000"], "aug_level must be in 0.."),
-    (["--ckpt", "BASE"], "not an upsampler"),
-    (["--ckpt", "CORRUPT"], "cannot be read"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "steps must be >= 1"),
+        (["--cfg-scale", "-1"], "--cfg-scale must be >= 0"),
+        (["--aug-level", "100000"], "aug_level must be in 0.."),
+        (["--ckpt", "BASE"], "not an upsampler"),
+        (["--ckpt", "CORRUPT"], "cannot be read"),
+    ],
+)
 def test_super_resolve_bad_input_is_one_line_and_exit_code_2(smoke_runs, tmp_path, args, message):
     Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")

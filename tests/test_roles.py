@@ -19,10 +19,26 @@ from stages.base import GeneratorStage, default_spacing
 from stages.classifier import ClassifierStage
 from stages.upsampler import UpsamplerStage
 
-NET = {"_target_": "cascade.nn.UNet", "_partial_": True, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-       "attention_resolutions": [], "middle_attention": False, "dropout": 0.0, "norm_groups": 8}
-CLF_NET = {"_target_": "cascade.nn.EncoderClassifier", "_partial_": True, "model_channels": 32, "channel_mult": [1, 2],
-           "num_res_blocks": 1, "attention_resolutions": [], "head_channels": 32}
+NET = {
+    "_target_": "cascade.nn.UNet",
+    "_partial_": True,
+    "model_channels": 16,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attention_resolutions": [],
+    "middle_attention": False,
+    "dropout": 0.0,
+    "norm_groups": 8,
+}
+CLF_NET = {
+    "_target_": "cascade.nn.EncoderClassifier",
+    "_partial_": True,
+    "model_channels": 32,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attention_resolutions": [],
+    "head_channels": 32,
+}
 
 
 def generator(**overrides) -> GeneratorStage:
@@ -31,8 +47,17 @@ def generator(**overrides) -> GeneratorStage:
 
 
 def upsampler(**overrides) -> UpsamplerStage:
-    kwargs = dict(net=instantiate(NET), schedule=linear_schedule(1000), objective=DiffusionLoss(), aug_schedule=linear_schedule(1000),
-                  name="u", resolution=16, lowres_resolution=4, aug_max_level=500, sample_aug_level=50)
+    kwargs = dict(
+        net=instantiate(NET),
+        schedule=linear_schedule(1000),
+        objective=DiffusionLoss(),
+        aug_schedule=linear_schedule(1000),
+        name="u",
+        resolution=16,
+        lowres_resolution=4,
+        aug_max_level=500,
+        sample_aug_level=50,
+    )
     return UpsamplerStage(**{**kwargs, **overrides})
 
 
@@ -70,8 +95,18 @@ def test_build_does_not_change_the_stage():
 def test_null_class_row_only_with_label_dropout():
     assert generator(p_uncond=0.1).build(5).class_embed.num_embeddings == 6
     assert generator(p_uncond=0.0).build(5).class_embed.num_embeddings == 5
-    assert UNet(num_classes=5, null_class=False, model_channels=16, channel_mult=[1], attention_resolutions=[], middle_attention=False,
-                norm_groups=8).class_embed.num_embeddings == 5
+    assert (
+        UNet(
+            num_classes=5,
+            null_class=False,
+            model_channels=16,
+            channel_mult=[1],
+            attention_resolutions=[],
+            middle_attention=False,
+            norm_groups=8,
+        ).class_embed.num_embeddings
+        == 5
+    )
 
 
 def test_classifier_free_guidance_without_a_null_class_is_refused():
@@ -100,11 +135,22 @@ def test_unconditional_generator_reaches_a_class_through_classifier_guidance_onl
     clf = perturbed(instantiate(CLF_NET)(resolution=8, num_classes=3))
     labels = torch.tensor([0, 2])
     run = lambda scale, sampler="ddim": stage.sample(  # noqa: E731
-        net, labels, sampler=sampler, steps=3, classifier=clf, classifier_scale=scale, generator=torch.Generator().manual_seed(0),
-        progress=False)
+        net,
+        labels,
+        sampler=sampler,
+        steps=3,
+        classifier=clf,
+        classifier_scale=scale,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
     assert not torch.equal(run(0.0), run(5.0)) and not torch.equal(run(0.0, "ddpm"), run(5.0, "ddpm"))
-    assert torch.equal(run(0.0), stage.sample(net, torch.tensor([1, 1]), sampler="ddim", steps=3,
-                                              generator=torch.Generator().manual_seed(0), progress=False))  # labels unseen
+    assert torch.equal(
+        run(0.0),
+        stage.sample(
+            net, torch.tensor([1, 1]), sampler="ddim", steps=3, generator=torch.Generator().manual_seed(0), progress=False
+        ),
+    )  # labels unseen
     with pytest.raises(ValueError, match="not class-conditional"):
         stage.sample(net, labels, steps=2, cfg_scale=2.0, progress=False)
 
@@ -113,8 +159,9 @@ def test_unconditional_generator_reaches_a_class_through_classifier_guidance_onl
 
 
 def test_upsampler_without_noise_augmentation_never_corrupts_its_input():
-    stage = upsampler(noise_augmentation=False, aug_schedule=None, aug_max_level=None, sample_aug_level=None,
-                      lowres_upsample="bilinear")
+    stage = upsampler(
+        noise_augmentation=False, aug_schedule=None, aug_max_level=None, sample_aug_level=None, lowres_upsample="bilinear"
+    )
     net = perturbed(stage.build(3))
     assert net.aug_embed is None
     hi = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -155,8 +202,10 @@ def test_previews_are_chosen_by_role_and_refuse_another_role():
 
 def test_sampler_registry_says_spacing_and_guidance_mode():
     assert {n: (s.fn, s.default_spacing, s.guidance_mode) for n, s in REGISTRY.items()} == {
-        "ddpm": (sample_ddpm, "uniform", "mean"), "ddim": (sample_ddim, "logsnr", "eps"),
-        "dpmpp_2m": (sample_dpmpp_2m, "logsnr", "eps")}
+        "ddpm": (sample_ddpm, "uniform", "mean"),
+        "ddim": (sample_ddim, "logsnr", "eps"),
+        "dpmpp_2m": (sample_dpmpp_2m, "logsnr", "eps"),
+    }
     assert default_spacing("ddpm") == "uniform" and default_spacing("dpmpp_2m") == "logsnr"
 
 
@@ -165,22 +214,65 @@ def test_sampler_registry_says_spacing_and_guidance_mode():
 # The stage configs as the code before this change wrote them into checkpoints: stages.base.BaseStage and
 # UpsamplerStage with their preview keywords, ClassifierStage with its eval keywords, modules by their old paths.
 OLD_CONFIGS = {
-    "base": {"_target_": "stages.base.BaseStage", "name": "base", "resolution": 8, "p_uncond": 0.1, "fixed_variance": "large",
-             "preview_sampler": "dpmpp_2m", "preview_steps": 2, "preview_per_class": 2, "preview_max_classes": 3, "net": NET,
-             "schedule": {"_target_": "cascade.schedules.cosine_schedule", "num_steps": 1000},
-             "objective": {"_target_": "cascade.losses.DiffusionLoss", "parameterization": "v", "learned_variance": True,
-                           "vb_weight": 0.001}},
-    "sr": {"_target_": "stages.upsampler.UpsamplerStage", "name": "sr", "resolution": 16, "lowres_resolution": 4,
-           "class_conditional": True, "p_uncond": 0.1, "fixed_variance": "large", "aug_max_level": 500, "sample_aug_level": 50,
-           "lowres_upsample": "bicubic", "blur_prob": 0.0, "blur_sigma": [0.4, 0.6], "blur_kernel_size": None, "crop_size": None,
-           "lowres_prior": None, "preview_sampler": "dpmpp_2m", "preview_steps": 2, "preview_images": 2, "preview_crop": None,
-           "net": NET, "schedule": {"_target_": "cascade.schedules.linear_schedule", "num_steps": 1000},
-           "aug_schedule": {"_target_": "cascade.schedules.linear_schedule", "num_steps": 1000},
-           "objective": {"_target_": "cascade.losses.DiffusionLoss", "parameterization": "eps", "learned_variance": True,
-                         "vb_weight": 0.001}},
-    "classifier": {"_target_": "stages.classifier.ClassifierStage", "name": "classifier", "resolution": 8, "eval_buckets": 4,
-                   "eval_images": 8, "eval_batch_size": 8, "net": CLF_NET,
-                   "schedule": {"_target_": "cascade.schedules.cosine_schedule", "num_steps": 1000}},
+    "base": {
+        "_target_": "stages.base.BaseStage",
+        "name": "base",
+        "resolution": 8,
+        "p_uncond": 0.1,
+        "fixed_variance": "large",
+        "preview_sampler": "dpmpp_2m",
+        "preview_steps": 2,
+        "preview_per_class": 2,
+        "preview_max_classes": 3,
+        "net": NET,
+        "schedule": {"_target_": "cascade.schedules.cosine_schedule", "num_steps": 1000},
+        "objective": {
+            "_target_": "cascade.losses.DiffusionLoss",
+            "parameterization": "v",
+            "learned_variance": True,
+            "vb_weight": 0.001,
+        },
+    },
+    "sr": {
+        "_target_": "stages.upsampler.UpsamplerStage",
+        "name": "sr",
+        "resolution": 16,
+        "lowres_resolution": 4,
+        "class_conditional": True,
+        "p_uncond": 0.1,
+        "fixed_variance": "large",
+        "aug_max_level": 500,
+        "sample_aug_level": 50,
+        "lowres_upsample": "bicubic",
+        "blur_prob": 0.0,
+        "blur_sigma": [0.4, 0.6],
+        "blur_kernel_size": None,
+        "crop_size": None,
+        "lowres_prior": None,
+        "preview_sampler": "dpmpp_2m",
+        "preview_steps": 2,
+        "preview_images": 2,
+        "preview_crop": None,
+        "net": NET,
+        "schedule": {"_target_": "cascade.schedules.linear_schedule", "num_steps": 1000},
+        "aug_schedule": {"_target_": "cascade.schedules.linear_schedule", "num_steps": 1000},
+        "objective": {
+            "_target_": "cascade.losses.DiffusionLoss",
+            "parameterization": "eps",
+            "learned_variance": True,
+            "vb_weight": 0.001,
+        },
+    },
+    "classifier": {
+        "_target_": "stages.classifier.ClassifierStage",
+        "name": "classifier",
+        "resolution": 8,
+        "eval_buckets": 4,
+        "eval_images": 8,
+        "eval_batch_size": 8,
+        "net": CLF_NET,
+        "schedule": {"_target_": "cascade.schedules.cosine_schedule", "num_steps": 1000},
+    },
 }
 
 
@@ -193,16 +285,31 @@ def old_network(name: str, config: dict, num_classes: int) -> torch.nn.Module:
     return perturbed(net(resolution=config["resolution"], num_classes=num_classes, out_channels=6, **extra))
 
 
-@pytest.mark.parametrize("name,role,p_uncond", [("base", Generator, 0.1), ("base", Generator, 0.0), ("sr", Upsampler, 0.1),
-                                                ("sr", Upsampler, 0.0), ("classifier", NoisyClassifier, None)])
+@pytest.mark.parametrize(
+    "name,role,p_uncond",
+    [
+        ("base", Generator, 0.1),
+        ("base", Generator, 0.0),
+        ("sr", Upsampler, 0.1),
+        ("sr", Upsampler, 0.0),
+        ("classifier", NoisyClassifier, None),
+    ],
+)
 def test_checkpoints_written_before_the_roles_load(tmp_path, name, role, p_uncond):
     config = dict(OLD_CONFIGS[name])
     if p_uncond is not None:
         config["p_uncond"] = p_uncond
     classes = ["a", "b", "c"]
     net = old_network(name, config, len(classes))
-    payload = {"stage": name, "config": {"stage": config, "seed": 0}, "class_names": classes, "resolution": config["resolution"],
-               "step": 2, "model": net.state_dict(), "ema": net.state_dict()}
+    payload = {
+        "stage": name,
+        "config": {"stage": config, "seed": 0},
+        "class_names": classes,
+        "resolution": config["resolution"],
+        "step": 2,
+        "model": net.state_dict(),
+        "ema": net.state_dict(),
+    }
     save_checkpoint(payload, tmp_path / "last.pt")
     stage, loaded, _ = load_stage(tmp_path / "last.pt")
     assert isinstance(stage, role) and stage.name == name

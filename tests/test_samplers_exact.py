@@ -85,15 +85,15 @@ def test_dpm_solver_uses_one_evaluation_per_step():
 GUIDED_CASES = [(*case, mode) for case, mode in zip(SAMPLER_CASES, ["mean", "eps", "eps"])]
 
 
-@pytest.mark.parametrize("sampler,steps,spacing,std_tol,mode", GUIDED_CASES, ids=[f"{i}-{c[-1]}" for i, c in zip(CASE_IDS, GUIDED_CASES)])
+@pytest.mark.parametrize(
+    "sampler,steps,spacing,std_tol,mode", GUIDED_CASES, ids=[f"{i}-{c[-1]}" for i, c in zip(CASE_IDS, GUIDED_CASES)]
+)
 def test_classifier_guidance_samples_requested_component(sampler, steps, spacing, std_tol, mode):
     schedule = SCHEDULES["cosine"]
     steps_schedule = respace(schedule, steps, spacing)
     unconditional = MixtureModel(MIXTURE, schedule)
     target = 2  # the rarest component (π = 0.2)
-    guided = classifier_guidance(
-        lambda x, t, **_: unconditional(x, t), unconditional.log_prob, steps_schedule, 1.0, mode=mode
-    )
+    guided = classifier_guidance(lambda x, t, **_: unconditional(x, t), unconditional.log_prob, steps_schedule, 1.0, mode=mode)
     labels = torch.full((NUM_SAMPLES,), target)
     cond = {"class_labels": labels}
     stats = component_statistics(draw(sampler, steps, "cosine", model_fn=guided, cond=cond, spacing=spacing))

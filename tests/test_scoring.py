@@ -29,8 +29,14 @@ class RandomFeatures:
 
     def __init__(self, seed: int = 0) -> None:
         torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 48, 3, stride=2), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(16, 48, 3, stride=2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        ).eval()
         self.head = nn.Linear(48, 10)
         self.description = f"random conv features (seed {seed})"
 
@@ -49,7 +55,9 @@ def _features(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
 @pytest.mark.slow
 def test_frechet_distance_matches_scipy_sqrtm_at_2048_dims() -> None:
     a, b = _features(2500, 2048, 0), _features(2500, 2048, 1, shift=0.05)
-    mu1, s1, mu2, s2 = (x.numpy() for x in (a.double().mean(0), torch.cov(a.double().T), b.double().mean(0), torch.cov(b.double().T)))
+    mu1, s1, mu2, s2 = (
+        x.numpy() for x in (a.double().mean(0), torch.cov(a.double().T), b.double().mean(0), torch.cov(b.double().T))
+    )
     root = scipy_linalg.sqrtm(s1 @ s2).real  # the independent computation ADM's evaluator and EDM2 use
     expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root))
     ours = frechet_distance(*(torch.from_numpy(x) for x in (mu1, s1, mu2, s2)))
@@ -64,7 +72,9 @@ def test_frechet_distance_matches_torch_fidelity() -> None:
     from torch_fidelity.metric_fid import fid_statistics_to_metric
 
     a, b = _features(600, 256, 7), _features(500, 256, 8, shift=0.1)
-    mu1, s1, mu2, s2 = (x.numpy() for x in (a.double().mean(0), torch.cov(a.double().T), b.double().mean(0), torch.cov(b.double().T)))
+    mu1, s1, mu2, s2 = (
+        x.numpy() for x in (a.double().mean(0), torch.cov(a.double().T), b.double().mean(0), torch.cov(b.double().T))
+    )
     theirs = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)["frechet_inception_distance"]
     assert frechet_distance(*(torch.from_numpy(x) for x in (mu1, s1, mu2, s2))) == pytest.approx(theirs, rel=1e-7)
 
@@ -103,7 +113,7 @@ def test_precision_recall_match_torch_fidelity() -> None:
     assert ours == pytest.approx(theirs, abs=1e-12)
 
 
-_WORKER = r'''
+_WORKER = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[2])
 import torch.distributed as dist
@@ -122,7 +132,7 @@ rows = gather_rows(x[mine].float(), mine)
 if rank == 0:
     torch.save({"mu": stats.mu, "sigma": stats.sigma, "n": stats.n, "is": score.score(), "rows": rows}, sys.argv[1])
 dist.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.slow
@@ -130,8 +140,23 @@ def test_statistics_gathered_over_two_ranks_equal_one_process(tmp_path: Path) ->
     worker = tmp_path / "worker.py"
     worker.write_text(_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-                             str(tmp_path / "out.pt"), str(ROOT)], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(worker),
+            str(tmp_path / "out.pt"),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
     g = torch.Generator().manual_seed(0)
@@ -174,14 +199,28 @@ def test_reference_batch_with_and_without_precomputed_statistics(tmp_path: Path)
     samples, real = _images(120, 32, 0), _images(150, 32, 1)
     sample_path = _npz(tmp_path / "samples.npz", samples)
     plain = _npz(tmp_path / "ref.npz", real)
-    feats = torch.cat([extractor(torch.from_numpy(real[i:i + 50]).permute(0, 3, 1, 2).float() / 127.5 - 1)[0]
-                       for i in range(0, 150, 50)]).double()
+    feats = torch.cat(
+        [extractor(torch.from_numpy(real[i : i + 50]).permute(0, 3, 1, 2).float() / 127.5 - 1)[0] for i in range(0, 150, 50)]
+    ).double()
     mu, sigma = feats.mean(0).numpy(), np.cov(feats.numpy(), rowvar=False)
     with_stats = _npz(tmp_path / "ref_stats.npz", real, mu=mu, sigma=sigma)
-    stats_only = write_npz(tmp_path / "stats_only.npz", {"mu": ArraySpec(mu.shape, mu.dtype, [mu]),
-                                                          "sigma": ArraySpec(sigma.shape, sigma.dtype, [sigma])})
-    common = ["--num-samples", "120", "--batch-size", "32", "--pr-num", "100", "--no-progress", "--device", "cpu",
-              "--cache-dir", str(tmp_path / "cache")]
+    stats_only = write_npz(
+        tmp_path / "stats_only.npz",
+        {"mu": ArraySpec(mu.shape, mu.dtype, [mu]), "sigma": ArraySpec(sigma.shape, sigma.dtype, [sigma])},
+    )
+    common = [
+        "--num-samples",
+        "120",
+        "--batch-size",
+        "32",
+        "--pr-num",
+        "100",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     a = _score([str(sample_path), "--ref", str(plain), "--out", str(tmp_path / "a.json"), *common], extractor)
     b = _score([str(sample_path), "--ref", str(with_stats), "--out", str(tmp_path / "b.json"), *common], extractor)
     c = _score([str(sample_path), "--ref", str(stats_only), "--out", str(tmp_path / "c.json"), *common], extractor)
@@ -202,14 +241,21 @@ def test_reference_batch_with_and_without_precomputed_statistics(tmp_path: Path)
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "score_samples.py"), *args, "--no-progress", "--device", "cpu"],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "score_samples.py"), *args, "--no-progress", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def test_bad_input_is_one_error_line(tmp_path: Path) -> None:
     samples = _npz(tmp_path / "s.npz", _images(20, 32, 0))
     ref64 = _npz(tmp_path / "r64.npz", _images(20, 64, 1))
-    floats = write_npz(tmp_path / "f.npz", {"arr_0": ArraySpec((4, 8, 8, 3), np.dtype(np.float32), [np.zeros((4, 8, 8, 3), np.float32)])})
+    floats = write_npz(
+        tmp_path / "f.npz", {"arr_0": ArraySpec((4, 8, 8, 3), np.dtype(np.float32), [np.zeros((4, 8, 8, 3), np.float32)])}
+    )
     gray = write_npz(tmp_path / "g.npz", {"arr_0": ArraySpec((4, 8, 8), np.dtype(np.uint8), [np.zeros((4, 8, 8), np.uint8)])})
     cases = [
         ((str(tmp_path / "missing.npz"), "--ref", str(ref64)), "do not exist"),

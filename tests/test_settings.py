@@ -26,12 +26,37 @@ def sampling(*argv: str, config: Path = CONFIG):
 def replay_record(path: Path, *, sr256_ckpt: str, aug_level: int) -> Path:
     """A minimal cascade.json of a 64→256 run, as cascade_sample.py writes it (the keys --replay reads)."""
     record = {
-        "class": {"index": 3, "name": "x"}, "num": 2, "seed": 9, "bf16": False, "device": "cpu",
+        "class": {"index": 3, "name": "x"},
+        "num": 2,
+        "seed": 9,
+        "bf16": False,
+        "device": "cpu",
         "stages": [
-            {"name": "base", "path": "b.pt", "sha256": "0" * 64, "resolution": 64, "sampler": "ddim", "steps": 7,
-             "batch_size": 16, "cfg_scale": 1.0, "classifier_scale": 2.0, "spacing": None},
-            {"name": "sr256", "path": sr256_ckpt, "sha256": "1" * 64, "resolution": 256, "sampler": "dpmpp_2m", "steps": 5,
-             "batch_size": 4, "cfg_scale": 1.0, "classifier_scale": 0.0, "aug_level": aug_level, "spacing": None},
+            {
+                "name": "base",
+                "path": "b.pt",
+                "sha256": "0" * 64,
+                "resolution": 64,
+                "sampler": "ddim",
+                "steps": 7,
+                "batch_size": 16,
+                "cfg_scale": 1.0,
+                "classifier_scale": 2.0,
+                "spacing": None,
+            },
+            {
+                "name": "sr256",
+                "path": sr256_ckpt,
+                "sha256": "1" * 64,
+                "resolution": 256,
+                "sampler": "dpmpp_2m",
+                "steps": 5,
+                "batch_size": 4,
+                "cfg_scale": 1.0,
+                "classifier_scale": 0.0,
+                "aug_level": aug_level,
+                "spacing": None,
+            },
         ],
         "classifier": None,
     }
@@ -86,13 +111,17 @@ def test_a_config_that_does_not_fit_the_schema_is_one_line(tmp_path):
 
 def test_flags_are_made_from_the_stage_names(tmp_path):
     config = OmegaConf.to_container(OmegaConf.load(CONFIG))
-    config["upsamplers"] = {"sr128": {"ckpt": "a.pt", "settings": {"batch_size": 2}},
-                            "sr512": {"ckpt": "b.pt", "settings": {"batch_size": 1}}}
+    config["upsamplers"] = {
+        "sr128": {"ckpt": "a.pt", "settings": {"batch_size": 2}},
+        "sr512": {"ckpt": "b.pt", "settings": {"batch_size": 1}},
+    }
     other = tmp_path / "other.yaml"
     other.write_text(OmegaConf.to_yaml(config))
     resolved = sampling("--class", "1", "--sr512-steps", "3", "--sr128-aug-level", "10", config=other)
     assert list(resolved.config.upsamplers) == ["sr128", "sr512"]
-    assert resolved.config.upsamplers["sr512"].settings.steps == 3 and resolved.config.upsamplers["sr128"].settings.aug_level == 10
+    assert (
+        resolved.config.upsamplers["sr512"].settings.steps == 3 and resolved.config.upsamplers["sr128"].settings.aug_level == 10
+    )
     staged = sampling("--class", "1", "--stage", "sr128=x.pt", "--stage", "sr512=y.pt", "--sr512-batch-size", "2")
     assert [(n, s.ckpt) for n, s in staged.config.upsamplers.items()] == [("sr128", "x.pt"), ("sr512", "y.pt")]
     assert staged.config.upsamplers["sr512"].settings.batch_size == 2 and staged.explicit("upsamplers.sr128.ckpt")
@@ -122,9 +151,15 @@ def write_stage(path: Path, stage: str, *overrides: str) -> Path:
         if p.dim() > 1 and p.abs().max() == 0:
             torch.nn.init.normal_(p, std=0.02)
     state = net.state_dict()
-    payload = {"stage": built.name, "config": OmegaConf.to_container(cfg, resolve=True),
-               "class_names": [f"class {i}" for i in range(10)], "resolution": built.resolution, "step": 0,
-               "model": state, "ema": state}
+    payload = {
+        "stage": built.name,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "class_names": [f"class {i}" for i in range(10)],
+        "resolution": built.resolution,
+        "step": 0,
+        "model": state,
+        "ema": state,
+    }
     return save_checkpoint(payload, path)
 
 
@@ -134,8 +169,15 @@ def small_chain(tmp_path_factory) -> Path:
     write_stage(root / "base32.pt", "base", "resolution=32")
     write_stage(root / "sr128.pt", "sr256", "name=sr128", "resolution=128", "lowres_resolution=32")
     # Narrower than the tiny sr1024 (8 channels at 512px): the test is about the chain, not the pictures.
-    write_stage(root / "sr512.pt", "sr1024", "name=sr512", "resolution=512", "lowres_resolution=128", "net.model_channels=8",
-                "net.norm_groups=4")
+    write_stage(
+        root / "sr512.pt",
+        "sr1024",
+        "name=sr512",
+        "resolution=512",
+        "lowres_resolution=128",
+        "net.model_channels=8",
+        "net.norm_groups=4",
+    )
     write_stage(root / "base64.pt", "base")
     write_stage(root / "sr256.pt", "sr256")
     return root
@@ -143,14 +185,38 @@ def small_chain(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_a_32_128_512_cascade_runs_and_replays_bit_identically(small_chain):
-    args = ["--device", "cpu", "--class", "2", "--num", "1", "--base-ckpt", "base32.pt", "--classifier-ckpt", "none",
-            "--stage", "sr128=sr128.pt", "--stage", "sr512=sr512.pt", "--base-steps", "2", "--sr128-steps", "1",
-            "--sr512-steps", "1", "--sr512-batch-size", "1", "--fp32"]
+    args = [
+        "--device",
+        "cpu",
+        "--class",
+        "2",
+        "--num",
+        "1",
+        "--base-ckpt",
+        "base32.pt",
+        "--classifier-ckpt",
+        "none",
+        "--stage",
+        "sr128=sr128.pt",
+        "--stage",
+        "sr512=sr512.pt",
+        "--base-steps",
+        "2",
+        "--sr128-steps",
+        "1",
+        "--sr512-steps",
+        "1",
+        "--sr512-batch-size",
+        "1",
+        "--fp32",
+    ]
     first = run_script("cascade_sample.py", *args, "--out", "a", cwd=small_chain)
     assert first.returncode == 0, first.stderr[-2000:]
     record = json.loads((small_chain / "a" / "cascade.json").read_text())
     assert [(s["name"], s["resolution"]) for s in record["stages"]] == [("base", 32), ("sr128", 128), ("sr512", 512)]
-    assert record["stages"][2]["batch_size"] == 1 and record["stages"][1]["aug_level_source"] == "the checkpoint's sample_aug_level"
+    assert (
+        record["stages"][2]["batch_size"] == 1 and record["stages"][1]["aug_level_source"] == "the checkpoint's sample_aug_level"
+    )
     for size in (32, 128, 512):
         assert Image.open(small_chain / "a" / f"000_{size}px.png").size == (size, size)
     replay = run_script("cascade_sample.py", "--replay", "a/cascade.json", "--out", "b", cwd=small_chain)
@@ -164,8 +230,19 @@ def test_a_32_128_512_cascade_runs_and_replays_bit_identically(small_chain):
 @pytest.mark.slow
 def test_a_64_256_cascade_and_a_chain_that_does_not_fit(small_chain):
     common = ["--device", "cpu", "--class", "0", "--num", "1", "--classifier-ckpt", "none", "--base-steps", "1"]
-    short = run_script("cascade_sample.py", *common, "--base-ckpt", "base64.pt", "--stage", "sr256=sr256.pt",
-                       "--sr256-steps", "1", "--out", "c", cwd=small_chain)
+    short = run_script(
+        "cascade_sample.py",
+        *common,
+        "--base-ckpt",
+        "base64.pt",
+        "--stage",
+        "sr256=sr256.pt",
+        "--sr256-steps",
+        "1",
+        "--out",
+        "c",
+        cwd=small_chain,
+    )
     assert short.returncode == 0, short.stderr[-2000:]
     record = json.loads((small_chain / "c" / "cascade.json").read_text())
     assert [s["resolution"] for s in record["stages"]] == [64, 256]

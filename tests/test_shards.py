@@ -37,9 +37,29 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 def _command(ckpt: Path, out: Path, *extra: str) -> list[str]:
-    return [str(ROOT / "scripts" / "sample_shards.py"), "--base-ckpt", str(ckpt), "--out", str(out), "--num-samples", str(NUM),
-            "--shard-size", str(SHARD), "--base-steps", "1", "--base-batch-size", "2", "--device", "cpu", "--no-progress",
-            "--classes", "random", "--seed", "3", *extra]
+    return [
+        str(ROOT / "scripts" / "sample_shards.py"),
+        "--base-ckpt",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--num-samples",
+        str(NUM),
+        "--shard-size",
+        str(SHARD),
+        "--base-steps",
+        "1",
+        "--base-batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--classes",
+        "random",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def _env(threads: int) -> dict[str, str]:
@@ -59,8 +79,9 @@ def _adm_read(path: Path, key: str) -> np.ndarray:
     with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
         version = np.lib.format.read_magic(f)
         assert version in ((1, 0), (2, 0))
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f) if version == (1, 0) else \
-            np.lib.format.read_array_header_2_0(f)
+        shape, fortran, dtype = (
+            np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
+        )
         assert not fortran
         return np.frombuffer(f.read(), dtype=dtype).reshape(shape)
 
@@ -77,8 +98,13 @@ def test_class_labels_are_a_function_of_seed_and_index() -> None:
 def test_npz_writer_is_streamed_deterministic_and_read_back_in_blocks(tmp_path: Path) -> None:
     images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
     labels = np.arange(10, dtype=np.int64)
-    spec = lambda: {"arr_0": ArraySpec(images.shape, np.dtype(np.uint8), [images[:3], images[3:7], images[7:]]),  # noqa: E731
-                    "arr_1": ArraySpec((10,), np.dtype(np.int64), [labels])}
+
+    def spec():
+        return {
+            "arr_0": ArraySpec(images.shape, np.dtype(np.uint8), [images[:3], images[3:7], images[7:]]),
+            "arr_1": ArraySpec((10,), np.dtype(np.int64), [labels]),
+        }
+
     a, b = write_npz(tmp_path / "a.npz", spec()), write_npz(tmp_path / "b.npz", spec())
     assert _sha(a) == _sha(b)  # fixed timestamps: the same arrays give the same bytes
     loaded = np.load(a)
@@ -113,8 +139,13 @@ def test_two_ranks_one_process_and_a_killed_run_give_the_same_file(tiny_base: Pa
     assert np.array_equal(png, images[4])
 
     # Killed with SIGKILL after its first shard, then run again with the same command.
-    process = subprocess.Popen([sys.executable, *_command(tiny_base, killed)], cwd=tmp_path, env=_env(1),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, *_command(tiny_base, killed)],
+        cwd=tmp_path,
+        env=_env(1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     first = killed / "shards" / "shard_000000.npz"
     deadline = time.time() + 300
     while not first.exists() and process.poll() is None and time.time() < deadline:
@@ -140,11 +171,14 @@ def test_two_ranks_one_process_and_a_killed_run_give_the_same_file(tiny_base: Pa
     assert "steps was 1, now 2" in changed.stderr
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--num-samples", "0"], "--num-samples must be >= 1"),
-    (["--class", "99"], "out of range"),
-    (["--sr1024-ckpt", "x.pt"], "needs --sr256-ckpt"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--class", "99"], "out of range"),
+        (["--sr1024-ckpt", "x.pt"], "needs --sr256-ckpt"),
+    ],
+)
 def test_bad_options_are_one_error_line(tiny_base: Path, tmp_path: Path, extra: list[str], message: str) -> None:
     result = _run(_command(tiny_base, tmp_path / "out", *extra), tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr

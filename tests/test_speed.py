@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
-from cascade.training.checkpoint import load_checkpoint
 from cascade.data import ShapesDataset
 from cascade.diffusion.guidance import classifier_log_prob, log_prob_gradient
 from cascade.nn import EncoderClassifier
 from cascade.nn.layers import GroupNorm32
+from cascade.training.checkpoint import load_checkpoint
 from tests.helpers import ROOT, SMOKE, STAGE_SMOKE, compose_train
 
 
@@ -69,8 +69,9 @@ def _use_kernel(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("layout", ["nchw", "channels-last native", "channels-last torch"])
 @pytest.mark.parametrize("adaptive, act", [(False, False), (False, True), (True, True)])
-def test_fused_group_norm_matches_float64_in_value_and_gradient(layout: str, adaptive: bool, act: bool,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_group_norm_matches_float64_in_value_and_gradient(
+    layout: str, adaptive: bool, act: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """GN (+ scale-shift) (+ SiLU) in bf16, channels-last (our C++ kernel or its PyTorch-ops fallback) or NCHW
     (PyTorch's): output and the gradients of x, w, b, scale and shift are the float64 computation up to bf16
     rounding (errors relative to the norm)."""
@@ -90,8 +91,11 @@ def test_fused_group_norm_matches_float64_in_value_and_gradient(layout: str, ada
     grad_out = torch.randn(b, c, 8, 8).bfloat16()
     if channels_last:
         x, grad_out = x.contiguous(memory_format=torch.channels_last), grad_out.contiguous(memory_format=torch.channels_last)
-    expected = {"nchw": None, "channels-last native": group_norm._NativeGroupNormAct,
-                "channels-last torch": group_norm._ChannelsLastGroupNormAct}[layout]
+    expected = {
+        "nchw": None,
+        "channels-last native": group_norm._NativeGroupNormAct,
+        "channels-last torch": group_norm._ChannelsLastGroupNormAct,
+    }[layout]
     assert channels_last_kernel(x) is expected
     params = [p for p in (weight, bias, scale, shift) if p is not None]
 
@@ -221,8 +225,16 @@ def _small_unet() -> nn.Module:
     from cascade.nn import UNet
 
     torch.manual_seed(0)
-    net = UNet(resolution=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
-               head_channels=32, num_classes=3, dropout=0.0)
+    net = UNet(
+        resolution=16,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        head_channels=32,
+        num_classes=3,
+        dropout=0.0,
+    )
     for p in net.parameters():
         nn.init.normal_(p, std=0.1)
     return net
@@ -292,8 +304,15 @@ def test_compiled_unet_traces_the_native_group_norm_kernels(monkeypatch: pytest.
 
 def test_guidance_gradient_under_inference_mode_equals_plain() -> None:
     torch.manual_seed(0)
-    clf = EncoderClassifier(resolution=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
-                            head_channels=32, num_classes=5)
+    clf = EncoderClassifier(
+        resolution=16,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        head_channels=32,
+        num_classes=5,
+    )
     x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([10, 500, 990]), torch.tensor([0, 4, 2])
     plain = log_prob_gradient(classifier_log_prob(clf), x, t, y)
     with torch.inference_mode():
@@ -365,10 +384,13 @@ def test_diffusers_twin_trains_through_the_stage_loss() -> None:
     assert loss.shape == (2,) and all(p.grad is not None for p in twin.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("args, message", [(["--stages", "nope"], "unknown stage"), (["--rounds", "0"], "must be >= 1"),
-                                           (["--preset", "huge"], "unknown preset")])
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--stages", "nope"], "unknown stage"), (["--rounds", "0"], "must be >= 1"), (["--preset", "huge"], "unknown preset")],
+)
 def test_benchmark_bad_input_is_one_line_and_exit_code_2(args: list[str], message: str) -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2 and message in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:")

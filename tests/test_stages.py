@@ -12,12 +12,13 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from cascade.training.checkpoint import load_checkpoint, load_stage
-from cascade.nn import EncoderClassifier, UNet
 from cascade.diffusion.schedules import cosine_schedule, linear_schedule
+from cascade.nn import EncoderClassifier, UNet
+from cascade.training.checkpoint import load_checkpoint, load_stage
 from stages.base import BaseStage, check_same_schedule
 from stages.classifier import ClassifierStage
 from tests.helpers import PRESETS, STAGES, compose_train, run_script, train
+
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("stage", STAGES)
@@ -143,8 +144,17 @@ def test_guided_base_sampling_runs_every_sampler(sampler):
     base, base_net, clf, clf_net = tiny_base_and_classifier()
     labels = torch.tensor([0, 3])
     run = lambda scale, cfg_scale=1.0: base.sample(  # noqa: E731
-        base_net, labels, sampler=sampler, steps=4, classifier=clf_net, classifier_schedule=clf.schedule,
-        classifier_scale=scale, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0), progress=False)
+        base_net,
+        labels,
+        sampler=sampler,
+        steps=4,
+        classifier=clf_net,
+        classifier_schedule=clf.schedule,
+        classifier_scale=scale,
+        cfg_scale=cfg_scale,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
     plain, guided = run(0.0), run(3.0)
     assert plain.shape == (2, 3, 64, 64) and plain.abs().max() <= 1
     assert not torch.equal(plain, guided)  # the classifier gradient reaches the sample

@@ -12,16 +12,16 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from PIL import Image
 
-from cascade.training.checkpoint import load_checkpoint, load_stage
 from cascade.diffusion.losses import DiffusionLoss
-from cascade.nn import UNet
-from cascade.nn.layers import AttentionBlock, ResBlock
 from cascade.diffusion.preconditioning import LowresPrior
 from cascade.diffusion.schedules import linear_schedule
 from cascade.evaluation.metrics import highfreq_energy
+from cascade.nn import UNet
+from cascade.nn.layers import AttentionBlock, ResBlock
+from cascade.training.checkpoint import load_checkpoint, load_stage
 from stages.upsampler import (
-    UpsamplerStage,
     CROP_CONTEXT,
+    UpsamplerStage,
     downsample,
     gaussian_blur,
     prepare_lowres,
@@ -35,11 +35,30 @@ UPSAMPLERS = ["sr256", "sr1024"]
 
 def small_stage(**overrides) -> UpsamplerStage:
     """A 16px ← 4px upsampler with a tiny attention-free network (fast on CPU)."""
-    net = instantiate({"_target_": "cascade.nn.UNet", "_partial_": True, "model_channels": 32, "channel_mult": [1, 2],
-                       "num_res_blocks": 1, "attention_resolutions": [], "middle_attention": False, "dropout": 0.0})
-    kwargs = dict(net=net, schedule=linear_schedule(1000), objective=DiffusionLoss(learned_variance=True),
-                  aug_schedule=linear_schedule(1000), name="sr16", resolution=16, lowres_resolution=4, aug_max_level=500,
-                  sample_aug_level=50, lowres_upsample="nearest")
+    net = instantiate(
+        {
+            "_target_": "cascade.nn.UNet",
+            "_partial_": True,
+            "model_channels": 32,
+            "channel_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attention_resolutions": [],
+            "middle_attention": False,
+            "dropout": 0.0,
+        }
+    )
+    kwargs = dict(
+        net=net,
+        schedule=linear_schedule(1000),
+        objective=DiffusionLoss(learned_variance=True),
+        aug_schedule=linear_schedule(1000),
+        name="sr16",
+        resolution=16,
+        lowres_resolution=4,
+        aug_max_level=500,
+        sample_aug_level=50,
+        lowres_upsample="nearest",
+    )
     return UpsamplerStage(**{**kwargs, **overrides})
 
 
@@ -175,8 +194,10 @@ def test_the_augmentation_level_reaches_the_network():
 
     # And sampling at another level gives another image.
     lr = images(2, 4)
-    samples = [stage.sample(net, lr, y, aug_level=s, steps=2, generator=torch.Generator().manual_seed(0), progress=False)
-               for s in (0, 250)]
+    samples = [
+        stage.sample(net, lr, y, aug_level=s, steps=2, generator=torch.Generator().manual_seed(0), progress=False)
+        for s in (0, 250)
+    ]
     assert not torch.allclose(samples[0], samples[1])
 
 
@@ -219,8 +240,9 @@ def test_blur_is_never_applied_at_sampling():
         seen.append(kw["lowres"])
         return net(x, t, **kw)
 
-    stage.sample(spy, lowres, torch.tensor([0, 1]), aug_level=s, steps=3, generator=torch.Generator().manual_seed(0),
-                 progress=False)
+    stage.sample(
+        spy, lowres, torch.tensor([0, 1]), aug_level=s, steps=3, generator=torch.Generator().manual_seed(0), progress=False
+    )
     assert len(seen) == 3 and all(torch.equal(c, cond) for c in seen)
 
 
@@ -260,8 +282,15 @@ def test_hi_res_and_low_res_crops_are_aligned():
 
     # Through the stage: offsets are inside the image, the target is the hi-res crop at 4× the offset,
     # and the conditioning shows the same region (augmentation at s = 0 only adds noise of std 0.01).
-    stage = small_stage(resolution=64, lowres_resolution=16, crop_size=32, aug_max_level=0, sample_aug_level=0,
-                        lowres_upsample="bicubic", blur_prob=0.0)
+    stage = small_stage(
+        resolution=64,
+        lowres_resolution=16,
+        crop_size=32,
+        aug_max_level=0,
+        sample_aug_level=0,
+        lowres_upsample="bicubic",
+        blur_prob=0.0,
+    )
     batch = images(64, 64, seed=8)
     inputs = stage.training_inputs(batch, torch.Generator().manual_seed(0))
     assert inputs.images.shape == inputs.lowres.shape == (64, 3, 32, 32)
@@ -279,8 +308,15 @@ def test_sampling_any_size_is_reproducible_and_in_range():
     stage = small_stage(crop_size=8)
     net = perturbed(stage.build(num_classes=10))
     lowres = images(2, 8)  # twice the nominal low-res size: fully convolutional
-    run = lambda seed, **kw: stage.sample(net, lowres, torch.tensor([3, 10]), steps=3, generator=torch.Generator().manual_seed(seed),  # noqa: E731
-                                          progress=False, **kw)
+    run = lambda seed, **kw: stage.sample(  # noqa: E731
+        net,
+        lowres,
+        torch.tensor([3, 10]),
+        steps=3,
+        generator=torch.Generator().manual_seed(seed),  # noqa: E731
+        progress=False,
+        **kw,
+    )
     out = run(0)
     assert out.shape == (2, 3, 32, 32) and out.abs().max() <= 1
     assert torch.equal(out, run(0)) and not torch.equal(out, run(1))
@@ -304,6 +340,7 @@ def test_prepare_lowres_crops_and_resizes_with_notes():
 
 
 # --- end to end ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", UPSAMPLERS)
@@ -335,8 +372,9 @@ def super_resolve(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_super_resolve_script(smoke_runs, tmp_path):
     ckpt = smoke_runs / "sr256" / "checkpoints" / "last.pt"
     Image.new("RGB", (80, 70), color=(200, 40, 90)).save(tmp_path / "photo.png")
-    result = super_resolve(tmp_path, "--ckpt", str(ckpt), "--input", "photo.png", "--class", "2", "--steps", "2",
-                           "--aug-level", "10")
+    result = super_resolve(
+        tmp_path, "--ckpt", str(ckpt), "--input", "photo.png", "--class", "2", "--steps", "2", "--aug-level", "10"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "note: centre-cropped" in result.stdout and "note: resized" in result.stdout
     assert Image.open(tmp_path / "photo_256px.png").size == (256, 256)

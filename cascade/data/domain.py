@@ -19,7 +19,9 @@ def image_domain(dataset_class: type) -> ImageDomain:
     """The ``domain`` a data set class declares; ValueError naming the class when it declares none."""
     domain = getattr(dataset_class, "domain", None)
     if domain not in IMAGE_DOMAINS:
-        raise ValueError(f"data set {dataset_class.__module__}.{dataset_class.__qualname__} does not declare its image domain; "
-                         f"give the class `domain: ClassVar[ImageDomain] = 'natural'` (or 'synthetic'), or choose the "
-                         "features yourself: features=inception or features=classifier")
+        raise ValueError(
+            f"data set {dataset_class.__module__}.{dataset_class.__qualname__} does not declare its image domain; "
+            f"give the class `domain: ClassVar[ImageDomain] = 'natural'` (or 'synthetic'), or choose the "
+            "features yourself: features=inception or features=classifier"
+        )
     return domain

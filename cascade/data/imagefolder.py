@@ -43,10 +43,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-
-from cascade.data.domain import ImageDomain
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+
+from cascade.data.domain import ImageDomain
 
 __all__ = ["ImageFolderDataset", "adm_center_crop", "image_to_tensor", "imagenet_class_names"]
 
@@ -130,9 +130,7 @@ def _check_tree(root: str) -> None:
         classes, _ = find_classes(root)
     except FileNotFoundError:
         found = f" (it holds {len(loose)} image files directly)" if loose else ""
-        raise ValueError(
-            f"no class folders in {root!r}{found}; expected {root}/<class_name>/<image files>"
-        ) from None
+        raise ValueError(f"no class folders in {root!r}{found}; expected {root}/<class_name>/<image files>") from None
     if loose:
         raise ValueError(
             f"{len(loose)} image files (e.g. {loose[0]!r}) lie directly in {root!r}, outside any class folder, so they "
@@ -194,8 +192,11 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
     def fault_counts(self) -> dict[str, int]:
         """Distinct files met so far that were skipped as unreadable, skipped as small, or upscaled."""
         counts = torch.bincount(self._status.long(), minlength=4).tolist()
-        return {"skipped_unreadable": counts[_UNREADABLE], "skipped_small": counts[_SMALL_SKIPPED],
-                "upscaled_small": counts[_SMALL_UPSCALED]}
+        return {
+            "skipped_unreadable": counts[_UNREADABLE],
+            "skipped_small": counts[_SMALL_SKIPPED],
+            "upscaled_small": counts[_SMALL_UPSCALED],
+        }
 
     def _mark(self, index: int, status: int, note: str | None = None) -> None:
         if int(self._status[index]) != status:
@@ -213,8 +214,11 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
             return None
         if min(image.size) < self.resolution:
             if self.small_images == "skip":
-                self._mark(index, _SMALL_SKIPPED, f"skipping {path}: {image.width}x{image.height} is smaller than "
-                                                  f"{self.resolution}px (small_images=skip)")
+                self._mark(
+                    index,
+                    _SMALL_SKIPPED,
+                    f"skipping {path}: {image.width}x{image.height} is smaller than {self.resolution}px (small_images=skip)",
+                )
                 return None
             self._mark(index, _SMALL_UPSCALED)
         return image
@@ -230,8 +234,10 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
             if image is not None:
                 break
         else:
-            raise RuntimeError(f"{min(n, _MAX_SUBSTITUTES)} files in a row from {Path(self._folder.samples[index][0])} "
-                               "cannot be used (see the warnings); check the data folder")
+            raise RuntimeError(
+                f"{min(n, _MAX_SUBSTITUTES)} files in a row from {Path(self._folder.samples[index][0])} "
+                "cannot be used (see the warnings); check the data folder"
+            )
         image = image_to_tensor(adm_center_crop(image, self.resolution))  # (3, R, R)
         if self.flip and torch.rand(()) < 0.5:
             image = image.flip(-1)

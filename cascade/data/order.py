@@ -39,7 +39,9 @@ class StepBatchSampler:
 
     def __init__(self, size: int, batch_size: int, *, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if size < batch_size * world_size:
-            raise ValueError(f"the data set has {size} items, fewer than one global batch ({batch_size * world_size}); lower trainer.batch_size")
+            raise ValueError(
+                f"the data set has {size} items, fewer than one global batch ({batch_size * world_size}); lower trainer.batch_size"
+            )
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
         self.batches_per_epoch = size // (batch_size * world_size)

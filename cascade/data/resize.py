@@ -22,15 +22,17 @@ def downsample(images: Tensor, factor: int) -> Tensor:
     h, w = images.shape[-2:]
     if h % factor or w % factor:
         raise ValueError(f"image size {h}x{w} is not divisible by the downsampling factor {factor}")
-    return kornia.geometry.transform.resize(images, (h // factor, w // factor), interpolation="bilinear",
-                                            align_corners=False, antialias=True)
+    return kornia.geometry.transform.resize(
+        images, (h // factor, w // factor), interpolation="bilinear", align_corners=False, antialias=True
+    )
 
 
 def upsample(images: Tensor, factor: int, mode: UpsampleMode = "bicubic") -> Tensor:
     """(B, C, h, w) → (B, C, f·h, f·w) by ``mode`` interpolation (kornia; half-pixel centres, edges replicated)."""
     h, w = images.shape[-2:]
-    return kornia.geometry.transform.resize(images, (factor * h, factor * w), interpolation=mode,
-                                            align_corners=None if mode == "nearest" else False)
+    return kornia.geometry.transform.resize(
+        images, (factor * h, factor * w), interpolation=mode, align_corners=None if mode == "nearest" else False
+    )
 
 
 def central_crop(images: Tensor, size: int, align: int = 1) -> Tensor:

@@ -109,9 +109,7 @@ def _repeat_cond(cond: dict[str, Tensor], batch: int) -> dict[str, Tensor]:
     }
 
 
-def classifier_free_guidance(
-    model_fn: ModelFn, scale: float, null_label: int, *, label_key: str = "class_labels"
-) -> ModelFn:
+def classifier_free_guidance(model_fn: ModelFn, scale: float, null_label: int, *, label_key: str = "class_labels") -> ModelFn:
     """ε̃ = ε(x_t, ∅) + w (ε(x_t, y) − ε(x_t, ∅)) (Ho & Salimans 2022, eq. 6 with w = 1 + their w).
 
     The conditional and unconditional passes run as one batch of 2B. ``null_label`` is the

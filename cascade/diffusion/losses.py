@@ -78,4 +78,3 @@ class DiffusionLoss:
             f"DiffusionLoss(parameterization={self.parameterization!r}, "
             f"learned_variance={self.learned_variance}, vb_weight={self.vb_weight})"
         )
-

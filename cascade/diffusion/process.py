@@ -146,9 +146,7 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_one_minus_cdf_lower, mid))
 
 
-def vlb_term(
-    schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, k: Tensor, model_mean: Tensor, model_log_var: Tensor
-) -> Tensor:
+def vlb_term(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, k: Tensor, model_mean: Tensor, model_log_var: Tensor) -> Tensor:
     """The variational bound term L_t per example, in bits per dimension.
 
     For k > 0: KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)) (Ho et al. eq. 5);

@@ -183,7 +183,7 @@ def adm_respacing(num_train_steps: int, spec: str) -> Tensor:
     text = spec.strip()
     if text.startswith("ddim"):
         try:
-            count = int(text[len("ddim"):])
+            count = int(text[len("ddim") :])
         except ValueError:
             raise ValueError(f"respacing {spec!r}: write ddimN with an integer N, e.g. ddim25") from None
         for stride in range(1, num_train_steps):
@@ -193,7 +193,9 @@ def adm_respacing(num_train_steps: int, spec: str) -> Tensor:
     try:
         counts = [int(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(f"respacing {spec!r} is neither ddimN nor comma-separated step counts (e.g. '250' or '10,15,20')") from None
+        raise ValueError(
+            f"respacing {spec!r} is neither ddimN nor comma-separated step counts (e.g. '250' or '10,15,20')"
+        ) from None
     if not counts or min(counts) < 1:
         raise ValueError(f"respacing {spec!r}: every section needs at least one step")
     base, longer = divmod(num_train_steps, len(counts))
@@ -247,4 +249,6 @@ def respace(schedule: NoiseSchedule, timesteps: Tensor | int | str, spacing: Spa
 def check_same_schedule(a: NoiseSchedule, b: NoiseSchedule, what: str) -> None:
     """Guidance needs the classifier to be trained on the very noise process of the model it steers."""
     if len(a) != len(b) or not torch.allclose(a.alphas_cumprod, b.alphas_cumprod, rtol=1e-6, atol=0):
-        raise ValueError(f"{what} was trained on another noise schedule than the model it should guide; retrain it with the model's schedule")
+        raise ValueError(
+            f"{what} was trained on another noise schedule than the model it should guide; retrain it with the model's schedule"
+        )

@@ -43,8 +43,9 @@ def _resample_grid(pos_embed: Tensor, grid: int) -> Tensor:
     if m == grid:
         return pos_embed
     scale = (grid + _OFFSET) / m
-    resized = F.interpolate(patches.reshape(1, m, m, -1).permute(0, 3, 1, 2), scale_factor=(scale, scale), mode="bicubic",
-                            antialias=False)  # (1, D, grid, grid)
+    resized = F.interpolate(
+        patches.reshape(1, m, m, -1).permute(0, 3, 1, 2), scale_factor=(scale, scale), mode="bicubic", antialias=False
+    )  # (1, D, grid, grid)
     if resized.shape[-1] != grid:
         raise FeatureError(f"resampling a {m}x{m} position grid gave {resized.shape[-1]}x{resized.shape[-1]}, not {grid}x{grid}")
     return torch.cat([cls, resized.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos_embed.dtype)], dim=1)
@@ -65,8 +66,9 @@ def convert_dinov2_state(state: dict[str, Tensor], model: nn.Module) -> dict[str
     return renamed
 
 
-def dinov2_network(weights: str | Path, *, arch: str = DINOV2_ARCH, device: torch.device | str = "cpu",
-                   **model_kwargs: object) -> nn.Module:
+def dinov2_network(
+    weights: str | Path, *, arch: str = DINOV2_ARCH, device: torch.device | str = "cpu", **model_kwargs: object
+) -> nn.Module:
     """timm's ``arch`` at 224px without a head, with the weights of ``weights`` (strict: every key must match)."""
     fix = f"pass the DINOv2 ViT-L/14 weights file ({DINOV2_FILE}, from {DINOV2_URL} on a connected machine)"
     if not Path(weights).is_file():
@@ -81,8 +83,10 @@ def dinov2_network(weights: str | Path, *, arch: str = DINOV2_ARCH, device: torc
     converted = convert_dinov2_state(state, net)
     missing, unexpected = net.load_state_dict(converted, strict=False)
     if missing or unexpected:
-        raise FeatureError(f"{weights} does not fit {arch}: {len(missing)} missing keys (e.g. {missing[:2]}), "
-                           f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); {fix}")
+        raise FeatureError(
+            f"{weights} does not fit {arch}: {len(missing)} missing keys (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); {fix}"
+        )
     return net.to(device).eval()
 
 

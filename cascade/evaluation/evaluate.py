@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from cascade.utils.device import bf16_autocast
+from cascade.data.resize import central_crop, downsample, upsample
+from cascade.diffusion.schedules import NoiseSchedule
 from cascade.evaluation.features import FeatureExtractor, extract, tiles
 from cascade.evaluation.fid import fid, inception_score, precision_recall
 from cascade.evaluation.metrics import (
@@ -42,9 +43,8 @@ from cascade.evaluation.metrics import (
     topk_accuracy,
     train_reference_classifier,
 )
-from cascade.data.resize import central_crop, downsample, upsample
-from cascade.diffusion.schedules import NoiseSchedule
 from cascade.roles import Generator, NoisyClassifier, Upsampler
+from cascade.utils.device import bf16_autocast
 from cascade.utils.plots import plot_bars, save_grid
 
 __all__ = [
@@ -79,8 +79,7 @@ class FeatureSpace:
 
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Features (N·k, D) and class probabilities (N·k, C) of images (N, 3, S, S) in [−1, 1]."""
-        return extract(self.extractor, tiles(images, self.crop, self.tiles_per_image), batch_size=self.batch_size,
-                       progress=False)
+        return extract(self.extractor, tiles(images, self.crop, self.tiles_per_image), batch_size=self.batch_size, progress=False)
 
     def of_dataset(self, data: Dataset, indices: Sequence[int], *, progress: bool = True, desc: str = "real features") -> Tensor:
         """Features of the images ``data[indices]``."""
@@ -99,8 +98,21 @@ def _images(data: Dataset, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
 
 
 def reference_classifier(
-    path: Path, *, explicit: bool, arch: str, crop: int | None, train_data: Dataset, val_data: Dataset, steps: int,
-    batch_size: int, lr: float, eval_images: int, device: torch.device, bf16: bool, seed: int, progress: bool,
+    path: Path,
+    *,
+    explicit: bool,
+    arch: str,
+    crop: int | None,
+    train_data: Dataset,
+    val_data: Dataset,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    eval_images: int,
+    device: torch.device,
+    bf16: bool,
+    seed: int,
+    progress: bool,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The clean-image judge: loaded from ``path`` if it was trained with this recipe, else trained and saved there.
 
@@ -118,13 +130,26 @@ def reference_classifier(
             net.load_state_dict(saved["model"])
             net = net.to(device).eval()
         elif explicit:
-            raise ValueError(f"reference.ckpt={path} was trained as {({k: saved.get(k) for k in identity})}, but this "
-                             f"evaluation needs {({k: recipe[k] for k in identity})}; pass matching reference.* settings "
-                             "or drop reference.ckpt to train a new one")
+            raise ValueError(
+                f"reference.ckpt={path} was trained as { ({k: saved.get(k) for k in identity}) }, but this "
+                f"evaluation needs { ({k: recipe[k] for k in identity}) }; pass matching reference.* settings "
+                "or drop reference.ckpt to train a new one"
+            )
     if net is None:
-        net = train_reference_classifier(train_data, num_classes=num_classes, arch=arch, steps=steps, batch_size=batch_size,
-                                         lr=lr, crop=crop, device=device, bf16=bf16, seed=seed, progress=progress,
-                                         desc=f"reference {arch}")
+        net = train_reference_classifier(
+            train_data,
+            num_classes=num_classes,
+            arch=arch,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            crop=crop,
+            device=device,
+            bf16=bf16,
+            seed=seed,
+            progress=progress,
+            desc=f"reference {arch}",
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({**recipe, "model": net.state_dict()}, path)
     images, labels = _images(val_data, random_subset(len(val_data), eval_images, seed))
@@ -135,8 +160,10 @@ def reference_classifier(
 def distribution_metrics(real: Tensor, fake: Tensor, fake_probs: Tensor | None, *, k: int, splits: int) -> dict[str, float]:
     """FID, precision and recall of ``fake`` against ``real`` features, and IS of ``fake_probs`` (if given)."""
     if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} real and generated feature vectors, got "
-                         f"{len(real)} and {len(fake)}; raise num_samples / num_real / num_images")
+        raise ValueError(
+            f"precision/recall with k={k} needs more than {k} real and generated feature vectors, got "
+            f"{len(real)} and {len(fake)}; raise num_samples / num_real / num_images"
+        )
     precision, recall = precision_recall(real, fake, k)
     out = {"fid": fid(real, fake), "precision": precision, "recall": recall}
     if fake_probs is not None:
@@ -165,16 +192,35 @@ class _Uint8Images(Dataset):
         return self.images[index].float() / 127.5 - 1, int(self.labels[index])
 
 
-def _sample_base(stage: Generator, net: nn.Module, labels: Tensor, *, setting: tuple[float, float], batch_size: int,
-                 sample_kwargs: dict[str, Any], seed: int, device: torch.device, bf16: bool,
-                 on_batch: Callable[[Tensor, Tensor], None], progress: bool, desc: str) -> None:
+def _sample_base(
+    stage: Generator,
+    net: nn.Module,
+    labels: Tensor,
+    *,
+    setting: tuple[float, float],
+    batch_size: int,
+    sample_kwargs: dict[str, Any],
+    seed: int,
+    device: torch.device,
+    bf16: bool,
+    on_batch: Callable[[Tensor, Tensor], None],
+    progress: bool,
+    desc: str,
+) -> None:
     """Sample ``labels`` (N,) batch by batch from one generator seeded with ``seed``; ``on_batch(images, labels)`` per batch."""
     classifier_scale, cfg_scale = setting
     generator = torch.Generator(device).manual_seed(seed)
     for chunk in tqdm(labels.split(batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
         with bf16_autocast(device, bf16):
-            images = stage.sample(net, chunk.to(device), classifier_scale=classifier_scale, cfg_scale=cfg_scale,
-                                  generator=generator, progress=False, **sample_kwargs)
+            images = stage.sample(
+                net,
+                chunk.to(device),
+                classifier_scale=classifier_scale,
+                cfg_scale=cfg_scale,
+                generator=generator,
+                progress=False,
+                **sample_kwargs,
+            )
         on_batch(images.float().cpu(), chunk)
 
 
@@ -232,24 +278,53 @@ def guidance_sweep(
                     shown[label].append(image)
 
         tag = f"cls{setting[0]:g}_cfg{setting[1]:g}"
-        _sample_base(stage, net, labels, setting=setting, batch_size=batch_size, sample_kwargs=sample_kwargs, seed=seed,
-                     device=device, bf16=bf16, on_batch=on_batch, progress=progress,
-                     desc=f"sampling s={setting[0]:g} w={setting[1]:g}")
+        _sample_base(
+            stage,
+            net,
+            labels,
+            setting=setting,
+            batch_size=batch_size,
+            sample_kwargs=sample_kwargs,
+            seed=seed,
+            device=device,
+            bf16=bf16,
+            on_batch=on_batch,
+            progress=progress,
+            desc=f"sampling s={setting[0]:g} w={setting[1]:g}",
+        )
         logits = torch.cat(predicted)  # (N, C)
         accuracy = (logits.argmax(1) == labels).float()  # (N,)
         metrics = distribution_metrics(real_features, torch.cat(feats), torch.cat(probs), k=pr_k, splits=is_splits)
-        results.append({"classifier_scale": setting[0], "cfg_scale": setting[1], **metrics,
-                        "requested_class_accuracy": float(accuracy.mean()),
-                        "per_class_accuracy": [float(accuracy[labels == c].mean()) for c in range(num_classes)]})
+        results.append(
+            {
+                "classifier_scale": setting[0],
+                "cfg_scale": setting[1],
+                **metrics,
+                "requested_class_accuracy": float(accuracy.mean()),
+                "per_class_accuracy": [float(accuracy[labels == c].mean()) for c in range(num_classes)],
+            }
+        )
         if len(results) == 1 or metrics["fid"] < min(r["fid"] for r in results[:-1]):  # ties: the first, as min() picks
             best_images = torch.cat(kept)
         _grid(torch.stack([im for c in range(rows) for im in shown[c]]), 8, out_dir / f"samples_{tag}.png")
     names = [f"s={r['classifier_scale']:g}, w={r['cfg_scale']:g}" for r in results]
-    plot_bars(names, [r["requested_class_accuracy"] for r in results], out_dir / "guidance_accuracy.png",
-              title="samples showing the requested class (reference classifier)", ylabel="fraction", chance=1 / num_classes)
+    plot_bars(
+        names,
+        [r["requested_class_accuracy"] for r in results],
+        out_dir / "guidance_accuracy.png",
+        title="samples showing the requested class (reference classifier)",
+        ylabel="fraction",
+        chance=1 / num_classes,
+    )
     _plot_fid_vs_accuracy(results, names, out_dir / "fid_vs_accuracy.png", features.description.split(":")[0])
-    report = {"sampler": sampler, "steps": steps, "num_samples": num_samples, "num_real": len(real_features), "seed": seed,
-              "guidance": results}
+    report = {
+        "sampler": sampler,
+        "steps": steps,
+        "num_samples": num_samples,
+        "num_real": len(real_features),
+        "seed": seed,
+        "guidance": results,
+    }
     return report, best_images, labels
 
 
@@ -271,9 +346,22 @@ def _plot_fid_vs_accuracy(results: list[dict], names: list[str], path: Path, fea
 
 
 def classification_accuracy_score(
-    images: Tensor, labels: Tensor, *, num_classes: int, train_data: Dataset, val_data: Dataset, arch: str, steps: int,
-    batch_size: int, lr: float, eval_images: int, real_baseline: bool, device: torch.device, bf16: bool = True,
-    seed: int = 0, progress: bool = True,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    num_classes: int,
+    train_data: Dataset,
+    val_data: Dataset,
+    arch: str,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    eval_images: int,
+    real_baseline: bool,
+    device: torch.device,
+    bf16: bool = True,
+    seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """CAS (Ravuri & Vinyals 2019; CDM §4.1): a timm ``arch`` trained from scratch on generated images only, tested on real ones.
 
@@ -285,13 +373,28 @@ def classification_accuracy_score(
     test_images, test_labels = _images(val_data, random_subset(len(val_data), eval_images, seed))
 
     def score(data: Dataset, what: str) -> dict[str, float]:
-        classifier = train_reference_classifier(data, num_classes=num_classes, arch=arch, steps=steps, batch_size=batch_size,
-                                                lr=lr, device=device, bf16=bf16, seed=seed, progress=progress,
-                                                desc=f"CAS {arch} on {what}")
+        classifier = train_reference_classifier(
+            data,
+            num_classes=num_classes,
+            arch=arch,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            device=device,
+            bf16=bf16,
+            seed=seed,
+            progress=progress,
+            desc=f"CAS {arch} on {what}",
+        )
         return topk_accuracy(classify(classifier, test_images), test_labels)
 
-    report: dict[str, Any] = {"arch": arch, "steps": steps, "train_images": len(images), "test_images": len(test_labels),
-                              **score(generated, "samples")}
+    report: dict[str, Any] = {
+        "arch": arch,
+        "steps": steps,
+        "train_images": len(images),
+        "test_images": len(test_labels),
+        **score(generated, "samples"),
+    }
     if real_baseline:
         report["real_data"] = score(Subset(train_data, random_subset(len(train_data), len(images), seed)), "real images")
     return report
@@ -327,8 +430,9 @@ def aug_level_sweep(
     """
     for s in aug_levels:
         if not 0 <= s <= stage.aug_max_level:
-            raise ValueError(f"aug level {s} is outside 0..{stage.aug_max_level}, the levels {stage.name} was trained on; "
-                             "fix aug_levels=[...]")
+            raise ValueError(
+                f"aug level {s} is outside 0..{stage.aug_max_level}, the levels {stage.name} was trained on; fix aug_levels=[...]"
+            )
     indices = random_subset(len(data), num_images, seed)
     f = stage.factor
     truth_feats, bicubic_feats, shown, results = [], [], {}, []
@@ -343,8 +447,16 @@ def aug_level_sweep(
                 hi = central_crop(hi, crop, align=f)  # (b, 3, crop, crop) aligned with the low-res crop
             lowres = downsample(hi, f)  # (b, 3, r, r)
             with bf16_autocast(device, bf16):
-                out = stage.sample(net, lowres.to(device), labels.to(device) if stage.class_conditional else None,
-                                   aug_level=s, sampler=sampler, steps=steps, generator=generator, progress=False)
+                out = stage.sample(
+                    net,
+                    lowres.to(device),
+                    labels.to(device) if stage.class_conditional else None,
+                    aug_level=s,
+                    sampler=sampler,
+                    steps=steps,
+                    generator=generator,
+                    progress=False,
+                )
             out = out.float().cpu()  # (b, 3, crop, crop)
             for key, value in super_resolution_metrics(out, hi, lowres, f).items():
                 sums[key] = sums.get(key, 0.0) + value * len(batch)
@@ -362,8 +474,15 @@ def aug_level_sweep(
         results.append({"aug_level": int(s), **metrics, **dist})
     bicubic = distribution_metrics(torch.cat(truth_feats), torch.cat(bicubic_feats), None, k=pr_k, splits=1)
     _sr_grid(shown, list(aug_levels), f, out_dir / "sr_samples.png")
-    return {"num_images": len(indices), "crop": crop, "sampler": sampler, "steps": steps, "seed": seed, "levels": results,
-            "bicubic": {"fid": bicubic["fid"], "precision": bicubic["precision"], "recall": bicubic["recall"]}}
+    return {
+        "num_images": len(indices),
+        "crop": crop,
+        "sampler": sampler,
+        "steps": steps,
+        "seed": seed,
+        "levels": results,
+        "bicubic": {"fid": bicubic["fid"], "precision": bicubic["precision"], "recall": bicubic["recall"]},
+    }
 
 
 def _sr_grid(shown: dict, levels: list[int], factor: int, path: Path, panel: int = 256) -> None:
@@ -405,14 +524,37 @@ def plot_sr_sweep(sweep: dict[str, Any], chosen: int, metric: str, path: Path) -
     plt.close(fig)
 
 
-def classifier_noise_accuracy(stage: NoisyClassifier, net: nn.Module, data: Dataset, *, out_dir: Path, buckets: int, num_images: int,
-                              device: torch.device, seed: int = 0) -> dict[str, Any]:
+def classifier_noise_accuracy(
+    stage: NoisyClassifier,
+    net: nn.Module,
+    data: Dataset,
+    *,
+    out_dir: Path,
+    buckets: int,
+    num_images: int,
+    device: torch.device,
+    seed: int = 0,
+) -> dict[str, Any]:
     """A noisy classifier's held-out accuracy per t-bucket (with a PNG bar chart)."""
-    metrics = accuracy_by_noise_level(net, stage.schedule, data, buckets=buckets, num_images=num_images, batch_size=128,
-                                      device=device, generator=torch.Generator(device).manual_seed(seed))
+    metrics = accuracy_by_noise_level(
+        net,
+        stage.schedule,
+        data,
+        buckets=buckets,
+        num_images=num_images,
+        batch_size=128,
+        device=device,
+        generator=torch.Generator(device).manual_seed(seed),
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_bars([k.removeprefix("acc_") for k in metrics], list(metrics.values()), out_dir / "accuracy_by_t.png",
-              title="noisy classifier, held-out accuracy by t", ylabel="top-1", chance=1 / data.num_classes)
+    plot_bars(
+        [k.removeprefix("acc_") for k in metrics],
+        list(metrics.values()),
+        out_dir / "accuracy_by_t.png",
+        title="noisy classifier, held-out accuracy by t",
+        ylabel="top-1",
+        chance=1 / data.num_classes,
+    )
     return {"accuracy_by_t": metrics, "num_images": min(num_images, len(data))}
 
 

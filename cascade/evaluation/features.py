@@ -19,7 +19,6 @@ Images larger than an extractor's input are cut into tiles first (:func:`tiles`)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -65,8 +64,10 @@ def inception_weights(path: str | Path | None) -> Path:
 
     Raises :class:`FeatureError` (one line, naming the fix) when the file is missing or cannot be downloaded.
     """
-    fix = (f"download {INCEPTION_URL} on a connected machine and pass features_path=/path/to/{INCEPTION_FILE} "
-           "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth is the same file), or use features=classifier")
+    fix = (
+        f"download {INCEPTION_URL} on a connected machine and pass features_path=/path/to/{INCEPTION_FILE} "
+        "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth is the same file), or use features=classifier"
+    )
     if path is not None:
         if not Path(path).is_file():
             raise FeatureError(f"features_path={path} does not exist; {fix}")
@@ -78,8 +79,10 @@ def inception_weights(path: str | Path | None) -> Path:
             download_url_to_file(INCEPTION_URL, str(cached), hash_prefix=INCEPTION_FILE.rsplit("-", 1)[1][:8], progress=True)
         except Exception as error:  # no network, proxy, truncated download, hash mismatch
             reason = " ".join(str(error).split())[:120] or type(error).__name__
-            raise FeatureError(f"features=inception needs the FID Inception weights, which are not in {cached.parent} and "
-                               f"could not be downloaded ({reason}); {fix}") from None
+            raise FeatureError(
+                f"features=inception needs the FID Inception weights, which are not in {cached.parent} and "
+                f"could not be downloaded ({reason}); {fix}"
+            ) from None
     return cached
 
 
@@ -95,11 +98,14 @@ class InceptionFeatures:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or "fc.weight" not in state:
                 raise ValueError("no fc.weight")
-            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                              feature_extractor_weights_path=str(weights))
+            net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights)
+            )
         except Exception as error:
-            raise FeatureError(f"{weights} is not the FID Inception weights file {INCEPTION_FILE} "
-                               f"({type(error).__name__}); pass the right features_path or use features=classifier") from None
+            raise FeatureError(
+                f"{weights} is not the FID Inception weights file {INCEPTION_FILE} "
+                f"({type(error).__name__}); pass the right features_path or use features=classifier"
+            ) from None
         self.net = net.to(device).eval()
         self.device = device
         self.description = f"inception: FID Inception-v3 pool3 (2048-d) via torch-fidelity, weights {weights}"
@@ -167,8 +173,9 @@ def tiles(images: Tensor, crop: int | None, per_image: int | None = None, seed: 
     return torch.stack(out)
 
 
-def extract(extractor: FeatureExtractor, images: Tensor, *, batch_size: int = 100, progress: bool = True,
-            desc: str = "features") -> tuple[Tensor, Tensor]:
+def extract(
+    extractor: FeatureExtractor, images: Tensor, *, batch_size: int = 100, progress: bool = True, desc: str = "features"
+) -> tuple[Tensor, Tensor]:
     """Features (N, D) and class probabilities (N, C) of images (N, 3, H, W) in [−1, 1], batch by batch."""
     features, probs = [], []
     for chunk in tqdm(images.split(batch_size), desc=desc, unit="batch", disable=not progress, leave=False):

@@ -38,22 +38,27 @@ class SplitSubset(Dataset):
         return self.dataset[self.indices[index]]
 
 
-def held_out_data(data: dict[str, Any], resolution: int, role: Literal["classifier", "base", "upsampler"]
-                  ) -> tuple[Any, Any, str]:
+def held_out_data(
+    data: dict[str, Any], resolution: int, role: Literal["classifier", "base", "upsampler"]
+) -> tuple[Any, Any, str]:
     """(training images, held-out images, how the held-out set was made) for a stage of ``role`` trained on ``data``."""
     if data.get("val"):
         train = instantiate(data["train"], resolution=resolution) if role != "classifier" else None
         return train, instantiate(data["val"], resolution=resolution), "the data config's val split"
     where = data["train"].get("root", data["train"].get("_target_"))
     if role != "base":
-        raise ValueError(f"the checkpoint's data config has no val split, so the {role} trained on every image of {where} "
-                         "and none is held out; train it with data.val={_target_: cascade.data.ImageFolderDataset, "
-                         "root: HELD_OUT_FOLDER} (or evaluate a stage trained on the built-in data set)")
+        raise ValueError(
+            f"the checkpoint's data config has no val split, so the {role} trained on every image of {where} "
+            "and none is held out; train it with data.val={_target_: cascade.data.ImageFolderDataset, "
+            "root: HELD_OUT_FOLDER} (or evaluate a stage trained on the built-in data set)"
+        )
     full = instantiate(data["train"], resolution=resolution)
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0)).tolist()
     cut = max(1, int(round(HELD_OUT_FRACTION * len(full))))
     held, rest = sorted(order[:cut]), sorted(order[cut:])
-    note = (f"no val split: {len(held)} of the {len(full)} images of {where} ({HELD_OUT_FRACTION:.0%}, a fixed permutation "
-            "from seed 0) held out for the reference classifier's accuracy and CAS's test set, which train on the other "
-            f"{len(rest)}; the base itself trained on all of them")
+    note = (
+        f"no val split: {len(held)} of the {len(full)} images of {where} ({HELD_OUT_FRACTION:.0%}, a fixed permutation "
+        "from seed 0) held out for the reference classifier's accuracy and CAS's test set, which train on the other "
+        f"{len(rest)}; the base itself trained on all of them"
+    )
     return SplitSubset(full, rest), SplitSubset(full, held), note

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cascade.utils.device import bf16_autocast
-from cascade.diffusion.process import q_sample
 from cascade.data.resize import downsample, upsample
+from cascade.diffusion.process import q_sample
 from cascade.diffusion.schedules import NoiseSchedule
+from cascade.utils.device import bf16_autocast
 
 __all__ = [
     "random_crops",
@@ -123,8 +123,15 @@ def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
 
 @torch.no_grad()
 def accuracy_by_noise_level(
-    net: nn.Module, schedule: NoiseSchedule, data: Dataset, *, buckets: int, num_images: int,
-    batch_size: int, device: torch.device, generator: torch.Generator,
+    net: nn.Module,
+    schedule: NoiseSchedule,
+    data: Dataset,
+    *,
+    buckets: int,
+    num_images: int,
+    batch_size: int,
+    device: torch.device,
+    generator: torch.Generator,
 ) -> dict[str, float]:
     """Top-1 accuracy on noised images, t drawn uniformly inside each of ``buckets`` equal t-ranges."""
     edges = torch.linspace(0, len(schedule), buckets + 1).long().tolist()

@@ -76,8 +76,15 @@ class UpsamplerPreview:
         lowres = downsample(hi, f)  # (n, 3, r, r)
         if self.crop is not None:  # the central aligned crop: full-size sampling costs too much on a CPU
             lowres, hi = central_crop(lowres, self.crop // f), central_crop(hi, self.crop, align=f)
-        output = stage.sample(net, lowres, labels if stage.class_conditional else None, sampler=self.sampler, steps=self.steps,
-                              generator=context.generator, progress=False)
+        output = stage.sample(
+            net,
+            lowres,
+            labels if stage.class_conditional else None,
+            sampler=self.sampler,
+            steps=self.steps,
+            generator=context.generator,
+            progress=False,
+        )
         bicubic = upsample(lowres, f, "bicubic").clamp(-1, 1)
         nearest = upsample(lowres, f, "nearest")
         columns = torch.stack([nearest, bicubic, output, hi], dim=1).flatten(0, 1)  # (4n, 3, R, R) row-major
@@ -99,13 +106,27 @@ class ClassifierPreview:
     def __call__(self, stage: NoisyClassifier, net: nn.Module, context: ReportContext) -> dict[str, float]:
         if context.val_data is None:
             return {}
-        metrics = accuracy_by_noise_level(net, stage.schedule, context.val_data, buckets=self.buckets, num_images=self.images,
-                                          batch_size=self.batch_size, device=context.device, generator=context.generator)
+        metrics = accuracy_by_noise_level(
+            net,
+            stage.schedule,
+            context.val_data,
+            buckets=self.buckets,
+            num_images=self.images,
+            batch_size=self.batch_size,
+            device=context.device,
+            generator=context.generator,
+        )
         context.out_dir.mkdir(parents=True, exist_ok=True)
         labels = [key.removeprefix("acc_") for key in metrics]
         for path in (context.out_dir / f"accuracy_step_{context.step:07d}.png", context.out_dir / "accuracy_latest.png"):
-            plot_bars(labels, list(metrics.values()), path, title=f"noisy classifier accuracy (step {context.step})",
-                      ylabel="top-1 accuracy on held-out x_t", chance=1 / len(context.class_names))
+            plot_bars(
+                labels,
+                list(metrics.values()),
+                path,
+                title=f"noisy classifier accuracy (step {context.step})",
+                ylabel="top-1 accuracy on held-out x_t",
+                chance=1 / len(context.class_names),
+            )
         return metrics
 
 
@@ -124,7 +145,9 @@ def bind(stage: Role, preview: Preview | None = None) -> Reporter:
     """The trainer's reporter: ``preview`` (default: :func:`default_preview`) bound to ``stage``, checked to fit its role."""
     preview = preview if preview is not None else default_preview(stage)
     if not isinstance(stage, preview.role):
-        raise ValueError(f"stage {stage.name!r} is a {role_name(stage)}, but its preview {type(preview).__name__} "
-                         f"is for a {preview.role.__name__}; fix stage.preview._target_")
+        raise ValueError(
+            f"stage {stage.name!r} is a {role_name(stage)}, but its preview {type(preview).__name__} "
+            f"is for a {preview.role.__name__}; fix stage.preview._target_"
+        )
     preview.check(stage)
     return partial(preview, stage)

@@ -42,8 +42,8 @@ from cascade.evaluation.evaluate import (
     reference_classifier,
     select_level,
 )
-from cascade.evaluation.held_out import held_out_data
 from cascade.evaluation.features import InceptionFeatures, NoisyClassifierFeatures, TimmFeatures, inception_weights
+from cascade.evaluation.held_out import held_out_data
 from cascade.evaluation.tuned import write_tuned
 from cascade.pipeline.orchestrator import LoadedStage, load
 from cascade.utils.device import resolve_device
@@ -132,15 +132,29 @@ class EvaluationConfig:
     eval_images: int = 1000
 
     def generator(self) -> GeneratorEvaluation:
-        return GeneratorEvaluation(sampler=self.sampler, steps=self.steps, batch_size=self.batch_size,
-                                   num_samples=self.num_samples, num_real=self.num_real,
-                                   classifier_scales=list(self.classifier_scales), cfg_scales=list(self.cfg_scales),
-                                   classifier_ckpt=self.classifier_ckpt, cas=self.cas)
+        return GeneratorEvaluation(
+            sampler=self.sampler,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            num_samples=self.num_samples,
+            num_real=self.num_real,
+            classifier_scales=list(self.classifier_scales),
+            cfg_scales=list(self.cfg_scales),
+            classifier_ckpt=self.classifier_ckpt,
+            cas=self.cas,
+        )
 
     def upsampler(self) -> UpsamplerEvaluation:
-        return UpsamplerEvaluation(sampler=self.sr_sampler, steps=self.sr_steps, batch_size=self.sr_batch_size,
-                                   aug_levels=[int(s) for s in self.aug_levels], select_by=self.select_by,
-                                   write_tuned=self.write_tuned, num_images=self.num_images, crop=self.sr_crop)
+        return UpsamplerEvaluation(
+            sampler=self.sr_sampler,
+            steps=self.sr_steps,
+            batch_size=self.sr_batch_size,
+            aug_levels=[int(s) for s in self.aug_levels],
+            select_by=self.select_by,
+            write_tuned=self.write_tuned,
+            num_images=self.num_images,
+            crop=self.sr_crop,
+        )
 
     def classifier(self) -> ClassifierEvaluation:
         return ClassifierEvaluation(buckets=self.eval_buckets, num_images=self.eval_images)
@@ -201,41 +215,78 @@ def feature_kind(features: str, data: dict[str, Any]) -> FeatureKind:
     return features  # type: ignore[return-value]
 
 
-def _judge(cfg: EvaluationConfig, loaded: LoadedStage, train: Dataset, val: Dataset, out_dir: Path,
-           device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def _judge(
+    cfg: EvaluationConfig, loaded: LoadedStage, train: Dataset, val: Dataset, out_dir: Path, device: torch.device
+) -> tuple[nn.Module, dict[str, Any]]:
     """The reference classifier (trained on random ``crop`` crops of images larger than ``crop``) and its report."""
     crop = cfg.crop if cfg.crop < loaded.stage.resolution else None
     ref = cfg.reference
     name = f"reference_{ref.arch}" + (f"_crop{crop}" if crop else "") + ".pt"
     path = Path(ref.ckpt) if ref.ckpt else out_dir / name
     return reference_classifier(
-        path, explicit=bool(ref.ckpt), arch=ref.arch, crop=crop, train_data=train, val_data=val, steps=ref.steps,
-        batch_size=ref.batch_size, lr=ref.lr, eval_images=ref.eval_images, device=device, bf16=cfg.bf16, seed=cfg.seed,
-        progress=cfg.progress)
+        path,
+        explicit=bool(ref.ckpt),
+        arch=ref.arch,
+        crop=crop,
+        train_data=train,
+        val_data=val,
+        steps=ref.steps,
+        batch_size=ref.batch_size,
+        lr=ref.lr,
+        eval_images=ref.eval_images,
+        device=device,
+        bf16=cfg.bf16,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
 
 
-def _feature_space(cfg: EvaluationConfig, kind: FeatureKind, inception: Any, reference: nn.Module | None,
-                   ref_report: dict | None, loaded: LoadedStage, device: torch.device) -> FeatureSpace:
+def _feature_space(
+    cfg: EvaluationConfig,
+    kind: FeatureKind,
+    inception: Any,
+    reference: nn.Module | None,
+    ref_report: dict | None,
+    loaded: LoadedStage,
+    device: torch.device,
+) -> FeatureSpace:
     if kind == "inception":
         extractor = inception
     elif cfg.features_path:  # a noisy classifier checkpoint at t = 0
         clf = load(cfg.features_path, device)
         if not clf.is_classifier or clf.class_names != loaded.class_names:
-            raise ValueError(f"features_path={cfg.features_path} must be a noisy-classifier checkpoint of the same classes "
-                             f"as {cfg.ckpt} (it is a {clf.name!r} checkpoint of {len(clf.class_names)} classes)")
+            raise ValueError(
+                f"features_path={cfg.features_path} must be a noisy-classifier checkpoint of the same classes "
+                f"as {cfg.ckpt} (it is a {clf.name!r} checkpoint of {len(clf.class_names)} classes)"
+            )
         extractor = NoisyClassifierFeatures(
-            clf.net, clf.stage.schedule.timesteps[:1], input_size=clf.stage.resolution,
-            description=f"classifier: noisy classifier {cfg.features_path} at t=0, attention-pooled features")
+            clf.net,
+            clf.stage.schedule.timesteps[:1],
+            input_size=clf.stage.resolution,
+            description=f"classifier: noisy classifier {cfg.features_path} at t=0, attention-pooled features",
+        )
     else:
         size = ref_report["crop"] or loaded.stage.resolution
-        extractor = TimmFeatures(reference, input_size=size, description=f"classifier: reference {cfg.reference.arch} trained "
-                                 f"from scratch on this data set ({size}px), pre-logits features")
+        extractor = TimmFeatures(
+            reference,
+            input_size=size,
+            description=f"classifier: reference {cfg.reference.arch} trained "
+            f"from scratch on this data set ({size}px), pre-logits features",
+        )
     crop = extractor.input_size or cfg.crop
     return FeatureSpace(extractor, crop=crop, tiles_per_image=cfg.tiles_per_image, batch_size=cfg.feature_batch_size)
 
 
-def _evaluate_generator(cfg: EvaluationConfig, kind: FeatureKind, loaded: LoadedStage, train: Dataset, val: Dataset,
-                        inception: Any, out_dir: Path, device: torch.device) -> dict[str, Any]:
+def _evaluate_generator(
+    cfg: EvaluationConfig,
+    kind: FeatureKind,
+    loaded: LoadedStage,
+    train: Dataset,
+    val: Dataset,
+    inception: Any,
+    out_dir: Path,
+    device: torch.device,
+) -> dict[str, Any]:
     run = cfg.generator()
     reference, ref_report = _judge(cfg, loaded, train, val, out_dir, device)
     features = _feature_space(cfg, kind, inception, reference, ref_report, loaded, device)
@@ -244,67 +295,155 @@ def _evaluate_generator(cfg: EvaluationConfig, kind: FeatureKind, loaded: Loaded
     if classifier is not None and not classifier.is_classifier:
         raise ValueError(f"classifier_ckpt={run.classifier_ckpt} is a {classifier.name!r} checkpoint, not a noisy classifier")
     sweep, samples, labels = guidance_sweep(
-        loaded.stage, loaded.net, reference=reference, features=features, real_features=real, class_names=loaded.class_names,
-        out_dir=out_dir, classifier=classifier.net if classifier else None,
-        classifier_schedule=classifier.stage.schedule if classifier else None, classifier_scales=run.classifier_scales,
-        cfg_scales=run.cfg_scales, num_samples=run.num_samples, batch_size=run.batch_size, sampler=run.sampler,
-        steps=run.steps, pr_k=cfg.pr_k, is_splits=cfg.is_splits, device=device, bf16=cfg.bf16, seed=cfg.seed,
-        progress=cfg.progress)
+        loaded.stage,
+        loaded.net,
+        reference=reference,
+        features=features,
+        real_features=real,
+        class_names=loaded.class_names,
+        out_dir=out_dir,
+        classifier=classifier.net if classifier else None,
+        classifier_schedule=classifier.stage.schedule if classifier else None,
+        classifier_scales=run.classifier_scales,
+        cfg_scales=run.cfg_scales,
+        num_samples=run.num_samples,
+        batch_size=run.batch_size,
+        sampler=run.sampler,
+        steps=run.steps,
+        pr_k=cfg.pr_k,
+        is_splits=cfg.is_splits,
+        device=device,
+        bf16=cfg.bf16,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
     report = {"features": features.description, "reference": ref_report, **sweep}
     if run.cas.enabled:  # on the samples of the lowest-FID setting
         best = min(sweep["guidance"], key=lambda r: r["fid"])
         cas = run.cas
-        report["cas"] = {"classifier_scale": best["classifier_scale"], "cfg_scale": best["cfg_scale"],
-                         **classification_accuracy_score(
-                             samples, labels, num_classes=len(loaded.class_names), train_data=train, val_data=val,
-                             arch=cas.arch, steps=cas.steps, batch_size=cas.batch_size, lr=cas.lr,
-                             eval_images=cas.eval_images, real_baseline=cas.real_baseline, device=device,
-                             bf16=cfg.bf16, seed=cfg.seed, progress=cfg.progress)}
+        report["cas"] = {
+            "classifier_scale": best["classifier_scale"],
+            "cfg_scale": best["cfg_scale"],
+            **classification_accuracy_score(
+                samples,
+                labels,
+                num_classes=len(loaded.class_names),
+                train_data=train,
+                val_data=val,
+                arch=cas.arch,
+                steps=cas.steps,
+                batch_size=cas.batch_size,
+                lr=cas.lr,
+                eval_images=cas.eval_images,
+                real_baseline=cas.real_baseline,
+                device=device,
+                bf16=cfg.bf16,
+                seed=cfg.seed,
+                progress=cfg.progress,
+            ),
+        }
     for r in sweep["guidance"]:
-        print(f"s={r['classifier_scale']:g} w={r['cfg_scale']:g}: FID {r['fid']:.2f}  IS {r['is']:.2f}  precision "
-              f"{r['precision']:.3f}  recall {r['recall']:.3f}  requested-class accuracy {r['requested_class_accuracy']:.3f}")
+        print(
+            f"s={r['classifier_scale']:g} w={r['cfg_scale']:g}: FID {r['fid']:.2f}  IS {r['is']:.2f}  precision "
+            f"{r['precision']:.3f}  recall {r['recall']:.3f}  requested-class accuracy {r['requested_class_accuracy']:.3f}"
+        )
     if "cas" in report:
         cas_report = report["cas"]
-        print(f"CAS ({cas_report['arch']}, s={cas_report['classifier_scale']:g} w={cas_report['cfg_scale']:g}): top-1 "
-              f"{cas_report['top1']:.3f} top-5 {cas_report['top5']:.3f}"
-              + (f"; real data: top-1 {cas_report['real_data']['top1']:.3f}" if "real_data" in cas_report else ""))
+        print(
+            f"CAS ({cas_report['arch']}, s={cas_report['classifier_scale']:g} w={cas_report['cfg_scale']:g}): top-1 "
+            f"{cas_report['top1']:.3f} top-5 {cas_report['top5']:.3f}"
+            + (f"; real data: top-1 {cas_report['real_data']['top1']:.3f}" if "real_data" in cas_report else "")
+        )
     return report
 
 
-def _evaluate_upsampler(cfg: EvaluationConfig, kind: FeatureKind, loaded: LoadedStage, train: Dataset, val: Dataset,
-                        inception: Any, out_dir: Path, device: torch.device) -> dict[str, Any]:
+def _evaluate_upsampler(
+    cfg: EvaluationConfig,
+    kind: FeatureKind,
+    loaded: LoadedStage,
+    train: Dataset,
+    val: Dataset,
+    inception: Any,
+    out_dir: Path,
+    device: torch.device,
+) -> dict[str, Any]:
     run = cfg.upsampler()
     reference, ref_report = None, None
     if kind == "classifier" and not cfg.features_path:
         reference, ref_report = _judge(cfg, loaded, train, val, out_dir, device)
     features = _feature_space(cfg, kind, inception, reference, ref_report, loaded, device)
-    sweep = aug_level_sweep(loaded.stage, loaded.net, val, aug_levels=run.aug_levels, features=features, out_dir=out_dir,
-                            num_images=run.num_images, crop=run.crop, batch_size=run.batch_size, sampler=run.sampler,
-                            steps=run.steps, pr_k=cfg.pr_k, device=device, bf16=cfg.bf16, seed=cfg.seed,
-                            progress=cfg.progress)
+    sweep = aug_level_sweep(
+        loaded.stage,
+        loaded.net,
+        val,
+        aug_levels=run.aug_levels,
+        features=features,
+        out_dir=out_dir,
+        num_images=run.num_images,
+        crop=run.crop,
+        batch_size=run.batch_size,
+        sampler=run.sampler,
+        steps=run.steps,
+        pr_k=cfg.pr_k,
+        device=device,
+        bf16=cfg.bf16,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
     best = select_level(sweep["levels"], run.select_by)
     plot_sr_sweep(sweep, best["aug_level"], run.select_by, out_dir / "sr_sweep.png")
     chosen_by = f"{'lowest' if run.select_by in LOWER_IS_BETTER else 'highest'} {run.select_by} over aug levels {run.aug_levels}"
-    report = {"features": features.description, "reference": ref_report, **sweep, "select_by": run.select_by,
-              "chosen_aug_level": best["aug_level"], "chosen_by": chosen_by, "tuned_file": None}
+    report = {
+        "features": features.description,
+        "reference": ref_report,
+        **sweep,
+        "select_by": run.select_by,
+        "chosen_aug_level": best["aug_level"],
+        "chosen_by": chosen_by,
+        "tuned_file": None,
+    }
     if run.write_tuned:
-        report["tuned_file"] = str(write_tuned(cfg.ckpt, {"aug_level": best["aug_level"]}, chosen_by=chosen_by,
-                                               step=loaded.payload["step"], report=out_dir / "metrics.json"))
+        report["tuned_file"] = str(
+            write_tuned(
+                cfg.ckpt,
+                {"aug_level": best["aug_level"]},
+                chosen_by=chosen_by,
+                step=loaded.payload["step"],
+                report=out_dir / "metrics.json",
+            )
+        )
     for r in sweep["levels"]:
-        print(f"s={r['aug_level']}: PSNR {r['psnr']:.2f} (bicubic {r['psnr_bicubic']:.2f})  SSIM {r['ssim']:.3f} "
-              f"(bicubic {r['ssim_bicubic']:.3f})  consistency {r['consistency_psnr']:.2f} dB  FID {r['fid']:.2f} "
-              f"(bicubic {sweep['bicubic']['fid']:.2f})")
-    print(f"chosen aug level: {best['aug_level']} ({chosen_by})" + (
-        f"; wrote {report['tuned_file']}: cascade_sample.py now samples {loaded.name} at this level with this checkpoint "
-        "(a flag or --replay still overrides; delete the file to undo)" if report["tuned_file"] else ""))
+        print(
+            f"s={r['aug_level']}: PSNR {r['psnr']:.2f} (bicubic {r['psnr_bicubic']:.2f})  SSIM {r['ssim']:.3f} "
+            f"(bicubic {r['ssim_bicubic']:.3f})  consistency {r['consistency_psnr']:.2f} dB  FID {r['fid']:.2f} "
+            f"(bicubic {sweep['bicubic']['fid']:.2f})"
+        )
+    print(
+        f"chosen aug level: {best['aug_level']} ({chosen_by})"
+        + (
+            f"; wrote {report['tuned_file']}: cascade_sample.py now samples {loaded.name} at this level with this checkpoint "
+            "(a flag or --replay still overrides; delete the file to undo)"
+            if report["tuned_file"]
+            else ""
+        )
+    )
     return report
 
 
-def _evaluate_classifier(cfg: EvaluationConfig, loaded: LoadedStage, val: Dataset, out_dir: Path,
-                         device: torch.device) -> dict[str, Any]:
+def _evaluate_classifier(
+    cfg: EvaluationConfig, loaded: LoadedStage, val: Dataset, out_dir: Path, device: torch.device
+) -> dict[str, Any]:
     run = cfg.classifier()
-    report = classifier_noise_accuracy(loaded.stage, loaded.net, val, out_dir=out_dir, buckets=run.buckets,
-                                       num_images=run.num_images, device=device, seed=cfg.seed)
+    report = classifier_noise_accuracy(
+        loaded.stage,
+        loaded.net,
+        val,
+        out_dir=out_dir,
+        buckets=run.buckets,
+        num_images=run.num_images,
+        device=device,
+        seed=cfg.seed,
+    )
     accuracy = report["accuracy_by_t"].items()
     print("held-out accuracy by t: " + ", ".join(f"{k.removeprefix('acc_')} {v:.3f}" for k, v in accuracy))
     return report
@@ -320,8 +459,13 @@ def evaluate_checkpoint(cfg: EvaluationConfig) -> tuple[dict[str, Any], Path]:
     resolution = loaded.stage.resolution
     role = "classifier" if loaded.is_classifier else "upsampler" if loaded.is_upsampler else "base"
     train, val, held_out = held_out_data(data, resolution, role)  # never the training images
-    report: dict[str, Any] = {"ckpt": str(cfg.ckpt), "stage": loaded.name, "step": loaded.payload["step"],
-                              "held_out": held_out, "settings": asdict(cfg)}
+    report: dict[str, Any] = {
+        "ckpt": str(cfg.ckpt),
+        "stage": loaded.name,
+        "step": loaded.payload["step"],
+        "held_out": held_out,
+        "settings": asdict(cfg),
+    }
     if loaded.is_classifier:
         report |= _evaluate_classifier(cfg, loaded, val, out_dir, device)
     else:  # fail fast on missing Inception weights, before anything is trained or sampled

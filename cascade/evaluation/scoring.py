@@ -35,14 +35,16 @@ from tqdm.auto import tqdm
 
 from cascade.evaluation.features import FeatureExtractor
 from cascade.evaluation.fid import frechet_distance, precision_recall
-from cascade.evaluation.sources import ImageSource, NpzImages, SourceError
+from cascade.evaluation.sources import ImageSource, SourceError
 from cascade.evaluation.stats import FeatureStats, ScoreStats, gather_rows
 from cascade.utils.npz import npz_keys, read_array
 
 __all__ = ["SFID_UNAVAILABLE", "FeaturePass", "Reference", "extract_pass", "reference_statistics", "score_samples"]
 
-SFID_UNAVAILABLE = ("sFID needs the first 7 channels of the FID Inception's mixed_6/conv (17x17 spatial, 2023-d), which "
-                    "torch-fidelity's FeatureExtractorInceptionV3 does not expose; not computed")
+SFID_UNAVAILABLE = (
+    "sFID needs the first 7 channels of the FID Inception's mixed_6/conv (17x17 spatial, 2023-d), which "
+    "torch-fidelity's FeatureExtractorInceptionV3 does not expose; not computed"
+)
 
 
 @dataclass
@@ -59,9 +61,17 @@ def _rank_world() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def extract_pass(source: ImageSource, extractors: dict[str, FeatureExtractor], *, batch_size: int = 100, pr_num: int = 0,
-                 is_splits: int = 10, inception_score_of: str | None = None, progress: bool = True,
-                 desc: str = "features") -> dict[str, FeaturePass]:
+def extract_pass(
+    source: ImageSource,
+    extractors: dict[str, FeatureExtractor],
+    *,
+    batch_size: int = 100,
+    pr_num: int = 0,
+    is_splits: int = 10,
+    inception_score_of: str | None = None,
+    progress: bool = True,
+    desc: str = "features",
+) -> dict[str, FeaturePass]:
     """One pass over ``source`` (this rank's blocks) through every extractor; statistics all-reduced over ranks."""
     rank, world = _rank_world()
     probe = torch.zeros(1, 3, source.resolution, source.resolution)
@@ -116,14 +126,27 @@ class Reference:
 
 
 def _cache_key(name: str, extractor: FeatureExtractor, source: ImageSource, pr_num: int) -> str:
-    record = {"metric": name, "features": extractor.description, "resolution": source.resolution, "num": source.num,
-              "pr_num": pr_num, "source": source.digest()}
+    record = {
+        "metric": name,
+        "features": extractor.description,
+        "resolution": source.resolution,
+        "num": source.num,
+        "pr_num": pr_num,
+        "source": source.digest(),
+    }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def reference_statistics(source: ImageSource | None, extractors: dict[str, FeatureExtractor], *, npz: str | Path | None = None,
-                         cache_dir: str | Path | None = None, pr_num: int = 10_000, batch_size: int = 100,
-                         progress: bool = True) -> Reference:
+def reference_statistics(
+    source: ImageSource | None,
+    extractors: dict[str, FeatureExtractor],
+    *,
+    npz: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    pr_num: int = 10_000,
+    batch_size: int = 100,
+    progress: bool = True,
+) -> Reference:
     """The reference for every extractor: precomputed ``mu``/``sigma`` of an ADM batch (FID only), a cache file, or a pass.
 
     ``source`` supplies the images (None: an ``.npz`` with statistics only). Passes over images
@@ -138,11 +161,16 @@ def reference_statistics(source: ImageSource | None, extractors: dict[str, Featu
         reference.sigma["fid"] = torch.from_numpy(read_array(npz, "sigma").astype(np.float64))
         reference.num["fid"] = -1  # unknown: the statistics of ADM's reference batches come from the whole training set
         reference.notes.append(f"FID against the mu/sigma stored in {npz}")
-    missing = {name: ex for name, ex in extractors.items()
-               if name not in reference.mu or (pr_num > 0 and name == "fid" and source is not None)}
+    missing = {
+        name: ex
+        for name, ex in extractors.items()
+        if name not in reference.mu or (pr_num > 0 and name == "fid" and source is not None)
+    }
     if missing and source is None:
-        raise SourceError(f"{npz} holds no images (arr_0) to compute {', '.join(missing)} statistics from; pass a reference "
-                          "batch with images, a folder, or a data set")
+        raise SourceError(
+            f"{npz} holds no images (arr_0) to compute {', '.join(missing)} statistics from; pass a reference "
+            "batch with images, a folder, or a data set"
+        )
     todo: dict[str, FeatureExtractor] = {}
     cache = Path(cache_dir) if cache_dir is not None else None
     for name, extractor in missing.items():
@@ -176,17 +204,41 @@ def reference_statistics(source: ImageSource | None, extractors: dict[str, Featu
     return reference
 
 
-def score_samples(samples: ImageSource, reference: Reference, extractors: dict[str, FeatureExtractor], *, pr_k: int = 3,
-                  pr_num: int = 10_000, is_splits: int = 10, batch_size: int = 100, progress: bool = True) -> dict[str, Any]:
+def score_samples(
+    samples: ImageSource,
+    reference: Reference,
+    extractors: dict[str, FeatureExtractor],
+    *,
+    pr_k: int = 3,
+    pr_num: int = 10_000,
+    is_splits: int = 10,
+    batch_size: int = 100,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Metrics of ``samples`` against ``reference`` (the same on every rank): FID and FD_* per extractor, IS, precision/recall."""
     if reference.resolution is not None and reference.resolution != samples.resolution:
-        raise SourceError(f"the reference is at {reference.resolution}px but the samples are at {samples.resolution}px; "
-                          "compare at one resolution (a reference batch of the samples' size)")
-    passes = extract_pass(samples, extractors, batch_size=batch_size, pr_num=pr_num if "fid" in extractors else 0,
-                          is_splits=is_splits, inception_score_of="fid", progress=progress, desc="sample features")
-    out: dict[str, Any] = {"num_samples": samples.num, "resolution": samples.resolution, "samples": samples.description,
-                           "reference": reference.description, "reference_num": dict(reference.num),
-                           "features": {name: ex.description for name, ex in extractors.items()}}
+        raise SourceError(
+            f"the reference is at {reference.resolution}px but the samples are at {samples.resolution}px; "
+            "compare at one resolution (a reference batch of the samples' size)"
+        )
+    passes = extract_pass(
+        samples,
+        extractors,
+        batch_size=batch_size,
+        pr_num=pr_num if "fid" in extractors else 0,
+        is_splits=is_splits,
+        inception_score_of="fid",
+        progress=progress,
+        desc="sample features",
+    )
+    out: dict[str, Any] = {
+        "num_samples": samples.num,
+        "resolution": samples.resolution,
+        "samples": samples.description,
+        "reference": reference.description,
+        "reference_num": dict(reference.num),
+        "features": {name: ex.description for name, ex in extractors.items()},
+    }
     for name, result in passes.items():
         key = "fid" if name == "fid" else f"fd_{name}"
         out[key] = frechet_distance(result.stats.mu, result.stats.sigma, reference.mu[name], reference.sigma[name])

@@ -41,8 +41,10 @@ class ImageSource:
     def limit(self, num: int, what: str) -> None:
         """Use the first ``num`` images; fewer than ``num`` available is a :class:`SourceError`."""
         if num > self.num:
-            raise SourceError(f"{self.description} holds {self.num} images, fewer than the {num} asked for {what}; pass "
-                              f"{self.num} or fewer (metrics are comparable only at equal N)")
+            raise SourceError(
+                f"{self.description} holds {self.num} images, fewer than the {num} asked for {what}; pass "
+                f"{self.num} or fewer (metrics are comparable only at equal N)"
+            )
         self.num = num
 
     def batches(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
@@ -116,8 +118,10 @@ class FolderImages(ImageSource):
             with Image.open(path) as image:
                 array = np.asarray(image.convert("RGB"))  # (H, W, 3)
             if array.shape[:2] != (self.resolution, self.resolution):
-                raise SourceError(f"{path} is {array.shape[1]}x{array.shape[0]}, the folder's first image "
-                                  f"{self.resolution}x{self.resolution}; use images of one size")
+                raise SourceError(
+                    f"{path} is {array.shape[1]}x{array.shape[0]}, the folder's first image "
+                    f"{self.resolution}x{self.resolution}; use images of one size"
+                )
             images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
         return torch.stack(images)  # (B, 3, H, W)
 
@@ -144,9 +148,17 @@ class DatasetImages(ImageSource):
         return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps({"config": self.config, "resolution": self.resolution,
-                                          "order": hashlib.sha256(str(self.order).encode()).hexdigest()},
-                                         sort_keys=True, default=str).encode()).hexdigest()
+        return hashlib.sha256(
+            json.dumps(
+                {
+                    "config": self.config,
+                    "resolution": self.resolution,
+                    "order": hashlib.sha256(str(self.order).encode()).hexdigest(),
+                },
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()
 
 
 def npz_has(path: str | Path, *keys: str) -> bool:

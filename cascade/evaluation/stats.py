@@ -115,7 +115,7 @@ class ScoreStats:
     def update(self, probs: Tensor, indices: Tensor) -> None:
         """Add class probabilities (B, C) of the images with global indices (B,)."""
         p = probs.detach().double().cpu()  # (B, C)
-        split = (indices.cpu().long() // self.split_size)  # (B,)
+        split = indices.cpu().long() // self.split_size  # (B,)
         plogp = torch.where(p > 0, p * p.clamp(min=1e-300).log(), 0.0).sum(dim=1)  # (B,)
         self.count.index_add_(0, split, torch.ones(len(p), dtype=torch.float64))
         self.plogp.index_add_(0, split, plogp)

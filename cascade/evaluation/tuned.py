@@ -30,8 +30,12 @@ def tuned_path(ckpt: str | Path) -> Path:
 def write_tuned(ckpt: str | Path, settings: dict[str, Any], *, chosen_by: str, step: int, report: str | Path) -> Path:
     """Write (atomically) the settings chosen for checkpoint ``ckpt``; returns the file's path."""
     path = tuned_path(ckpt)
-    record = {"settings": settings, "chosen_by": chosen_by, "checkpoint": {"path": str(ckpt), "step": int(step)},
-              "report": str(report)}
+    record = {
+        "settings": settings,
+        "chosen_by": chosen_by,
+        "checkpoint": {"path": str(ckpt), "step": int(step)},
+        "report": str(report),
+    }
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
@@ -48,6 +52,8 @@ def read_tuned(ckpt: str | Path) -> dict[str, Any] | None:
         if not isinstance(record.get("settings"), dict):
             raise ValueError("no settings object")
     except (ValueError, AttributeError) as error:
-        raise ValueError(f"{path} is not a tuned-settings file written by evaluate_stage.py ({error}); delete it or "
-                         "run evaluate_stage.py again") from None
+        raise ValueError(
+            f"{path} is not a tuned-settings file written by evaluate_stage.py ({error}); delete it or "
+            "run evaluate_stage.py again"
+        ) from None
     return record

@@ -80,10 +80,24 @@ RELEASES: tuple[Release, ...] = (
     Release("64x64_diffusion.pt", "generator", "base", 64, _M64, _A3, "cosine", 192, 3, attention_order="new", dropout=0.1),
     Release("128x128_diffusion.pt", "generator", "base128", 128, _M128, _A3, "linear", 256, 2, num_heads=4, head_channels=None),
     Release("256x256_diffusion.pt", "generator", "base256", 256, _M256, _A3, "linear", 256, 2),
-    Release("256x256_diffusion_uncond.pt", "generator", "base256_uncond", 256, _M256, _A3, "linear", 256, 2, class_conditional=False),
+    Release(
+        "256x256_diffusion_uncond.pt", "generator", "base256_uncond", 256, _M256, _A3, "linear", 256, 2, class_conditional=False
+    ),
     Release("512x512_diffusion.pt", "generator", "base512", 512, _M512, _A3, "linear", 256, 2),
-    Release("64_256_upsampler.pt", "upsampler", "sr256", 256, _M256, _A3, "linear", 192, 2, num_heads=4, head_channels=None,
-            lowres_resolution=64),
+    Release(
+        "64_256_upsampler.pt",
+        "upsampler",
+        "sr256",
+        256,
+        _M256,
+        _A3,
+        "linear",
+        192,
+        2,
+        num_heads=4,
+        head_channels=None,
+        lowres_resolution=64,
+    ),
     Release("128_512_upsampler.pt", "upsampler", "sr512", 512, _M256, (32, 16), "linear", 192, 2, lowres_resolution=128),
     Release("64x64_classifier.pt", "classifier", "classifier", 64, _M64, _A3, "cosine", 128, 4),
     Release("128x128_classifier.pt", "classifier", "classifier128", 128, _M128, _A3, "linear", 128, 2),
@@ -119,8 +133,10 @@ class Recognised:
         r = self.release
         size = "the released size" if self.released_size else "NOT the released size"
         classes = f"{self.num_classes} classes" if self.num_classes is not None else "unconditional"
-        return (f"{r.file} architecture ({r.kind}, {r.resolution}px, width {self.model_channels}, {self.num_res_blocks} res blocks: "
-                f"{size}; {classes}; {r.attention_order} q/k/v order; {r.schedule} schedule)")
+        return (
+            f"{r.file} architecture ({r.kind}, {r.resolution}px, width {self.model_channels}, {self.num_res_blocks} res blocks: "
+            f"{size}; {classes}; {r.attention_order} q/k/v order; {r.schedule} schedule)"
+        )
 
 
 # --- reading a file ---------------------------------------------------------------------------------------
@@ -130,7 +146,9 @@ def _sha256(path: Path, progress: bool) -> str:
     from tqdm.auto import tqdm
 
     h = hashlib.sha256()
-    bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="sha256", disable=None if progress else True, leave=False)
+    bar = tqdm(
+        total=path.stat().st_size, unit="B", unit_scale=True, desc="sha256", disable=None if progress else True, leave=False
+    )
     with path.open("rb") as f, bar:
         while chunk := f.read(1 << 24):
             h.update(chunk)
@@ -147,13 +165,21 @@ def read_state_dict(path: str | Path, *, progress: bool = False) -> tuple[dict[s
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, corrupt, not a torch file, or pickled code
-        raise ConversionError(f"{path} cannot be read as a weights-only torch file ({type(error).__name__}); "
-                              f"it is damaged or not a checkpoint: download it again") from None
+        raise ConversionError(
+            f"{path} cannot be read as a weights-only torch file ({type(error).__name__}); "
+            f"it is damaged or not a checkpoint: download it again"
+        ) from None
     if isinstance(state, dict) and "format" in state and "config" in state:
         raise ConversionError(f"{path} is already a cascade checkpoint; use it directly, it needs no conversion")
-    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise ConversionError(f"{path} is not a guided-diffusion state dict (a flat mapping of names to tensors); "
-                              f"pass one of OpenAI's released .pt files")
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())
+    ):
+        raise ConversionError(
+            f"{path} is not a guided-diffusion state dict (a flat mapping of names to tensors); "
+            f"pass one of OpenAI's released .pt files"
+        )
     return state, digest
 
 
@@ -169,14 +195,18 @@ def _count(state: dict[str, Tensor], prefix: str) -> int:
 
 def _kind_of(state: dict[str, Tensor]) -> Literal["unet", "classifier"]:
     if "time_embed.0.weight" not in state or "input_blocks.0.0.weight" not in state:
-        raise ConversionError("the file holds no guided-diffusion network (no time_embed / input_blocks tensors); "
-                              "pass one of OpenAI's released ADM .pt files")
+        raise ConversionError(
+            "the file holds no guided-diffusion network (no time_embed / input_blocks tensors); "
+            "pass one of OpenAI's released ADM .pt files"
+        )
     if "out.2.c_proj.weight" in state and "out.2.positional_embedding" in state:
         return "classifier"
     if "out.2.weight" in state and "output_blocks.0.0.in_layers.0.weight" in state:
         return "unet"
-    raise ConversionError("the file is an ADM network of a kind that was not released (no U-Net output blocks, no attention-pool "
-                          "classifier head); only the released ImageNet models convert")
+    raise ConversionError(
+        "the file is an ADM network of a kind that was not released (no U-Net output blocks, no attention-pool "
+        "classifier head); only the released ImageNet models convert"
+    )
 
 
 def _hypotheses(state: dict[str, Tensor]) -> list[Recognised]:
@@ -205,14 +235,20 @@ def _hypotheses(state: dict[str, Tensor]) -> list[Recognised]:
     return found
 
 
-_RESBLOCK = {"in_layers.0.": "in_norm.", "in_layers.2.": "in_conv.", "emb_layers.1.": "emb_proj.", "out_layers.0.": "out_norm.",
-             "out_layers.3.": "out_conv.", "skip_connection.": "skip."}
+_RESBLOCK = {
+    "in_layers.0.": "in_norm.",
+    "in_layers.2.": "in_conv.",
+    "emb_layers.1.": "emb_proj.",
+    "out_layers.0.": "out_norm.",
+    "out_layers.3.": "out_conv.",
+    "skip_connection.": "skip.",
+}
 _LAYER = {**_RESBLOCK, "norm.": "norm.", "qkv.": "qkv.", "proj_out.": "proj.", "op.": "op.", "conv.": "conv."}
 
 
 def _layer_name(rest: str) -> str | None:
     for adm, ours in _LAYER.items():
-        leaf = rest[len(adm):]
+        leaf = rest[len(adm) :]
         if rest.startswith(adm) and leaf in ("weight", "bias"):
             return ours + leaf
     return None
@@ -220,20 +256,38 @@ def _layer_name(rest: str) -> str | None:
 
 def _our_name(name: str, classifier: bool) -> str | None:
     """Our parameter name for an ADM one, or None when the name is not one the released networks have."""
-    fixed = {"time_embed.0.weight": "time_embed.mlp.0.weight", "time_embed.0.bias": "time_embed.mlp.0.bias",
-             "time_embed.2.weight": "time_embed.mlp.2.weight", "time_embed.2.bias": "time_embed.mlp.2.bias",
-             "input_blocks.0.0.weight": "encoder.input_conv.weight", "input_blocks.0.0.bias": "encoder.input_conv.bias"}
+    fixed = {
+        "time_embed.0.weight": "time_embed.mlp.0.weight",
+        "time_embed.0.bias": "time_embed.mlp.0.bias",
+        "time_embed.2.weight": "time_embed.mlp.2.weight",
+        "time_embed.2.bias": "time_embed.mlp.2.bias",
+        "input_blocks.0.0.weight": "encoder.input_conv.weight",
+        "input_blocks.0.0.bias": "encoder.input_conv.bias",
+    }
     if classifier:
-        fixed |= {"out.0.weight": "norm.weight", "out.0.bias": "norm.bias", "out.2.positional_embedding": "pool.pos_emb",
-                  "out.2.qkv_proj.weight": "pool.qkv.weight", "out.2.qkv_proj.bias": "pool.qkv.bias",
-                  "out.2.c_proj.weight": "pool.out.weight", "out.2.c_proj.bias": "pool.out.bias"}
+        fixed |= {
+            "out.0.weight": "norm.weight",
+            "out.0.bias": "norm.bias",
+            "out.2.positional_embedding": "pool.pos_emb",
+            "out.2.qkv_proj.weight": "pool.qkv.weight",
+            "out.2.qkv_proj.bias": "pool.qkv.bias",
+            "out.2.c_proj.weight": "pool.out.weight",
+            "out.2.c_proj.bias": "pool.out.bias",
+        }
     else:
-        fixed |= {"label_emb.weight": "class_embed.weight", "out.0.weight": "out.0.weight", "out.0.bias": "out.0.bias",
-                  "out.2.weight": "out.2.weight", "out.2.bias": "out.2.bias"}
+        fixed |= {
+            "label_emb.weight": "class_embed.weight",
+            "out.0.weight": "out.0.weight",
+            "out.0.bias": "out.0.bias",
+            "out.2.weight": "out.2.weight",
+            "out.2.bias": "out.2.bias",
+        }
     if name in fixed:
         return fixed[name]
-    patterns = [(r"input_blocks\.(\d+)\.(\d+)\.(.+)", lambda i, j: f"encoder.blocks.{int(i) - 1}.{j}."),
-                (r"middle_block\.(\d+)\.(.+)", lambda j: f"encoder.middle.{j}.")]
+    patterns = [
+        (r"input_blocks\.(\d+)\.(\d+)\.(.+)", lambda i, j: f"encoder.blocks.{int(i) - 1}.{j}."),
+        (r"middle_block\.(\d+)\.(.+)", lambda j: f"encoder.middle.{j}."),
+    ]
     if not classifier:
         patterns.append((r"output_blocks\.(\d+)\.(\d+)\.(.+)", lambda i, j: f"decoder.{i}.{j}."))
     for pattern, prefix in patterns:
@@ -259,8 +313,10 @@ def convert_state(state: dict[str, Tensor], classifier: bool) -> dict[str, Tenso
     for name, tensor in state.items():
         ours = _our_name(name, classifier)
         if ours is None:
-            raise ConversionError(f"tensor {name!r} is not part of any released guided-diffusion network; "
-                                  f"the file is not an unmodified ADM checkpoint")
+            raise ConversionError(
+                f"tensor {name!r} is not part of any released guided-diffusion network; "
+                f"the file is not an unmodified ADM checkpoint"
+            )
         out[ours] = _adapt(name, tensor)
     return out
 
@@ -286,9 +342,13 @@ def recognise(state: dict[str, Tensor]) -> Recognised:
         return matches[0]
     if not matches:
         tried = ", ".join(sorted({h.release.file for h in hypotheses})) or "none fits its block count"
-        raise ConversionError(f"the file's tensors match no released guided-diffusion architecture (tried {tried}); "
-                              f"only OpenAI's released ImageNet .pt files (or copies with other widths/depths) convert")
-    raise ConversionError(f"the file's tensors fit several releases ({', '.join(m.release.file for m in matches)}); cannot tell which")
+        raise ConversionError(
+            f"the file's tensors match no released guided-diffusion architecture (tried {tried}); "
+            f"only OpenAI's released ImageNet .pt files (or copies with other widths/depths) convert"
+        )
+    raise ConversionError(
+        f"the file's tensors fit several releases ({', '.join(m.release.file for m in matches)}); cannot tell which"
+    )
 
 
 # --- our configuration ------------------------------------------------------------------------------------
@@ -308,34 +368,67 @@ def stage_config(rec: Recognised, name: str | None = None) -> dict[str, Any]:
     """
     r = rec.release
     net: dict[str, Any] = {
-        "_partial_": True, "model_channels": rec.model_channels, "channel_mult": list(r.channel_mult),
-        "num_res_blocks": rec.num_res_blocks, "attention_resolutions": list(r.attention_resolutions), "num_heads": r.num_heads,
-        "head_channels": r.head_channels, "attention_order": r.attention_order, "dropout": r.dropout,
-        "use_scale_shift_norm": True, "resblock_updown": True, "grad_checkpointing": False, "middle_attention": True,
+        "_partial_": True,
+        "model_channels": rec.model_channels,
+        "channel_mult": list(r.channel_mult),
+        "num_res_blocks": rec.num_res_blocks,
+        "attention_resolutions": list(r.attention_resolutions),
+        "num_heads": r.num_heads,
+        "head_channels": r.head_channels,
+        "attention_order": r.attention_order,
+        "dropout": r.dropout,
+        "use_scale_shift_norm": True,
+        "resblock_updown": True,
+        "grad_checkpointing": False,
+        "middle_attention": True,
         "norm_groups": 32,
     }
     if r.kind == "classifier":
         net = {"_target_": "cascade.nn.EncoderClassifier", **net, "pool_head_channels": CLASSIFIER_POOL_HEAD_CHANNELS}
-        return {"_target_": "stages.classifier.ClassifierStage", "name": name or r.stage_name, "resolution": r.resolution,
-                "net": net, "schedule": _schedule(rec)}
+        return {
+            "_target_": "stages.classifier.ClassifierStage",
+            "name": name or r.stage_name,
+            "resolution": r.resolution,
+            "net": net,
+            "schedule": _schedule(rec),
+        }
     net = {"_target_": "cascade.nn.UNet", **net, "null_class": False}
     learned = rec.out_channels == 2 * rec.in_channels
-    objective = {"_target_": "cascade.diffusion.losses.DiffusionLoss", "parameterization": "eps", "learned_variance": learned,
-                 "vb_weight": 0.001}
+    objective = {
+        "_target_": "cascade.diffusion.losses.DiffusionLoss",
+        "parameterization": "eps",
+        "learned_variance": learned,
+        "vb_weight": 0.001,
+    }
     config: dict[str, Any] = {
-        "_target_": "stages.base.BaseStage", "name": name or r.stage_name, "resolution": r.resolution,
-        "class_conditional": r.class_conditional, "p_uncond": 0.0, "fixed_variance": "large", "net": net,
-        "schedule": _schedule(rec), "objective": objective,
+        "_target_": "stages.base.BaseStage",
+        "name": name or r.stage_name,
+        "resolution": r.resolution,
+        "class_conditional": r.class_conditional,
+        "p_uncond": 0.0,
+        "fixed_variance": "large",
+        "net": net,
+        "schedule": _schedule(rec),
+        "objective": objective,
     }
     if r.kind == "upsampler":
-        config |= {"_target_": "stages.upsampler.UpsamplerStage", "lowres_resolution": r.lowres_resolution,
-                   "noise_augmentation": False, "lowres_upsample": "bilinear", "aug_schedule": _schedule(rec),
-                   "aug_max_level": 0, "sample_aug_level": 0}
+        config |= {
+            "_target_": "stages.upsampler.UpsamplerStage",
+            "lowres_resolution": r.lowres_resolution,
+            "noise_augmentation": False,
+            "lowres_upsample": "bilinear",
+            "aug_schedule": _schedule(rec),
+            "aug_max_level": 0,
+            "sample_aug_level": 0,
+        }
     return config
 
 
-_KINDS: dict[str, Kind] = {"stages.base.BaseStage": "generator", "stages.upsampler.UpsamplerStage": "upsampler",
-                           "stages.classifier.ClassifierStage": "classifier"}
+_KINDS: dict[str, Kind] = {
+    "stages.base.BaseStage": "generator",
+    "stages.upsampler.UpsamplerStage": "upsampler",
+    "stages.classifier.ClassifierStage": "classifier",
+}
 
 
 def build_network(config: dict[str, Any], num_classes: int) -> nn.Module:
@@ -354,8 +447,14 @@ def build_network(config: dict[str, Any], num_classes: int) -> nn.Module:
     if kind == "classifier":
         return EncoderClassifier(resolution=config["resolution"], num_classes=num_classes, **net)
     out_channels = 6 if config["objective"]["learned_variance"] else 3
-    return UNet(resolution=config["resolution"], num_classes=num_classes if config["class_conditional"] else None,
-                out_channels=out_channels, lowres_channels=3 if kind == "upsampler" else 0, aug_level_embedding=False, **net)
+    return UNet(
+        resolution=config["resolution"],
+        num_classes=num_classes if config["class_conditional"] else None,
+        out_channels=out_channels,
+        lowres_channels=3 if kind == "upsampler" else 0,
+        aug_level_embedding=False,
+        **net,
+    )
 
 
 def imagenet_label_names() -> list[str]:
@@ -388,12 +487,25 @@ def convert(path: str | Path, out: str | Path, *, name: str | None = None, progr
     weights = convert_state(state, rec.release.kind == "classifier")
     class_names = imagenet_label_names()
     if rec.num_classes is not None and rec.num_classes != len(class_names):
-        raise ConversionError(f"the file has {rec.num_classes} classes, not ImageNet's {len(class_names)}; it is not a released model")
-    source = {"format": "guided-diffusion", "file": path.name, "sha256": digest, "release": rec.release.file,
-              "released_size": rec.released_size}
+        raise ConversionError(
+            f"the file has {rec.num_classes} classes, not ImageNet's {len(class_names)}; it is not a released model"
+        )
+    source = {
+        "format": "guided-diffusion",
+        "file": path.name,
+        "sha256": digest,
+        "release": rec.release.file,
+        "released_size": rec.released_size,
+    }
     stage = stage_config(rec, name)
     payload = {
-        "stage": stage["name"], "config": {"stage": stage, "source": source}, "class_names": class_names,
-        "resolution": rec.release.resolution, "step": 0, "model": weights, "ema": weights, "source": source,
+        "stage": stage["name"],
+        "config": {"stage": stage, "source": source},
+        "class_names": class_names,
+        "resolution": rec.release.resolution,
+        "step": 0,
+        "model": weights,
+        "ema": weights,
+        "source": source,
     }
     return rec, save_checkpoint(payload, out)

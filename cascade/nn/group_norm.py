@@ -51,8 +51,13 @@ def channels_last_kernel(x: Tensor) -> type[torch.autograd.Function] | None:
     for bf16/fp16 the PyTorch-ops one from ``MIN_ELEMENTS`` up, and for float32 PyTorch's own kernel (the
     PyTorch-ops algorithm is no faster than it in float32).
     """
-    if not (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.dim() == 4
-            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
+    if not (
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
         return None
     if x.dtype in (torch.bfloat16, torch.float32):
         # torch.compile traces through here: it may only look at what is loaded (the trainer loads it first).
@@ -138,8 +143,9 @@ def _group_statistics(shift: Tensor, mean_d: Tensor, sq_d: Tensor, groups: int, 
     return rstd, (shift - ref) - u_g
 
 
-def _input_gradient_coefficients(gamma: Tensor, rstd: Tensor, offset: Tensor, sum_dz: Tensor, sum_dz_d: Tensor,
-                                 groups: int, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _input_gradient_coefficients(
+    gamma: Tensor, rstd: Tensor, offset: Tensor, sum_dz: Tensor, sum_dz_d: Tensor, groups: int, n: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """GN's backward as per-(b, c) coefficients: returns dγ = Σ dz·x̂ and (k1, k2, k0) with dx = k1·dz + k2·d + k0,
     from Σ dz and Σ dz·d over the n positions (all (B, C) float32).
 
@@ -157,9 +163,13 @@ def _input_gradient_coefficients(gamma: Tensor, rstd: Tensor, offset: Tensor, su
 
 # The C++ kernels as PyTorch operators with shape-only ("fake") versions, so that torch.compile can trace a
 # network through them; eager calls go to the library directly (an operator call costs ~10 µs more).
-_FORWARD_SCHEMA = "(Tensor rows, Tensor weight, Tensor bias, Tensor? scale, Tensor? shift, int groups, float eps, bool act) -> Tensor[]"
-_BACKWARD_SCHEMA = ("(Tensor grad, Tensor rows, Tensor anchor, Tensor a, Tensor c0, Tensor gamma, Tensor rstd, Tensor offset, "
-                    "Tensor weight, Tensor bias, Tensor? scale, bool has_shift, int groups, bool act) -> Tensor[]")
+_FORWARD_SCHEMA = (
+    "(Tensor rows, Tensor weight, Tensor bias, Tensor? scale, Tensor? shift, int groups, float eps, bool act) -> Tensor[]"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor grad, Tensor rows, Tensor anchor, Tensor a, Tensor c0, Tensor gamma, Tensor rstd, Tensor offset, "
+    "Tensor weight, Tensor bias, Tensor? scale, bool has_shift, int groups, bool act) -> Tensor[]"
+)
 
 
 @torch.library.custom_op("cascade::group_norm_act_forward", mutates_args=(), schema=_FORWARD_SCHEMA)
@@ -175,16 +185,22 @@ def _(rows, weight, bias, scale, shift, groups, eps, act):  # noqa: ANN001, ANN2
 
 @torch.library.custom_op("cascade::group_norm_act_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def _backward_op(grad, rows, anchor, a, c0, gamma, rstd, offset, weight, bias, scale, has_shift, groups, act):  # noqa: ANN001, ANN202
-    grads = group_norm_kernels().backward(grad, rows, anchor, a, c0, gamma, rstd, offset, weight, bias, scale, has_shift,
-                                          groups, act)
+    grads = group_norm_kernels().backward(
+        grad, rows, anchor, a, c0, gamma, rstd, offset, weight, bias, scale, has_shift, groups, act
+    )
     return [g if g is not None else rows.new_empty(0, dtype=torch.float32) for g in grads]  # an operator returns no None
 
 
 @_backward_op.register_fake
 def _(grad, rows, anchor, a, c0, gamma, rstd, offset, weight, bias, scale, has_shift, groups, act):  # noqa: ANN001, ANN202
     empty = rows.new_empty(0, dtype=torch.float32)
-    return [torch.empty_like(rows), torch.empty_like(weight, dtype=torch.float32), torch.empty_like(bias, dtype=torch.float32),
-            torch.empty_like(a) if scale is not None else empty, torch.empty_like(a) if has_shift else empty]
+    return [
+        torch.empty_like(rows),
+        torch.empty_like(weight, dtype=torch.float32),
+        torch.empty_like(bias, dtype=torch.float32),
+        torch.empty_like(a) if scale is not None else empty,
+        torch.empty_like(a) if has_shift else empty,
+    ]
 
 
 class _NativeGroupNormAct(torch.autograd.Function):
@@ -200,8 +216,17 @@ class _NativeGroupNormAct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None, shift: Tensor | None, groups: int,
-                eps: float, act: bool) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        scale: Tensor | None,
+        shift: Tensor | None,
+        groups: int,
+        eps: float,
+        act: bool,
+    ) -> Tensor:
         rows = _rows(x)  # (B, N, C)
         forward = _forward_op if torch.compiler.is_compiling() else group_norm_kernels().forward
         y, *saved = forward(rows, weight, bias, scale, shift, groups, eps, act)  # y: (B, N, C)
@@ -214,10 +239,19 @@ class _NativeGroupNormAct(torch.autograd.Function):
         rows, *saved, weight, bias, scale = ctx.saved_tensors
         grad_rows = _rows(grad_y.contiguous(memory_format=torch.channels_last)).to(rows.dtype)  # (B, N, C)
         backward = _backward_op if torch.compiler.is_compiling() else group_norm_kernels().backward
-        grad_x, grad_weight, grad_bias, grad_scale, grad_shift = backward(grad_rows, rows, *saved, weight, bias, scale,
-                                                                          ctx.has_shift, ctx.groups, ctx.act)
-        return (_maps(grad_x, ctx.shape), grad_weight, grad_bias, grad_scale if scale is not None else None,
-                grad_shift if ctx.has_shift else None, None, None, None)
+        grad_x, grad_weight, grad_bias, grad_scale, grad_shift = backward(
+            grad_rows, rows, *saved, weight, bias, scale, ctx.has_shift, ctx.groups, ctx.act
+        )
+        return (
+            _maps(grad_x, ctx.shape),
+            grad_weight,
+            grad_bias,
+            grad_scale if scale is not None else None,
+            grad_shift if ctx.has_shift else None,
+            None,
+            None,
+            None,
+        )
 
 
 def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
@@ -260,7 +294,9 @@ class _ChannelsLastGroupNormAct(torch.autograd.Function):
         grad_rows = _rows(grad_y.contiguous(memory_format=torch.channels_last))  # (B, N, C)
         dz = torch.ops.aten.silu_backward(grad_rows, z) if ctx.act else grad_rows  # (B, N, C)
         sum_dz = dz.sum(1).float()  # (B, C) Σ dz
-        grad_gamma, k1, k2, k0 = _input_gradient_coefficients(gamma, rstd, offset, sum_dz, _dot_rows(dz, d), ctx.groups, d.shape[1])
+        grad_gamma, k1, k2, k0 = _input_gradient_coefficients(
+            gamma, rstd, offset, sum_dz, _dot_rows(dz, d), ctx.groups, d.shape[1]
+        )
         grad_x = torch.addcmul(k0[:, None].to(d.dtype), d, k2[:, None].to(d.dtype))  # (B, N, C) k2·d + k0
         grad_x.addcmul_(dz, k1[:, None].to(d.dtype))  # + k1·dz
         return _maps(grad_x, ctx.shape), grad_gamma, sum_dz, None, None, None

@@ -219,7 +219,12 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(
-        self, channels: int, *, num_heads: int = 1, head_channels: int | None = None, norm_groups: int = 32,
+        self,
+        channels: int,
+        *,
+        num_heads: int = 1,
+        head_channels: int | None = None,
+        norm_groups: int = 32,
         order: AttentionOrder = "new",
     ) -> None:
         super().__init__()

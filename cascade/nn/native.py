@@ -66,15 +66,22 @@ def group_norm_kernels() -> ModuleType | None:
 
         _put_ninja_on_path()
         _announce_first_build(cpp_extension, name, level)
-        _loaded_group_norm = cpp_extension.load(name=name, sources=[str(SOURCES / "group_norm_act.cpp")],
-                                                extra_cflags=["-O3", "-fopenmp", *ARCH_FLAGS.get(level, [])],
-                                                extra_ldflags=["-fopenmp"], verbose=False)
+        _loaded_group_norm = cpp_extension.load(
+            name=name,
+            sources=[str(SOURCES / "group_norm_act.cpp")],
+            extra_cflags=["-O3", "-fopenmp", *ARCH_FLAGS.get(level, [])],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
         return _loaded_group_norm
     except Exception as error:  # any build failure means: use PyTorch's ops
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        warnings.warn(f"cascade: the C++ GroupNorm kernel could not be built ({first_line[:200]}); using PyTorch ops, "
-                      "which are slower for channels-last bf16 and float32 on CPU. Set CASCADE_NATIVE_KERNELS=0 to silence this.",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"cascade: the C++ GroupNorm kernel could not be built ({first_line[:200]}); using PyTorch ops, "
+            "which are slower for channels-last bf16 and float32 on CPU. Set CASCADE_NATIVE_KERNELS=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     finally:
         logger.setLevel(level_before)
@@ -87,8 +94,11 @@ def _announce_first_build(cpp_extension: ModuleType, name: str, level: str) -> N
     except Exception:
         return
     if not any(build_dir.glob(f"{name}*.so")):
-        print(f"cascade: compiling the channels-last GroupNorm kernel for this CPU ({level}), once (~25 s); "
-              f"cached in {build_dir}", file=sys.stderr, flush=True)
+        print(
+            f"cascade: compiling the channels-last GroupNorm kernel for this CPU ({level}), once (~25 s); cached in {build_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _put_ninja_on_path() -> None:

@@ -80,17 +80,28 @@ class EncoderOptions:
         """Channels of ``level``: int(model_channels · channel_mult[level]) (ADM)."""
         channels = int(self.model_channels * self.channel_mult[level])
         if channels < 1 or channels != self.model_channels * self.channel_mult[level]:
-            raise ValueError(f"model_channels {self.model_channels} × channel_mult {self.channel_mult[level]} "
-                             "is not a whole channel count")
+            raise ValueError(
+                f"model_channels {self.model_channels} × channel_mult {self.channel_mult[level]} is not a whole channel count"
+            )
         return channels
 
     def resblock(self, emb_channels: int) -> partial[ResBlock]:
-        return partial(ResBlock, emb_channels=emb_channels, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                       norm_groups=self.norm_groups)
+        return partial(
+            ResBlock,
+            emb_channels=emb_channels,
+            dropout=self.dropout,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+            norm_groups=self.norm_groups,
+        )
 
     def attention(self) -> partial[AttentionBlock]:
-        return partial(AttentionBlock, num_heads=self.num_heads, head_channels=self.head_channels, norm_groups=self.norm_groups,
-                       order=self.attention_order)
+        return partial(
+            AttentionBlock,
+            num_heads=self.num_heads,
+            head_channels=self.head_channels,
+            norm_groups=self.norm_groups,
+            order=self.attention_order,
+        )
 
 
 class UNetEncoder(nn.Module):
@@ -194,7 +205,9 @@ class UNet(nn.Module):
         self.time_embed = TimestepEmbedding(model_channels, emb_channels)
         self.class_embed = nn.Embedding(num_classes + int(null_class), emb_channels) if num_classes is not None else None
         self.aug_embed = TimestepEmbedding(model_channels, emb_channels) if aug_level_embedding else None
-        self.encoder = UNetEncoder(options, resolution=resolution, in_channels=in_channels + lowres_channels, emb_channels=emb_channels)
+        self.encoder = UNetEncoder(
+            options, resolution=resolution, in_channels=in_channels + lowres_channels, emb_channels=emb_channels
+        )
 
         levels = len(channel_mult)
         blocks = per_level(num_res_blocks, levels)
@@ -263,4 +276,3 @@ def _expect(name: str, value: Tensor | None, required: bool) -> None:
         raise ValueError(f"this network is conditioned on {name}; pass {name}=...")
     if not required and value is not None:
         raise ValueError(f"this network is not conditioned on {name}, but {name} was given")
-

@@ -32,6 +32,7 @@ from torchvision.utils import save_image
 
 from cascade.data import class_index
 from cascade.diffusion.samplers import SAMPLERS
+from cascade.evaluation.tuned import tuned_path
 from cascade.pipeline.orchestrator import Cascade, LoadedStage, StageSettings, load
 from cascade.pipeline.settings import (
     CONFIG_SOURCE,
@@ -45,7 +46,6 @@ from cascade.pipeline.settings import (
 )
 from cascade.training.checkpoint import CheckpointError
 from cascade.utils.cli import OneLineParser
-from cascade.evaluation.tuned import tuned_path
 from cascade.utils.device import resolve_device
 
 __all__ = ["build_parser", "settings_from_argv", "run_cascade", "main", "file_sha256", "strip"]
@@ -76,8 +76,13 @@ def _pre_parser() -> argparse.ArgumentParser:
     p = OneLineParser(add_help=False, allow_abbrev=False)
     p.add_argument("--config", help="settings file (default configs/cascade.yaml)")
     p.add_argument("--replay", help="a cascade.json: rerun its exact settings (flags given here override)")
-    p.add_argument("--stage", action="append", default=[], metavar="NAME=PATH",
-                   help="an upsampler of the chain, in order (repeat; replaces the config's upsamplers)")
+    p.add_argument(
+        "--stage",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an upsampler of the chain, in order (repeat; replaces the config's upsamplers)",
+    )
     return p
 
 
@@ -86,18 +91,23 @@ def _stage_pairs(values: list[str], parser: argparse.ArgumentParser) -> list[tup
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not path or not STAGE_NAME.fullmatch(name) or name == "base":
-            parser.error(f"--stage {value}: give NAME=PATH, NAME a letter then letters, digits or _ (not 'base'), "
-                         "e.g. --stage sr512=runs/sr512/checkpoints/last.pt")
+            parser.error(
+                f"--stage {value}: give NAME=PATH, NAME a letter then letters, digits or _ (not 'base'), "
+                "e.g. --stage sr512=runs/sr512/checkpoints/last.pt"
+            )
         pairs.append((name, path))
     return pairs
 
 
 def build_parser(upsamplers: Sequence[str], description: str | None = None) -> argparse.ArgumentParser:
     """The full command line, with ``--<name>-*`` flags for the base and every upsampler in ``upsamplers``."""
-    p = OneLineParser(description=description, parents=[_pre_parser()],
-                      epilog="Every flag defaults to None: an unset flag falls back to --replay's cascade.json, the "
-                      "checkpoint's tuned file, then the config. Per-stage flags exist for the base and for every "
-                      "upsampler of the config, of a replayed run and of --stage.")
+    p = OneLineParser(
+        description=description,
+        parents=[_pre_parser()],
+        epilog="Every flag defaults to None: an unset flag falls back to --replay's cascade.json, the "
+        "checkpoint's tuned file, then the config. Per-stage flags exist for the base and for every "
+        "upsampler of the config, of a replayed run and of --stage.",
+    )
     p.add_argument("--class", dest="class_", help="class index or name, e.g. 207 or 'golden retriever'")
     p.add_argument("--num", type=int, help="number of samples")
     p.add_argument("--seed", type=int, help="seed of every stage's noise")
@@ -114,8 +124,13 @@ def build_parser(upsamplers: Sequence[str], description: str | None = None) -> a
             extra = {"choices": list(SAMPLERS)} if option == "sampler" else {"metavar": METAVARS[option]}
             group.add_argument(f"--{name}-{option}", dest=f"{name}:{option}", type=kind, help=f"{name} {what}", **extra)
         if name != "base":
-            group.add_argument(f"--{name}-aug-level", dest=f"{name}:aug-level", type=int, metavar="S",
-                               help=f"noise-augmentation level s of {name}'s low-res input")
+            group.add_argument(
+                f"--{name}-aug-level",
+                dest=f"{name}:aug-level",
+                type=int,
+                metavar="S",
+                help=f"noise-augmentation level s of {name}'s low-res input",
+            )
     return p
 
 
@@ -133,10 +148,16 @@ def settings_from_argv(argv: Sequence[str], config: str | Path, *, description: 
     args = vars(build_parser(known, description).parse_args(argv))
 
     overrides: list[Override] = []
-    simple = {"class_": ("class_query", "--class"), "num": ("num", "--num"), "seed": ("seed", "--seed"),
-              "device": ("device", "--device"), "out": ("out", "--out"), "stop_at": ("stop_at", "--stop-at"),
-              "guidance_scale": ("base.settings.classifier_scale", "--guidance-scale"),
-              "cfg_scale": ("base.settings.cfg_scale", "--cfg-scale")}
+    simple = {
+        "class_": ("class_query", "--class"),
+        "num": ("num", "--num"),
+        "seed": ("seed", "--seed"),
+        "device": ("device", "--device"),
+        "out": ("out", "--out"),
+        "stop_at": ("stop_at", "--stop-at"),
+        "guidance_scale": ("base.settings.classifier_scale", "--guidance-scale"),
+        "cfg_scale": ("base.settings.cfg_scale", "--cfg-scale"),
+    }
     for dest, (key, flag) in simple.items():
         if args[dest] is not None:
             overrides.append(Override(key, args[dest], flag))
@@ -149,7 +170,10 @@ def settings_from_argv(argv: Sequence[str], config: str | Path, *, description: 
         overrides.append(Override(f"upsamplers.{name}.ckpt", path, f"--stage {name}={path}"))
     for name in ("base", *known):
         prefix = "base" if name == "base" else f"upsamplers.{name}"
-        options = {**{k: v[0] for k, v in STAGE_OPTIONS.items()}, **({"aug-level": "settings.aug_level"} if name != "base" else {})}
+        options = {
+            **{k: v[0] for k, v in STAGE_OPTIONS.items()},
+            **({"aug-level": "settings.aug_level"} if name != "base" else {}),
+        }
         for option, key in options.items():
             if args.get(f"{name}:{option}") is not None:
                 overrides.append(Override(f"{prefix}.{key}", args[f"{name}:{option}"], f"--{name}-{option}"))
@@ -191,23 +215,30 @@ def strip(images: list[torch.Tensor], panel: int = STRIP_PANEL) -> torch.Tensor:
     return torch.cat(panels, dim=-1)  # (3, P, len·P)
 
 
-def _select_stages(resolved: ResolvedSettings, device: torch.device, notes: list[str]
-                   ) -> tuple[LoadedStage, list[tuple[str, LoadedStage]], LoadedStage | None]:
+def _select_stages(
+    resolved: ResolvedSettings, device: torch.device, notes: list[str]
+) -> tuple[LoadedStage, list[tuple[str, LoadedStage]], LoadedStage | None]:
     cfg = resolved.config
     if not Path(cfg.base.ckpt).is_file():
-        raise FileNotFoundError(f"base checkpoint {cfg.base.ckpt} does not exist; train it with "
-                                "`python scripts/train_stage.py stage=base` (add preset=tiny on a CPU) or pass --base-ckpt PATH")
+        raise FileNotFoundError(
+            f"base checkpoint {cfg.base.ckpt} does not exist; train it with "
+            "`python scripts/train_stage.py stage=base` (add preset=tiny on a CPU) or pass --base-ckpt PATH"
+        )
     base = load(cfg.base.ckpt, device)
     classifier = None
     scale = cfg.base.settings.classifier_scale
     # Asked for: a classifier path or the scale given by a flag or replay (--classifier-ckpt none asks for no classifier).
-    asked = (resolved.explicit("classifier") and cfg.classifier is not None) or resolved.explicit("base.settings.classifier_scale")
+    asked = (resolved.explicit("classifier") and cfg.classifier is not None) or resolved.explicit(
+        "base.settings.classifier_scale"
+    )
     if scale > 0 and cfg.classifier is not None and Path(cfg.classifier).is_file():
         classifier = load(cfg.classifier, device)
     elif scale > 0 and asked:
         where = f"{cfg.classifier} does not exist" if cfg.classifier else "--classifier-ckpt none was given"
-        raise FileNotFoundError(f"classifier guidance needs a noisy classifier, but {where}; train one with "
-                                "`python scripts/train_stage.py stage=classifier`, pass --classifier-ckpt PATH, or --guidance-scale 0")
+        raise FileNotFoundError(
+            f"classifier guidance needs a noisy classifier, but {where}; train one with "
+            "`python scripts/train_stage.py stage=classifier`, pass --classifier-ckpt PATH, or --guidance-scale 0"
+        )
     elif scale > 0:  # the config's default scale, and no classifier trained: sample unguided
         notes.append(f"no noisy classifier at {cfg.classifier}: classifier guidance is off")
         cfg.base.settings.classifier_scale = 0.0
@@ -218,18 +249,23 @@ def _select_stages(resolved: ResolvedSettings, device: torch.device, notes: list
             break
         if not Path(slot.ckpt).is_file():
             if resolved.explicit(f"upsamplers.{name}.ckpt"):
-                raise FileNotFoundError(f"{name} checkpoint {slot.ckpt} does not exist; pass the right "
-                                        f"{resolved.sources[f'upsamplers.{name}.ckpt'].split('=')[0]}")
-            notes.append(f"no {name} checkpoint at {slot.ckpt}: the cascade stops at {resolution}px "
-                         f"(train it with `python scripts/train_stage.py stage={name}`)")
+                raise FileNotFoundError(
+                    f"{name} checkpoint {slot.ckpt} does not exist; pass the right "
+                    f"{resolved.sources[f'upsamplers.{name}.ckpt'].split('=')[0]}"
+                )
+            notes.append(
+                f"no {name} checkpoint at {slot.ckpt}: the cascade stops at {resolution}px "
+                f"(train it with `python scripts/train_stage.py stage={name}`)"
+            )
             break
         upsamplers.append((name, load(slot.ckpt, device)))
         resolution = upsamplers[-1][1].stage.resolution
     return base, upsamplers, classifier
 
 
-def run_cascade(resolved: ResolvedSettings, device: torch.device, *, argv: Sequence[str] = (), progress: bool = True
-                ) -> dict[str, Any]:
+def run_cascade(
+    resolved: ResolvedSettings, device: torch.device, *, argv: Sequence[str] = (), progress: bool = True
+) -> dict[str, Any]:
     """Load, check and sample the cascade; write PNGs per sample and stage, strips and ``cascade.json``. Returns the record."""
     cfg = resolved.config
     notes: list[str] = []
@@ -252,8 +288,10 @@ def run_cascade(resolved: ResolvedSettings, device: torch.device, *, argv: Seque
                 notes.append(f"{name} {key.replace('_', ' ')} {getattr(slot_settings, key)} from {source}")
         tuned_step = record.get("checkpoint", {}).get("step")
         if tuned_step is not None and tuned_step != int(loaded.payload["step"]):
-            notes.append(f"{tuned_path(ckpt)} was chosen at step {tuned_step} but the checkpoint is at step "
-                         f"{loaded.payload['step']}: run evaluate_stage.py on it again")
+            notes.append(
+                f"{tuned_path(ckpt)} was chosen at step {tuned_step} but the checkpoint is at step "
+                f"{loaded.payload['step']}: run evaluate_stage.py on it again"
+            )
     # Hashed once, right after loading: what the record names is what was sampled with.
     sha256 = {loaded.path: file_sha256(loaded.path) for loaded in [*cascade.stages, *([classifier] if classifier else [])]}
     for path, digest in sha256.items():
@@ -275,8 +313,11 @@ def run_cascade(resolved: ResolvedSettings, device: torch.device, *, argv: Seque
             files.append(str(path))
 
     labels = torch.full((cfg.num,), label, dtype=torch.long)
-    print(f"sampling {cfg.num} × class {label} ({class_name!r}) through {' → '.join(f'{s.stage.resolution}px' for s in cascade.stages)}"
-          f" on {device}" + (f", classifier guidance s={settings[0].classifier_scale:g}" if classifier else ""), flush=True)
+    print(
+        f"sampling {cfg.num} × class {label} ({class_name!r}) through {' → '.join(f'{s.stage.resolution}px' for s in cascade.stages)}"
+        f" on {device}" + (f", classifier guidance s={settings[0].classifier_scale:g}" if classifier else ""),
+        flush=True,
+    )
     outputs = cascade.sample(labels, settings, seed=cfg.seed, progress=progress, on_stage_output=write)
     for i in range(cfg.num):
         path = out / f"{i:03d}_strip.png"
@@ -294,8 +335,15 @@ def run_cascade(resolved: ResolvedSettings, device: torch.device, *, argv: Seque
     if classifier is not None:
         described["classifier"]["sha256"] = sha256[classifier.path]
     record = {
-        "command": list(argv), "class": {"index": label, "name": class_name}, "num": cfg.num, "seed": cfg.seed,
-        **described, "torch": torch.__version__, "notes": notes, "out": str(out), "files": files,
+        "command": list(argv),
+        "class": {"index": label, "name": class_name},
+        "num": cfg.num,
+        "seed": cfg.seed,
+        **described,
+        "torch": torch.__version__,
+        "notes": notes,
+        "out": str(out),
+        "files": files,
         "seeding": "stage j, image i: torch.Generator(device).manual_seed(cascade.pipeline.orchestrator.image_seed(seed, j, i))",
     }
     (out / "cascade.json").write_text(json.dumps(record, indent=2))
@@ -311,5 +359,7 @@ def main(config: str | Path, argv: Sequence[str] | None = None, *, description: 
     except (ValueError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {len(report['files'])} images to {report['out']}/ (strips: {report['out']}/*_strip.png, settings: "
-          f"{report['out']}/cascade.json)")
+    print(
+        f"wrote {len(report['files'])} images to {report['out']}/ (strips: {report['out']}/*_strip.png, settings: "
+        f"{report['out']}/cascade.json)"
+    )

@@ -94,7 +94,12 @@ class LoadedStage:
 
     def describe(self) -> dict[str, Any]:
         """What identifies this stage in a ``cascade.json``."""
-        return {"path": self.path, "stage": self.name, "step": int(self.payload["step"]), "resolution": int(self.stage.resolution)}
+        return {
+            "path": self.path,
+            "stage": self.name,
+            "step": int(self.payload["step"]),
+            "resolution": int(self.stage.resolution),
+        }
 
 
 class ChainError(ValueError):
@@ -122,16 +127,20 @@ def check_chain(base: LoadedStage, classifier: LoadedStage | None, upsamplers: S
             problems.append(f"{classifier.path} is a {classifier.name!r} checkpoint, not a noisy classifier")
         else:
             if classifier.stage.resolution != base.stage.resolution:
-                problems.append(f"the classifier sees {classifier.stage.resolution}px images but the base makes "
-                                f"{base.stage.resolution}px ones")
+                problems.append(
+                    f"the classifier sees {classifier.stage.resolution}px images but the base makes "
+                    f"{base.stage.resolution}px ones"
+                )
             if isinstance(base.stage, Generator):
                 try:
                     check_same_schedule(base.stage.schedule, classifier.stage.schedule, "the classifier")
                 except ValueError as error:
                     problems.append(str(error))
             if classifier.class_names != base.class_names:
-                problems.append(f"the classifier's {len(classifier.class_names)} classes differ from the base's "
-                                f"{len(base.class_names)} (first difference: {_first_difference(classifier.class_names, base.class_names)})")
+                problems.append(
+                    f"the classifier's {len(classifier.class_names)} classes differ from the base's "
+                    f"{len(base.class_names)} (first difference: {_first_difference(classifier.class_names, base.class_names)})"
+                )
     previous = base
     for up in upsamplers:
         if not isinstance(up.stage, Upsampler):
@@ -139,11 +148,15 @@ def check_chain(base: LoadedStage, classifier: LoadedStage | None, upsamplers: S
             previous = up
             continue
         if up.stage.lowres_resolution != previous.stage.resolution:
-            problems.append(f"{up.name} upsamples {up.stage.lowres_resolution}px images but {previous.name} makes "
-                            f"{previous.stage.resolution}px ones")
+            problems.append(
+                f"{up.name} upsamples {up.stage.lowres_resolution}px images but {previous.name} makes "
+                f"{previous.stage.resolution}px ones"
+            )
         if up.class_conditional and up.class_names != base.class_names:
-            problems.append(f"{up.name} was trained on {len(up.class_names)} classes that differ from the base's "
-                            f"{len(base.class_names)} (first difference: {_first_difference(up.class_names, base.class_names)})")
+            problems.append(
+                f"{up.name} was trained on {len(up.class_names)} classes that differ from the base's "
+                f"{len(base.class_names)} (first difference: {_first_difference(up.class_names, base.class_names)})"
+            )
         previous = up
     if problems:
         raise ChainError("the stages do not chain: " + "; ".join(problems))
@@ -167,16 +180,21 @@ def check_settings(name: str, stage: Generator | Upsampler, settings: StageSetti
     if settings.batch_size < 1:
         raise ValueError(f"{name}: batch size must be >= 1, got {settings.batch_size}")
     if settings.cfg_scale < 0 or settings.classifier_scale < 0:
-        raise ValueError(f"{name}: guidance scales must be >= 0, got cfg {settings.cfg_scale}, classifier {settings.classifier_scale}")
+        raise ValueError(
+            f"{name}: guidance scales must be >= 0, got cfg {settings.cfg_scale}, classifier {settings.classifier_scale}"
+        )
     if settings.classifier_scale > 0 and not guided:
         raise ValueError(f"{name}: classifier guidance scale {settings.classifier_scale} needs a noisy classifier checkpoint")
     if isinstance(stage, Upsampler) and settings.aug_level is not None:
         if not stage.noise_augmentation:
-            raise ValueError(f"{name}: this upsampler was trained without noise conditioning augmentation; it takes no aug level "
-                             f"(got {settings.aug_level})")
+            raise ValueError(
+                f"{name}: this upsampler was trained without noise conditioning augmentation; it takes no aug level "
+                f"(got {settings.aug_level})"
+            )
         if not 0 <= settings.aug_level <= stage.aug_max_level:
-            raise ValueError(f"{name}: aug level must be in 0..{stage.aug_max_level} (the levels it was trained on), "
-                             f"got {settings.aug_level}")
+            raise ValueError(
+                f"{name}: aug level must be in 0..{stage.aug_max_level} (the levels it was trained on), got {settings.aug_level}"
+            )
 
 
 def stage_seed(seed: int, stage_index: int, batch_index: int) -> int:
@@ -205,15 +223,29 @@ def _batches(n: int, size: int) -> Iterator[tuple[int, slice]]:
 class Cascade:
     """A generator (+ noisy classifier) and upsamplers, validated to chain; samples them in memory."""
 
-    def __init__(self, base: LoadedStage, upsamplers: Sequence[LoadedStage] = (), classifier: LoadedStage | None = None,
-                 *, device: torch.device = torch.device("cpu"), bf16: bool = True) -> None:
+    def __init__(
+        self,
+        base: LoadedStage,
+        upsamplers: Sequence[LoadedStage] = (),
+        classifier: LoadedStage | None = None,
+        *,
+        device: torch.device = torch.device("cpu"),
+        bf16: bool = True,
+    ) -> None:
         check_chain(base, classifier, upsamplers)
         self.base, self.upsamplers, self.classifier = base, list(upsamplers), classifier
         self.device, self.bf16 = device, bf16
 
     @classmethod
-    def from_checkpoints(cls, base: str | Path, upsamplers: Sequence[str | Path] = (), classifier: str | Path | None = None,
-                         *, device: torch.device = torch.device("cpu"), bf16: bool = True) -> Cascade:
+    def from_checkpoints(
+        cls,
+        base: str | Path,
+        upsamplers: Sequence[str | Path] = (),
+        classifier: str | Path | None = None,
+        *,
+        device: torch.device = torch.device("cpu"),
+        bf16: bool = True,
+    ) -> Cascade:
         """Rebuild every stage from its checkpoint and check the chain (:class:`ChainError` if it does not fit)."""
         try:
             loaded_base = load(base, device)
@@ -249,8 +281,9 @@ class Cascade:
         levels: list[int | None] = [None]
         for up, s in zip(self.upsamplers, settings[1:]):
             assert isinstance(up.stage, Upsampler)  # check_chain
-            levels.append((s.aug_level if s.aug_level is not None else up.stage.sample_aug_level) if up.stage.noise_augmentation
-                          else None)
+            levels.append(
+                (s.aug_level if s.aug_level is not None else up.stage.sample_aug_level) if up.stage.noise_augmentation else None
+            )
         return levels
 
     @torch.no_grad()
@@ -288,8 +321,9 @@ class Cascade:
                 seeds = [image_seed(seed, j, first_index + i) for i in range(part.start, part.stop)]
                 generators = ImageGenerators(seeds, self.device)
                 with bf16_autocast(self.device, self.bf16):
-                    images = self._sample_stage(loaded, labels[part], outputs[j - 1][part] if j else None, s, levels[j],
-                                                generators, progress)
+                    images = self._sample_stage(
+                        loaded, labels[part], outputs[j - 1][part] if j else None, s, levels[j], generators, progress
+                    )
                 images = images.float().cpu()  # (b, 3, R, R)
                 produced.append(images)
                 if on_stage_output is not None:
@@ -299,20 +333,46 @@ class Cascade:
             outputs.append(torch.cat(produced))
         return outputs
 
-    def _sample_stage(self, loaded: LoadedStage, labels: Tensor, lowres: Tensor | None, s: StageSettings, aug_level: int | None,
-                      generators: ImageGenerators, progress: bool) -> Tensor:
+    def _sample_stage(
+        self,
+        loaded: LoadedStage,
+        labels: Tensor,
+        lowres: Tensor | None,
+        s: StageSettings,
+        aug_level: int | None,
+        generators: ImageGenerators,
+        progress: bool,
+    ) -> Tensor:
         """One batch of one stage: the generator from labels, an upsampler from the previous stage's images."""
         stage = loaded.stage
         if isinstance(stage, Generator):
             clf = self.classifier
-            return stage.sample(loaded.net, labels, sampler=s.sampler, steps=s.steps, spacing=s.spacing,
-                                classifier=clf.net if clf else None,
-                                classifier_schedule=clf.stage.schedule if clf else None, classifier_scale=s.classifier_scale,
-                                cfg_scale=s.cfg_scale, generator=generators, progress=progress)
+            return stage.sample(
+                loaded.net,
+                labels,
+                sampler=s.sampler,
+                steps=s.steps,
+                spacing=s.spacing,
+                classifier=clf.net if clf else None,
+                classifier_schedule=clf.stage.schedule if clf else None,
+                classifier_scale=s.classifier_scale,
+                cfg_scale=s.cfg_scale,
+                generator=generators,
+                progress=progress,
+            )
         assert isinstance(stage, Upsampler) and lowres is not None  # check_chain
-        return stage.sample(loaded.net, lowres.to(self.device), labels if stage.class_conditional else None, aug_level=aug_level,
-                            sampler=s.sampler, steps=s.steps, spacing=s.spacing, cfg_scale=s.cfg_scale, generator=generators,
-                            progress=progress)
+        return stage.sample(
+            loaded.net,
+            lowres.to(self.device),
+            labels if stage.class_conditional else None,
+            aug_level=aug_level,
+            sampler=s.sampler,
+            steps=s.steps,
+            spacing=s.spacing,
+            cfg_scale=s.cfg_scale,
+            generator=generators,
+            progress=progress,
+        )
 
     def describe(self, settings: Sequence[StageSettings]) -> dict[str, Any]:
         """Every stage and setting, JSON-ready (the core of ``cascade.json``)."""
@@ -325,5 +385,9 @@ class Cascade:
             else:
                 entry.pop("aug_level")
             described.append(entry)
-        return {"stages": described, "classifier": self.classifier.describe() if self.classifier else None,
-                "bf16": self.bf16, "device": str(self.device)}
+        return {
+            "stages": described,
+            "classifier": self.classifier.describe() if self.classifier else None,
+            "bf16": self.bf16,
+            "device": str(self.device),
+        }

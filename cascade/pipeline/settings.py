@@ -173,10 +173,14 @@ def read_replay(path: str | Path) -> tuple[dict[str, Any], list[str], dict[str, 
         raise FileNotFoundError(f"--replay {path} does not exist; pass the cascade.json of an earlier run")
     try:
         record = json.loads(path.read_text())
-        layer: dict[str, Any] = {"class_query": str(record["class"]["index"]), "num": int(record["num"]),
-                                 "seed": int(record["seed"]), "bf16": bool(record["bf16"]),
-                                 "device": record["device"].split(":")[0],
-                                 "stop_at": int(record["stages"][-1]["resolution"])}
+        layer: dict[str, Any] = {
+            "class_query": str(record["class"]["index"]),
+            "num": int(record["num"]),
+            "seed": int(record["seed"]),
+            "bf16": bool(record["bf16"]),
+            "device": record["device"].split(":")[0],
+            "stop_at": int(record["stages"][-1]["resolution"]),
+        }
         expected: dict[str, str] = {}
         names: list[str] = []
         for index, entry in enumerate(record["stages"]):
@@ -222,7 +226,9 @@ def merge_settings(
     ``cascade.json``; ``chain``: the upsampler names of this run (default: :func:`chain_names`).
     ValueError (one line) for settings that do not fit the schema or name a stage outside the chain.
     """
-    file_layer = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else json.loads(json.dumps(config))
+    file_layer = (
+        OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else json.loads(json.dumps(config))
+    )
     replay_layer, replay_names, expected = read_replay(replay) if replay else ({}, None, {})
     names = chain if chain is not None else chain_names(file_layer, replay_names, [])
     configured = file_layer.get("upsamplers") or {}
@@ -233,11 +239,16 @@ def merge_settings(
     for name in flag_layer.get("upsamplers", {}):
         if name not in names:
             flags = ", ".join(sorted({o.source.split("=")[0] for o in overrides if o.key.startswith(f"upsamplers.{name}.")}))
-            raise ValueError(f"{flags}: stage {name!r} is not in this cascade (its upsamplers: {', '.join(names) or 'none'}); "
-                             f"add it with --stage {name}=PATH")
+            raise ValueError(
+                f"{flags}: stage {name!r} is not in this cascade (its upsamplers: {', '.join(names) or 'none'}); "
+                f"add it with --stage {name}=PATH"
+            )
 
     layers: list[tuple[str | dict[str, str], dict[str, Any]]] = [
-        (config_source, file_layer), (f"--replay {replay}", replay_layer), ({o.key: o.source for o in overrides}, flag_layer)]
+        (config_source, file_layer),
+        (f"--replay {replay}", replay_layer),
+        ({o.key: o.source for o in overrides}, flag_layer),
+    ]
     schema = OmegaConf.structured(CascadeConfig)
 
     def merged(with_layers: list[tuple[str | dict[str, str], dict[str, Any]]]) -> DictConfig:
@@ -252,8 +263,10 @@ def merge_settings(
     tuned_layer: dict[str, Any] = {}
     tuned_sources: dict[str, str] = {}
     tuned_records: dict[str, dict[str, Any]] = {}
-    for name, prefix, kind in [("base", "base", GeneratorSettings),
-                               *[(n, f"upsamplers.{n}", UpsamplerSettings) for n in first.upsamplers]]:
+    for name, prefix, kind in [
+        ("base", "base", GeneratorSettings),
+        *[(n, f"upsamplers.{n}", UpsamplerSettings) for n in first.upsamplers],
+    ]:
         ckpt = OmegaConf.select(first, f"{prefix}.ckpt", throw_on_missing=False)
         record = read_tuned(ckpt) if ckpt and ckpt != MISSING else None
         if record is None:
@@ -264,12 +277,14 @@ def merge_settings(
             tuned_records[name] = record
             for key, value in applied.items():
                 tuned_layer[f"{prefix}.settings.{key}"] = value
-                tuned_sources[f"{prefix}.settings.{key}"] = (f"{tuned_path(ckpt)} "
-                                                            f"({record.get('chosen_by', 'evaluate_stage.py')})")
+                tuned_sources[f"{prefix}.settings.{key}"] = f"{tuned_path(ckpt)} ({record.get('chosen_by', 'evaluate_stage.py')})"
     layers.insert(1, (tuned_sources, _nested(tuned_layer)))
     final = merged(layers)
-    missing = [f"{k}" for k in ["base.ckpt", *[f"upsamplers.{n}.ckpt" for n in final.upsamplers]]
-               if OmegaConf.is_missing(final, k) or OmegaConf.select(final, k) is None]
+    missing = [
+        f"{k}"
+        for k in ["base.ckpt", *[f"upsamplers.{n}.ckpt" for n in final.upsamplers]]
+        if OmegaConf.is_missing(final, k) or OmegaConf.select(final, k) is None
+    ]
     if missing:
         raise ValueError(f"no checkpoint for {', '.join(missing)}: give it in {config_source} or with a flag")
 

@@ -124,21 +124,35 @@ def to_uint8(images: Tensor) -> np.ndarray:
 # rng.randn themselves (and Cascade.sample takes first_index=), they reduce to calls of those methods.
 
 
-def sample_generator_stage(loaded: LoadedStage, labels: Tensor, generators: ImageGenerators, settings: StageSettings,
-                           classifier: LoadedStage | None = None) -> Tensor:
+def sample_generator_stage(
+    loaded: LoadedStage,
+    labels: Tensor,
+    generators: ImageGenerators,
+    settings: StageSettings,
+    classifier: LoadedStage | None = None,
+) -> Tensor:
     """A generator stage's images (B, 3, R, R) in [−1, 1] for classes ``labels`` (B,)."""
     stage = loaded.stage
     shape = (len(labels), 3, stage.resolution, stage.resolution)
     x_T = randn(shape, generators, device=labels.device)  # (B, 3, R, R)
-    return stage.run_sampler(loaded.net, x_T, {"class_labels": labels}, sampler=settings.sampler, steps=settings.steps,
-                             classifier=classifier.net if classifier else None,
-                             classifier_schedule=classifier.stage.schedule if classifier else None,
-                             classifier_scale=settings.classifier_scale, cfg_scale=settings.cfg_scale,
-                             generator=generators, progress=False)
+    return stage.run_sampler(
+        loaded.net,
+        x_T,
+        {"class_labels": labels},
+        sampler=settings.sampler,
+        steps=settings.steps,
+        classifier=classifier.net if classifier else None,
+        classifier_schedule=classifier.stage.schedule if classifier else None,
+        classifier_scale=settings.classifier_scale,
+        cfg_scale=settings.cfg_scale,
+        generator=generators,
+        progress=False,
+    )
 
 
-def sample_upsampler_stage(loaded: LoadedStage, lowres: Tensor, labels: Tensor, generators: ImageGenerators,
-                           settings: StageSettings, aug_level: int) -> Tensor:
+def sample_upsampler_stage(
+    loaded: LoadedStage, lowres: Tensor, labels: Tensor, generators: ImageGenerators, settings: StageSettings, aug_level: int
+) -> Tensor:
     """An upsampler's images (B, 3, f·h, f·w) from ``lowres`` (B, 3, h, w), noise-augmented at ``aug_level`` (CDM §3)."""
     stage, device = loaded.stage, lowres.device
     if not 0 <= aug_level <= stage.aug_max_level:
@@ -146,17 +160,28 @@ def sample_upsampler_stage(loaded: LoadedStage, lowres: Tensor, labels: Tensor, 
     k = torch.full((len(lowres),), int(aug_level), dtype=torch.long, device=device)  # (B,)
     noise = randn(lowres.shape, generators, device=device)  # (B, 3, h, w)
     z = q_sample(stage.aug_schedule, lowres.float(), k, noise)  # (B, 3, h, w)
-    cond: dict[str, Tensor] = {"lowres": upsample(z, stage.factor, stage.lowres_upsample),  # (B, 3, H, W)
-                               "aug_level": stage.aug_schedule.timesteps.to(device)[k]}
+    cond: dict[str, Tensor] = {
+        "lowres": upsample(z, stage.factor, stage.lowres_upsample),  # (B, 3, H, W)
+        "aug_level": stage.aug_schedule.timesteps.to(device)[k],
+    }
     if loaded.class_conditional:
         cond["class_labels"] = labels.to(device)
     x_T = randn(cond["lowres"].shape, generators, device=device)  # (B, 3, H, W)
-    return stage.run_sampler(loaded.net, x_T, cond, sampler=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale,
-                             generator=generators, progress=False)
+    return stage.run_sampler(
+        loaded.net,
+        x_T,
+        cond,
+        sampler=settings.sampler,
+        steps=settings.steps,
+        cfg_scale=settings.cfg_scale,
+        generator=generators,
+        progress=False,
+    )
 
 
-def sample_images(cascade: Cascade, settings: Sequence[StageSettings], indices: range, labels: Tensor, *, seed: int,
-                  bf16: bool) -> list[Tensor]:
+def sample_images(
+    cascade: Cascade, settings: Sequence[StageSettings], indices: range, labels: Tensor, *, seed: int, bf16: bool
+) -> list[Tensor]:
     """Every stage's images (n, 3, R_j, R_j) in [−1, 1] (CPU, float32) of the global indices ``indices``.
 
     Stage j runs over the indices in sub-batches of its ``batch_size`` at offsets 0, b, 2b, … of ``indices``.
@@ -230,8 +255,9 @@ class ShardJob:
         return [range(s, min(s + self.shard_size, self.num)) for s in range(0, self.num, self.shard_size)]
 
 
-def _identity(job: ShardJob, cascade: Cascade, settings: Sequence[StageSettings], bf16_used: bool,
-              sha256: dict[str, str]) -> dict[str, Any]:
+def _identity(
+    job: ShardJob, cascade: Cascade, settings: Sequence[StageSettings], bf16_used: bool, sha256: dict[str, str]
+) -> dict[str, Any]:
     """Everything that decides the images (not the number of ranks, not the output format)."""
     stages = []
     for loaded, s, level in zip(cascade.stages, settings, cascade.aug_levels(settings)):
@@ -240,9 +266,14 @@ def _identity(job: ShardJob, cascade: Cascade, settings: Sequence[StageSettings]
         stages.append(entry)
     classifier = cascade.classifier
     return {
-        "num": job.num, "seed": job.seed, "classes": "fixed" if job.fixed_class is not None else job.classes,
-        "fixed_class": job.fixed_class, "shard_size": job.shard_size, "stages": stages,
-        "classifier_sha256": sha256[classifier.path] if classifier else None, "bf16": bf16_used,
+        "num": job.num,
+        "seed": job.seed,
+        "classes": "fixed" if job.fixed_class is not None else job.classes,
+        "fixed_class": job.fixed_class,
+        "shard_size": job.shard_size,
+        "stages": stages,
+        "classifier_sha256": sha256[classifier.path] if classifier else None,
+        "bf16": bf16_used,
         "device_type": cascade.device.type,
     }
 
@@ -303,8 +334,13 @@ def _assemble(out: Path, job: ShardJob, resolutions: list[int]) -> dict[str, str
     for res in resolutions:
         name = _final_name(job.num, res)
         chunks = (read_array(p, f"images_{res}") for p in paths)
-        write_npz(out / name, {"arr_0": ArraySpec((job.num, res, res, 3), np.dtype(np.uint8), chunks),
-                               "arr_1": ArraySpec((job.num,), np.dtype(np.int64), [labels])})
+        write_npz(
+            out / name,
+            {
+                "arr_0": ArraySpec((job.num, res, res, 3), np.dtype(np.uint8), chunks),
+                "arr_1": ArraySpec((job.num,), np.dtype(np.int64), [labels]),
+            },
+        )
         written[name] = file_sha256(out / name)
     return written
 
@@ -321,9 +357,18 @@ def _index_ranges(shards: list[range], done: list[int]) -> list[list[int]]:
     return ranges
 
 
-def run_shards(cascade: Cascade, settings: Sequence[StageSettings], job: ShardJob, *, bf16: bool = True, rank: int = 0,
-               world: int = 1, progress: bool = True, command: list[str] | None = None,
-               on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
+def run_shards(
+    cascade: Cascade,
+    settings: Sequence[StageSettings],
+    job: ShardJob,
+    *,
+    bf16: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    command: list[str] | None = None,
+    on_shard: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Sample the job's missing shards on this rank, then (rank 0) write the final files and the manifest.
 
     Returns the manifest. ``on_shard(s)`` is called after shard s is written (tests use it to stop mid-way).
@@ -356,11 +401,22 @@ def run_shards(cascade: Cascade, settings: Sequence[StageSettings], job: ShardJo
                 record = json.loads(manifest_path.read_text())
                 complete = bool(record.get("complete")) and all((out / name).is_file() for name in record.get("files", {}))
                 if diff:
-                    error = (f"{out} holds a run with other settings ({'; '.join(diff[:4])}"
-                             f"{'; …' if len(diff) > 4 else ''}); rerun with its settings to resume it, or use another --out")
+                    error = (
+                        f"{out} holds a run with other settings ({'; '.join(diff[:4])}"
+                        f"{'; …' if len(diff) > 4 else ''}); rerun with its settings to resume it, or use another --out"
+                    )
         if not error and not manifest_path.is_file():
-            _write_json(manifest_path, {"settings": identity, "command": command or [], "checkpoints": {
-                loaded.path: sha256[loaded.path] for loaded in checkpoints}, "done": [], "complete": False, "files": {}})
+            _write_json(
+                manifest_path,
+                {
+                    "settings": identity,
+                    "command": command or [],
+                    "checkpoints": {loaded.path: sha256[loaded.path] for loaded in checkpoints},
+                    "done": [],
+                    "complete": False,
+                    "files": {},
+                },
+            )
     if world > 1:  # every rank learns rank 0's verdict
         box = [error, complete]
         dist.broadcast_object_list(box, src=0)
@@ -376,8 +432,14 @@ def run_shards(cascade: Cascade, settings: Sequence[StageSettings], job: ShardJo
     missing = [s for s in range(len(shards)) if s not in set(done)]
     mine = missing[rank::world]
     total_missing = sum(len(shards[s]) for s in missing)
-    bar = tqdm(total=total_missing, desc=f"sampling {' → '.join(f'{r}px' for r in resolutions)}", unit="img",
-               disable=not (progress and rank == 0), dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(
+        total=total_missing,
+        desc=f"sampling {' → '.join(f'{r}px' for r in resolutions)}",
+        unit="img",
+        disable=not (progress and rank == 0),
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
     start_time = time.perf_counter()
     for s in mine:
         indices = shards[s]
@@ -387,8 +449,10 @@ def run_shards(cascade: Cascade, settings: Sequence[StageSettings], job: ShardJo
         if job.format in ("png", "both"):
             for res, array in pixels.items():
                 _save_pngs(out / "png" / f"{res}px", indices, array)
-        arrays = {"indices": ArraySpec((len(indices),), np.dtype(np.int64), [np.arange(indices.start, indices.stop)]),
-                  "labels": ArraySpec((len(indices),), np.dtype(np.int64), [labels.numpy()])}
+        arrays = {
+            "indices": ArraySpec((len(indices),), np.dtype(np.int64), [np.arange(indices.start, indices.stop)]),
+            "labels": ArraySpec((len(indices),), np.dtype(np.int64), [labels.numpy()]),
+        }
         arrays |= {f"images_{res}": ArraySpec(array.shape, np.dtype(np.uint8), [array]) for res, array in pixels.items()}
         write_npz(_shard_path(out, s), arrays)
         if on_shard is not None:
@@ -407,8 +471,12 @@ def run_shards(cascade: Cascade, settings: Sequence[StageSettings], job: ShardJo
         done = _finished(out, job)
         manifest = json.loads(manifest_path.read_text())
         manifest["done"] = _index_ranges(shards, done)
-        manifest["last_run"] = {"world_size": world, "images_sampled": total_missing, "seconds": round(elapsed, 3),
-                                "images_per_second": round(total_missing / elapsed, 4) if total_missing and elapsed > 0 else None}
+        manifest["last_run"] = {
+            "world_size": world,
+            "images_sampled": total_missing,
+            "seconds": round(elapsed, 3),
+            "images_per_second": round(total_missing / elapsed, 4) if total_missing and elapsed > 0 else None,
+        }
         if len(done) == len(shards):
             files = _assemble(out, job, resolutions) if job.format in ("npz", "both") else {}
             manifest |= {"complete": True, "files": files, "format": job.format}
@@ -418,4 +486,3 @@ def run_shards(cascade: Cascade, settings: Sequence[StageSettings], job: ShardJo
         _write_json(manifest_path, manifest)
     _barrier()
     return manifest
-

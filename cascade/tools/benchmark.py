@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from cascade.utils.device import bf16_autocast, native_bf16
 from cascade.nn.native import group_norm_kernels
 from cascade.training.trainer import Stage, accumulate_gradients
+from cascade.utils.device import bf16_autocast, native_bf16
 
 __all__ = [
     "Variant",
@@ -45,8 +45,19 @@ __all__ = [
 ]
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; matched against the device name.
-PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("GH200", 989.4),
-                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0))
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+)
 
 
 def cpu_features() -> dict[str, Any]:
@@ -205,16 +216,27 @@ def training_step(
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        accumulate_gradients(stage, net if forward is None else forward, images, labels, micro_batch_size=len(images), generator=generator, seed=0,
-                             step=0, first_chunk=0, autocast=partial(bf16_autocast, device, bf16))
+        accumulate_gradients(
+            stage,
+            net if forward is None else forward,
+            images,
+            labels,
+            micro_batch_size=len(images),
+            generator=generator,
+            seed=0,
+            step=0,
+            first_chunk=0,
+            autocast=partial(bf16_autocast, device, bf16),
+        )
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
 
     return step
 
 
-def time_interleaved(variants: Sequence[Variant], *, rounds: int, warmup: int, device: torch.device,
-                     on_step: Callable[[], None] = lambda: None) -> None:
+def time_interleaved(
+    variants: Sequence[Variant], *, rounds: int, warmup: int, device: torch.device, on_step: Callable[[], None] = lambda: None
+) -> None:
     """Run every variant ``warmup`` untimed steps, then ``rounds`` rounds of one timed step each (in ``Variant.times``).
 
     Peak memory (``Variant.peak_bytes``) is measured in one more, untimed, round first: on CPU
@@ -267,8 +289,15 @@ class DiffusersTwin(nn.Module):
         super().__init__()
         self.model, self.num_classes = model, num_classes  # num_classes: the null label a stage's label dropout uses
 
-    def forward(self, x_t: Tensor, t: Tensor, *, class_labels: Tensor | None = None, lowres: Tensor | None = None,
-                aug_level: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        *,
+        class_labels: Tensor | None = None,
+        lowres: Tensor | None = None,
+        aug_level: Tensor | None = None,
+    ) -> Tensor:
         if lowres is not None:
             x_t = torch.cat([x_t, lowres.to(x_t.dtype)], dim=1)  # (B, 3 + 3, H, W)
         return self.model(x_t, t, class_labels=class_labels).sample  # (B, out, H, W)
@@ -279,15 +308,24 @@ def _diffusers_config(kw: dict[str, Any], layers: int, width_scale: float) -> di
     widths = [max(groups, round(kw["model_channels"] * m * width_scale / groups) * groups) for m in mult]
     attention = [kw["resolution"] // 2**i in set(kw["attention_resolutions"]) for i in range(len(mult))]
     resample = "resnet" if kw["resblock_updown"] else "conv"
-    plain_down, plain_up = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if kw["resblock_updown"] else ("DownBlock2D", "UpBlock2D")
+    plain_down, plain_up = (
+        ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if kw["resblock_updown"] else ("DownBlock2D", "UpBlock2D")
+    )
     heads = kw["head_channels"] or widths[-1] // kw["num_heads"]
     return dict(
-        sample_size=kw["resolution"], in_channels=kw["in_channels"] + kw["lowres_channels"], out_channels=kw["out_channels"],
-        block_out_channels=tuple(widths), layers_per_block=layers,
+        sample_size=kw["resolution"],
+        in_channels=kw["in_channels"] + kw["lowres_channels"],
+        out_channels=kw["out_channels"],
+        block_out_channels=tuple(widths),
+        layers_per_block=layers,
         down_block_types=tuple("AttnDownBlock2D" if a else plain_down for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else plain_up for a in reversed(attention)),
-        downsample_type=resample, upsample_type=resample, attention_head_dim=heads, norm_num_groups=groups,
-        resnet_time_scale_shift="scale_shift" if kw["use_scale_shift_norm"] else "default", dropout=kw["dropout"],
+        downsample_type=resample,
+        upsample_type=resample,
+        attention_head_dim=heads,
+        norm_num_groups=groups,
+        resnet_time_scale_shift="scale_shift" if kw["use_scale_shift_norm"] else "default",
+        dropout=kw["dropout"],
         add_attention=kw["middle_attention"],
         num_class_embeds=None if kw["num_classes"] is None else kw["num_classes"] + int(kw["null_class"]),
     )
@@ -304,10 +342,12 @@ def diffusers_twin(kw: dict[str, Any], target_params: int) -> tuple[DiffusersTwi
         from diffusers import UNet2DModel
     except ImportError as error:
         raise ImportError("the diffusers comparison needs diffusers: pip install -e '.[dev]'") from error
-    blocks = [kw["num_res_blocks"]] * len(kw["channel_mult"]) if isinstance(kw["num_res_blocks"], int) else list(kw["num_res_blocks"])
+    blocks = (
+        [kw["num_res_blocks"]] * len(kw["channel_mult"]) if isinstance(kw["num_res_blocks"], int) else list(kw["num_res_blocks"])
+    )
     candidates = []
     for layers in range(min(blocks), max(blocks) + 1):
-        for scale in ([1.0] if min(blocks) == max(blocks) else [0.75 + 0.05 * i for i in range(16)]):
+        for scale in [1.0] if min(blocks) == max(blocks) else [0.75 + 0.05 * i for i in range(16)]:
             config = _diffusers_config(kw, layers, scale)
             with torch.device("meta"):
                 params = sum(p.numel() for p in UNet2DModel(**config).parameters())
@@ -356,26 +396,45 @@ class StageBench:
         rows = []
         for v in self.variants:
             flops = self.train_flops_per_image if v.model == "ours" else self.twin_flops_per_image
-            row = {"model": v.model, "variant": v.name, "images_per_s": self.images_per_s(v),
-                   "images_per_s_median": self.images_per_s(v, best=False), "step_s_best": v.best, "step_s_median": v.median,
-                   "peak_memory_mb": v.peak_bytes / 2**20, "achieved_tflops": flops * self.images_per_s(v) / 1e12}
+            row = {
+                "model": v.model,
+                "variant": v.name,
+                "images_per_s": self.images_per_s(v),
+                "images_per_s_median": self.images_per_s(v, best=False),
+                "step_s_best": v.best,
+                "step_s_median": v.median,
+                "peak_memory_mb": v.peak_bytes / 2**20,
+                "achieved_tflops": flops * self.images_per_s(v) / 1e12,
+            }
             if self.peak_tflops:
                 row["mfu"] = row["achieved_tflops"] / self.peak_tflops
             rows.append(row)
-        return {"stage": self.stage, "batch_size": self.batch_size, "params": self.params,
-                "train_gflops_per_image": self.train_flops_per_image / 1e9,
-                "sample_gflops_per_image_step": self.sample_flops_per_image_step / 1e9,
-                "twin_params": self.twin_params, "twin_config": self.twin_config, "variants": rows,
-                "sampling": self.sampling, "peak_bf16_tflops": self.peak_tflops, "speedups": self.speedups()}
+        return {
+            "stage": self.stage,
+            "batch_size": self.batch_size,
+            "params": self.params,
+            "train_gflops_per_image": self.train_flops_per_image / 1e9,
+            "sample_gflops_per_image_step": self.sample_flops_per_image_step / 1e9,
+            "twin_params": self.twin_params,
+            "twin_config": self.twin_config,
+            "variants": rows,
+            "sampling": self.sampling,
+            "peak_bf16_tflops": self.peak_tflops,
+            "speedups": self.speedups(),
+        }
 
     def speedups(self) -> dict[str, float]:
         """Throughput ratios: each speed option against its baseline, and ours against diffusers per variant."""
         out: dict[str, float] = {}
-        pairs = [("bf16 (vs fp32)", "bf16", "fp32"), ("channels-last (bf16)", "bf16 channels-last", "bf16"),
-                 ("channels-last (fp32)", "fp32 channels-last", "fp32"), ("grad checkpointing (bf16)", "bf16 grad-ckpt", "bf16"),
-                 ("torch.compile (bf16)", "bf16 compiled", "bf16"),
-                 ("torch.compile (bf16 channels-last)", "bf16 channels-last compiled", "bf16 channels-last"),
-                 ("tf32 (vs fp32)", "fp32 tf32", "fp32")]
+        pairs = [
+            ("bf16 (vs fp32)", "bf16", "fp32"),
+            ("channels-last (bf16)", "bf16 channels-last", "bf16"),
+            ("channels-last (fp32)", "fp32 channels-last", "fp32"),
+            ("grad checkpointing (bf16)", "bf16 grad-ckpt", "bf16"),
+            ("torch.compile (bf16)", "bf16 compiled", "bf16"),
+            ("torch.compile (bf16 channels-last)", "bf16 channels-last compiled", "bf16 channels-last"),
+            ("tf32 (vs fp32)", "fp32 tf32", "fp32"),
+        ]
         for model in ("ours", "diffusers"):
             for label, a, b in pairs:
                 va, vb = self.find(model, a), self.find(model, b)
@@ -434,22 +493,47 @@ def benchmark_stage(
                 if prec == "fp32 tf32" and fmt_name:
                     continue
                 copy_ = copy.deepcopy(module).to(memory_format=fmt)
-                step = training_step(stage, copy_, optimizer(copy_.parameters()),
-                                     images.contiguous(memory_format=fmt), labels, device=device, bf16=bf16)
+                step = training_step(
+                    stage,
+                    copy_,
+                    optimizer(copy_.parameters()),
+                    images.contiguous(memory_format=fmt),
+                    labels,
+                    device=device,
+                    bf16=bf16,
+                )
                 if device.type == "cuda":
                     step = _with(partial(tf32, prec == "fp32 tf32"), step)
                 out.append(Variant(model, f"{prec}{fmt_name}", step))
         if extra and ckpt_net is not None:
             ckpt_net.load_state_dict(net.state_dict())
-            out.append(Variant(model, f"{precisions[-1][0]} grad-ckpt", training_step(
-                stage, ckpt_net, optimizer(ckpt_net.parameters()), images, labels, device=device, bf16=native)))
+            out.append(
+                Variant(
+                    model,
+                    f"{precisions[-1][0]} grad-ckpt",
+                    training_step(stage, ckpt_net, optimizer(ckpt_net.parameters()), images, labels, device=device, bf16=native),
+                )
+            )
         if compile:
             group_norm_kernels()  # as the trainer does: traced norms use the C++ kernel only if it is loaded
             for fmt_name, fmt in (("", torch.contiguous_format), (" channels-last", torch.channels_last)):
                 plain = copy.deepcopy(module).to(memory_format=fmt)
-                out.append(Variant(model, f"{precisions[-1][0]}{fmt_name} compiled", training_step(
-                    stage, plain, optimizer(plain.parameters()), images.contiguous(memory_format=fmt), labels, device=device,
-                    bf16=native, forward=torch.compile(plain))))
+                out.append(
+                    Variant(
+                        model,
+                        f"{precisions[-1][0]}{fmt_name} compiled",
+                        training_step(
+                            stage,
+                            plain,
+                            optimizer(plain.parameters()),
+                            images.contiguous(memory_format=fmt),
+                            labels,
+                            device=device,
+                            bf16=native,
+                            forward=torch.compile(plain),
+                        ),
+                    )
+                )
         return out
 
     variants = variants_of("ours", net, extra=True)
@@ -481,8 +565,13 @@ def benchmark_stage(
             sample(net, sample_steps)
             sync()
             best = min(best, time.perf_counter() - start)
-        bench.sampling = {"batch": sample_batch, "steps": sample_steps, "s_per_step": best / sample_steps,
-                          "s_per_image": best / sample_batch, "s_per_image_step": best / sample_steps / sample_batch}
+        bench.sampling = {
+            "batch": sample_batch,
+            "steps": sample_steps,
+            "s_per_step": best / sample_steps,
+            "s_per_image": best / sample_batch,
+            "s_per_image_step": best / sample_steps / sample_batch,
+        }
     return bench
 
 

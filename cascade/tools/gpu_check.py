@@ -58,8 +58,12 @@ Mode = Literal["gpu", "tiny"]
 
 # Batch ladders (global batch per step on one device); the largest that fits is reported. Tiny: CPU-sized.
 LADDERS = {
-    "gpu": {"base": (32, 64, 128, 256, 512), "classifier": (32, 64, 128, 256, 512), "sr256": (8, 16, 32, 64, 128),
-            "sr1024": (8, 16, 32, 64, 128)},
+    "gpu": {
+        "base": (32, 64, 128, 256, 512),
+        "classifier": (32, 64, 128, 256, 512),
+        "sr256": (8, 16, 32, 64, 128),
+        "sr1024": (8, 16, 32, 64, 128),
+    },
     "tiny": {"base": (2, 4), "classifier": (2, 4), "sr256": (2,), "sr1024": (2,)},
 }
 # Rough seconds a section needs on an H100-class GPU (compilation dominates the compiled one); the budget guard
@@ -98,8 +102,16 @@ class GpuCheck:
         self.skipped.append({"what": what, "reason": reason})
 
     def to_json(self) -> dict[str, Any]:
-        return {"mode": self.mode, "machine": self.machine, "wall_s": self.wall_s, "correctness": self.correctness,
-                "training": self.training, "sampling": self.sampling, "switches": self.switches, "skipped": self.skipped}
+        return {
+            "mode": self.mode,
+            "machine": self.machine,
+            "wall_s": self.wall_s,
+            "correctness": self.correctness,
+            "training": self.training,
+            "sampling": self.sampling,
+            "switches": self.switches,
+            "skipped": self.skipped,
+        }
 
 
 def compose_config(stage: str, preset: str, overrides: Sequence[str] = ()):
@@ -177,8 +189,7 @@ def _fit(cfg: Any, run_dir: Path, max_steps: int, device: torch.device) -> None:
     stage = _NoReport(instantiate(cfg.stage))
     dataset = instantiate(cfg.data.train, resolution=stage.resolution)
     trainer = instantiate(cfg.trainer, max_steps=max_steps)
-    trainer.fit(stage, dataset, run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
-                device=device)
+    trainer.fit(stage, dataset, run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed, device=device)
 
 
 def _state_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -194,8 +205,16 @@ def _state_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def resume_check(stage: str, preset: str, device: torch.device, batch: int, work: Path) -> dict[str, Any]:
     """2 uninterrupted steps against 1 step + resume for 1 more: weights, EMA and optimizer state must be bit-identical."""
-    overrides = [f"trainer.batch_size={batch}", "trainer.num_workers=0", "trainer.progress=false", "trainer.ckpt_every=1",
-                 "trainer.log_every=1", "trainer.sample_every=1000000", f"data.train.size={4 * batch}", "trainer.compile=false"]
+    overrides = [
+        f"trainer.batch_size={batch}",
+        "trainer.num_workers=0",
+        "trainer.progress=false",
+        "trainer.ckpt_every=1",
+        "trainer.log_every=1",
+        "trainer.sample_every=1000000",
+        f"data.train.size={4 * batch}",
+        "trainer.compile=false",
+    ]
     cfg = compose_config(stage, preset, overrides)
     start = time.perf_counter()
     with deterministic() as nondeterministic, contextlib.redirect_stdout(sys.stderr):
@@ -205,9 +224,15 @@ def resume_check(stage: str, preset: str, device: torch.device, batch: int, work
     straight = load_checkpoint(work / f"{stage}-straight" / "checkpoints" / "last.pt")
     resumed = load_checkpoint(work / f"{stage}-resumed" / "checkpoints" / "last.pt")
     differ = _state_differences(straight, resumed)
-    return {"check": "2-step train + resume bit-identical", "stage": stage, "batch": batch, "passed": not differ and
-            straight["step"] == resumed["step"] == 2, "differing_tensors": differ[:10], "nondeterministic_ops": nondeterministic,
-            "wall_s": time.perf_counter() - start}
+    return {
+        "check": "2-step train + resume bit-identical",
+        "stage": stage,
+        "batch": batch,
+        "passed": not differ and straight["step"] == resumed["step"] == 2,
+        "differing_tensors": differ[:10],
+        "nondeterministic_ops": nondeterministic,
+        "wall_s": time.perf_counter() - start,
+    }
 
 
 def sdpa_check(stage: Any, net: nn.Module, device: torch.device, batch: int) -> dict[str, Any]:
@@ -223,52 +248,100 @@ def sdpa_check(stage: Any, net: nn.Module, device: torch.device, batch: int) -> 
         except RuntimeError as e:
             passed, error = False, str(e).splitlines()[0][:300]
     net.zero_grad(set_to_none=True)
-    return {"check": "attention on a fused SDPA backend (flash / memory-efficient), bf16, forward + backward",
-            "stage": stage.name, "passed": passed, "error": error}
+    return {
+        "check": "attention on a fused SDPA backend (flash / memory-efficient), bf16, forward + backward",
+        "stage": stage.name,
+        "passed": passed,
+        "error": error,
+    }
 
 
 def ddp_check(stage: str, gpus: int, work: Path, timeout: float) -> dict[str, Any]:
     """``torchrun`` over ``gpus`` GPUs (NCCL) of the real training script for 2 steps, against the same run on one GPU:
     the trainer makes a step the same function of the data for any rank count at a fixed micro-batch."""
     script = ROOT / "scripts" / "train_stage.py"
-    common = [f"stage={stage}", "trainer.max_steps=2", f"trainer.batch_size={2 * gpus}", "trainer.micro_batch_size=2",
-              "trainer.num_workers=0", "trainer.progress=false", "trainer.sample_every=1000000", "trainer.ckpt_every=2",
-              f"data.train.size={8 * gpus}", "device=cuda"]
-    runs = {"ddp": [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", str(script)],
-            "single": [sys.executable, str(script)]}
+    common = [
+        f"stage={stage}",
+        "trainer.max_steps=2",
+        f"trainer.batch_size={2 * gpus}",
+        "trainer.micro_batch_size=2",
+        "trainer.num_workers=0",
+        "trainer.progress=false",
+        "trainer.sample_every=1000000",
+        "trainer.ckpt_every=2",
+        f"data.train.size={8 * gpus}",
+        "device=cuda",
+    ]
+    runs = {
+        "ddp": [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", str(script)],
+        "single": [sys.executable, str(script)],
+    }
     start = time.perf_counter()
     for name, command in runs.items():
-        done = subprocess.run([*command, *common, f"run_dir={work / ('ddp-' + name)}"], capture_output=True, text=True,
-                              timeout=timeout, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get(
-                                  "CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))) if name == "ddp" else "0"})
+        done = subprocess.run(
+            [*command, *common, f"run_dir={work / ('ddp-' + name)}"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus))))
+                if name == "ddp"
+                else "0",
+            },
+        )
         if done.returncode != 0:
-            return {"check": f"DDP over NCCL, {gpus} GPUs", "stage": stage, "passed": False,
-                    "error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
+            return {
+                "check": f"DDP over NCCL, {gpus} GPUs",
+                "stage": stage,
+                "passed": False,
+                "error": (done.stderr.strip().splitlines() or ["?"])[-1][:300],
+            }
     a = load_checkpoint(work / "ddp-ddp" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(work / "ddp-single" / "checkpoints" / "last.pt")["model"]
     worst = max(((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max().clamp_min(1e-12)).item() for k in a)
-    return {"check": f"DDP over NCCL, {gpus} GPUs, 2 steps vs 1 GPU at the same micro-batch", "stage": stage,
-            "passed": worst < 1e-2, "max_relative_weight_difference": worst, "wall_s": time.perf_counter() - start}
+    return {
+        "check": f"DDP over NCCL, {gpus} GPUs, 2 steps vs 1 GPU at the same micro-batch",
+        "stage": stage,
+        "passed": worst < 1e-2,
+        "max_relative_weight_difference": worst,
+        "wall_s": time.perf_counter() - start,
+    }
 
 
 # --- 2, 4, 5. training throughput --------------------------------------------------------------------
 
 
-def _batch(stage: Any, batch: int, num_classes: int, device: torch.device,
-           memory_format: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    stage: Any, batch: int, num_classes: int, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     r = stage.resolution
     images = (torch.rand(batch, 3, r, r, generator=generator) * 2 - 1).to(device).contiguous(memory_format=memory_format)
     return images, torch.randint(0, num_classes, (batch,), generator=generator).to(device)  # (B, 3, R, R), (B,)
 
 
-def time_training(cfg: Any, stage: Any, device: torch.device, batch: int, *, steps: int, preset: str, compiled: bool = False,
-                  bf16: bool = True, channels_last: bool = False, grad_checkpointing: bool | None = None,
-                  fused: bool | None = None, num_classes: int = 10) -> dict[str, Any]:
+def time_training(
+    cfg: Any,
+    stage: Any,
+    device: torch.device,
+    batch: int,
+    *,
+    steps: int,
+    preset: str,
+    compiled: bool = False,
+    bf16: bool = True,
+    channels_last: bool = False,
+    grad_checkpointing: bool | None = None,
+    fused: bool | None = None,
+    num_classes: int = 10,
+) -> dict[str, Any]:
     """Images/s of the trainer's step (loss, backward, clipping, optimizer) at ``batch``; raises on out-of-memory."""
     if grad_checkpointing is not None:
-        stage = instantiate(compose_config(cfg.stage.name, preset,
-                                           [f"++stage.net.grad_checkpointing={str(grad_checkpointing).lower()}"]).stage)
+        stage = instantiate(
+            compose_config(cfg.stage.name, preset, [f"++stage.net.grad_checkpointing={str(grad_checkpointing).lower()}"]).stage
+        )
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     net = stage.build(num_classes=num_classes).to(device).to(memory_format=memory_format)
     optimizer_kwargs = {} if fused is None else {"fused": fused}
@@ -292,18 +365,34 @@ def time_training(cfg: Any, stage: Any, device: torch.device, batch: int, *, ste
                 times.append(time.perf_counter() - start)
         flops = count_flops(lambda: stage.loss(net, images[:1], labels[:1], torch.Generator(device)).sum().backward())
     finally:
-        del net, optimizer, step, forward
+        net = optimizer = step = forward = None  # release the memory before the next ladder rung
         _free(device)
     best = min(times)
-    row.update(batch=batch, step_s_best=best, step_s_median=sorted(times)[len(times) // 2], images_per_s=batch / best,
-               train_gflop_per_image=flops / 1e9, achieved_tflops=flops * batch / best / 1e12)
+    row.update(
+        batch=batch,
+        step_s_best=best,
+        step_s_median=sorted(times)[len(times) // 2],
+        images_per_s=batch / best,
+        train_gflop_per_image=flops / 1e9,
+        achieved_tflops=flops * batch / best / 1e12,
+    )
     peak = peak_bf16_tflops(device)
     row["mfu"] = row["achieved_tflops"] / peak if peak and bf16 else None
     return row
 
 
-def largest_batch(cfg: Any, stage: Any, device: torch.device, ladder: Sequence[int], budget: Budget, *, steps: int,
-                  preset: str, compiled: bool, start_at: int | None = None) -> tuple[dict[str, Any] | None, str | None]:
+def largest_batch(
+    cfg: Any,
+    stage: Any,
+    device: torch.device,
+    ladder: Sequence[int],
+    budget: Budget,
+    *,
+    steps: int,
+    preset: str,
+    compiled: bool,
+    start_at: int | None = None,
+) -> tuple[dict[str, Any] | None, str | None]:
     """Walk up ``ladder`` (from ``start_at``) until a batch does not fit (or the budget ends): the last one that fit."""
     best, note = None, None
     for batch in ladder:
@@ -354,16 +443,40 @@ def sampling_check(mode: Mode, device: torch.device, preset: str, num_classes: i
     batch, steps = (2, 2) if tiny else (64, 25)
     labels = torch.arange(batch, device=device) % num_classes
     with bf16_autocast(device, True):
-        stages["base"].sample(nets["base"], labels[:1], steps=1, classifier=nets["classifier"], classifier_scale=1.0,
-                              generator=generator, progress=False)  # warm-up
-        _, row = _timed(device, lambda: stages["base"].sample(nets["base"], labels, steps=steps, classifier=nets["classifier"],
-                                                               classifier_scale=1.0, generator=generator, progress=False))
-    rows.append({"what": "base 64px + classifier guidance (scale 1)", "batch": batch, "steps": steps, **row,
-                 "images_per_s": batch / row["wall_s"]})
+        stages["base"].sample(
+            nets["base"],
+            labels[:1],
+            steps=1,
+            classifier=nets["classifier"],
+            classifier_scale=1.0,
+            generator=generator,
+            progress=False,
+        )  # warm-up
+        _, row = _timed(
+            device,
+            lambda: stages["base"].sample(
+                nets["base"],
+                labels,
+                steps=steps,
+                classifier=nets["classifier"],
+                classifier_scale=1.0,
+                generator=generator,
+                progress=False,
+            ),
+        )
+    rows.append(
+        {
+            "what": "base 64px + classifier guidance (scale 1)",
+            "batch": batch,
+            "steps": steps,
+            **row,
+            "images_per_s": batch / row["wall_s"],
+        }
+    )
     cascade_steps = (2, 2, 1) if tiny else (25, 20, 10)
     one = labels[:1]
     with bf16_autocast(device, True):
-        for name, s in zip(("base", "sr256", "sr1024"), cascade_steps):  # warm-up at 1 step, small inputs
+        for name in ("base", "sr256", "sr1024"):  # warm-up at 1 step, small inputs
             image = _cascade_stage(stages, nets, name, one, 1, generator, torch.zeros(1, 3, 16, 16, device=device))
         image = None
         for name, s in zip(("base", "sr256", "sr1024"), cascade_steps):
@@ -372,15 +485,30 @@ def sampling_check(mode: Mode, device: torch.device, preset: str, num_classes: i
             image, row = _timed(device, partial(_cascade_stage, stages, nets, name, one, s, generator, image))
             rows.append({"what": f"cascade 1 image: {name}", "batch": 1, "steps": s, "output_px": image.shape[-1], **row})
     total = sum(r["wall_s"] for r in rows[1:])
-    rows.append({"what": "cascade 1 image: total", "batch": 1, "steps": sum(cascade_steps), "output_px": rows[-1]["output_px"],
-                 "wall_s": total, "peak_memory_gb": max((r["peak_memory_gb"] or 0) for r in rows[1:]) if device.type == "cuda" else None})
-    del nets
+    rows.append(
+        {
+            "what": "cascade 1 image: total",
+            "batch": 1,
+            "steps": sum(cascade_steps),
+            "output_px": rows[-1]["output_px"],
+            "wall_s": total,
+            "peak_memory_gb": max((r["peak_memory_gb"] or 0) for r in rows[1:]) if device.type == "cuda" else None,
+        }
+    )
+    nets.clear()
     _free(device)
     return rows
 
 
-def _cascade_stage(stages: dict[str, Any], nets: dict[str, nn.Module], name: str, labels: torch.Tensor, steps: int,
-                   generator: torch.Generator, lowres: torch.Tensor | None) -> torch.Tensor:
+def _cascade_stage(
+    stages: dict[str, Any],
+    nets: dict[str, nn.Module],
+    name: str,
+    labels: torch.Tensor,
+    steps: int,
+    generator: torch.Generator,
+    lowres: torch.Tensor | None,
+) -> torch.Tensor:
     if name == "base":
         return stages["base"].sample(nets["base"], labels, steps=steps, generator=generator, progress=False)
     return stages[name].sample(nets[name], lowres, labels, steps=steps, generator=generator, progress=False)
@@ -390,13 +518,21 @@ def _cascade_stage(stages: dict[str, Any], nets: dict[str, nn.Module], name: str
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-                            "cpu": describe_cpu(cpu_features())}
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cpu": describe_cpu(cpu_features()),
+    }
     if device.type == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(device), gpus_visible=torch.cuda.device_count(),
-                    gpu_memory_gb=torch.cuda.get_device_properties(device).total_memory / 2**30,
-                    cuda=torch.version.cuda, peak_bf16_tflops=peak_bf16_tflops(device),
-                    cudnn=torch.backends.cudnn.version())
+        info.update(
+            gpu=torch.cuda.get_device_name(device),
+            gpus_visible=torch.cuda.device_count(),
+            gpu_memory_gb=torch.cuda.get_device_properties(device).total_memory / 2**30,
+            cuda=torch.version.cuda,
+            peak_bf16_tflops=peak_bf16_tflops(device),
+            cudnn=torch.backends.cudnn.version(),
+        )
     return info
 
 
@@ -404,8 +540,9 @@ class TimeUp(Exception):
     """Raised (by the script's alarm) when the hard time limit is reached inside a section."""
 
 
-def run_gpu_check(mode: Mode, device: torch.device, *, budget_s: float, stages: Sequence[str] = STAGES,
-                  log: Callable[[str], None] = print) -> GpuCheck:
+def run_gpu_check(
+    mode: Mode, device: torch.device, *, budget_s: float, stages: Sequence[str] = STAGES, log: Callable[[str], None] = print
+) -> GpuCheck:
     """Run every section that fits in ``budget_s`` seconds; see the module docstring.
 
     Sections that would not fit are skipped with the reason; one that overruns is cut by :class:`TimeUp` (raised by
@@ -421,8 +558,9 @@ def run_gpu_check(mode: Mode, device: torch.device, *, budget_s: float, stages: 
     return report
 
 
-def _run_sections(report: GpuCheck, mode: Mode, device: torch.device, budget: Budget, stages: Sequence[str],
-                  log: Callable[[str], None]) -> None:
+def _run_sections(
+    report: GpuCheck, mode: Mode, device: torch.device, budget: Budget, stages: Sequence[str], log: Callable[[str], None]
+) -> None:
     preset = "tiny" if mode == "tiny" else "default"
     cuda = device.type == "cuda"
     steps = 1 if mode == "tiny" else 3
@@ -461,8 +599,9 @@ def _run_sections(report: GpuCheck, mode: Mode, device: torch.device, budget: Bu
         if not section(f"{name}: eager bf16 training throughput", "train"):
             continue
         stage = instantiate(configs[name].stage)
-        row, note = largest_batch(configs[name], stage, device, LADDERS[mode][name], budget, steps=steps, preset=preset,
-                                  compiled=False)
+        row, note = largest_batch(
+            configs[name], stage, device, LADDERS[mode][name], budget, steps=steps, preset=preset, compiled=False
+        )
         if row is None:
             report.skip(f"{name}: eager training", note or "no batch of the ladder fit")
             continue
@@ -485,8 +624,17 @@ def _run_sections(report: GpuCheck, mode: Mode, device: torch.device, budget: Bu
         if not section(f"{name}: torch.compile training throughput", "compiled"):
             continue
         stage = instantiate(configs[name].stage)
-        row, note = largest_batch(configs[name], stage, device, LADDERS[mode][name], budget, steps=steps, preset=preset, compiled=True,
-                                  start_at=found[name])
+        row, note = largest_batch(
+            configs[name],
+            stage,
+            device,
+            LADDERS[mode][name],
+            budget,
+            steps=steps,
+            preset=preset,
+            compiled=True,
+            start_at=found[name],
+        )
         if row is not None:
             report.training.append({"stage": name, "variant": "torch.compile", "ladder": [found[name]], "note": note, **row})
         else:
@@ -497,11 +645,13 @@ def _run_sections(report: GpuCheck, mode: Mode, device: torch.device, budget: Bu
         report.skip("switches", "measured on the base stage, which did not run")
     else:
         stage = instantiate(configs["base"].stage)
-        switches = [("bf16 autocast, NCHW, fused AdamW (the default)", {}),
-                    ("channels-last", {"channels_last": True}),
-                    ("gradient checkpointing per block", {"grad_checkpointing": True}),
-                    ("fp32 (TF32 on CUDA) instead of bf16", {"bf16": False}),
-                    ("AdamW without fused", {"fused": False})]
+        switches = [
+            ("bf16 autocast, NCHW, fused AdamW (the default)", {}),
+            ("channels-last", {"channels_last": True}),
+            ("gradient checkpointing per block", {"grad_checkpointing": True}),
+            ("fp32 (TF32 on CUDA) instead of bf16", {"bf16": False}),
+            ("AdamW without fused", {"fused": False}),
+        ]
         for label, kwargs in switches:
             if not section(f"base: switch '{label}'", "switches"):
                 break
@@ -520,34 +670,62 @@ def markdown(report: GpuCheck) -> str:
     """The check as Markdown tables."""
     m = report.machine
     device = m.get("gpu", "CPU")
-    lines = [f"# GPU check ({report.mode} mode)", "",
-             f"Device: {device}" + (f" ({m['gpus_visible']} visible, {m['gpu_memory_gb']:.0f} GiB, dense bf16 peak "
-                                    f"{m['peak_bf16_tflops']} TFLOP/s)" if "gpu" in m else f"; CPU {m['cpu']}")
-             + f"; torch {m['torch']}; wall time {report.wall_s:.0f} s.", ""]
+    lines = [
+        f"# GPU check ({report.mode} mode)",
+        "",
+        f"Device: {device}"
+        + (
+            f" ({m['gpus_visible']} visible, {m['gpu_memory_gb']:.0f} GiB, dense bf16 peak {m['peak_bf16_tflops']} TFLOP/s)"
+            if "gpu" in m
+            else f"; CPU {m['cpu']}"
+        )
+        + f"; torch {m['torch']}; wall time {report.wall_s:.0f} s.",
+        "",
+    ]
 
     def fmt(value: Any, spec: str = ".1f") -> str:
         return "–" if value is None else format(value, spec)
 
     if report.training:
-        lines += ["## Training (the trainer's step; bf16 autocast where native, else float32)", "",
-                  "| stage | variant | batch | images/s | step ms | GFLOP/img | TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Training (the trainer's step; bf16 autocast where native, else float32)",
+            "",
+            "| stage | variant | batch | images/s | step ms | GFLOP/img | TFLOP/s | MFU | peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in report.training:
-            lines.append(f"| {r['stage']} | {r['variant']} | {r['batch']} | {r['images_per_s']:.1f} | {r['step_s_best'] * 1e3:.0f} | "
-                         f"{r['train_gflop_per_image']:.1f} | {r['achieved_tflops']:.2f} | {fmt(r['mfu'], '.1%')} | "
-                         f"{fmt(r['peak_memory_gb'], '.1f')} |")
+            lines.append(
+                f"| {r['stage']} | {r['variant']} | {r['batch']} | {r['images_per_s']:.1f} | {r['step_s_best'] * 1e3:.0f} | "
+                f"{r['train_gflop_per_image']:.1f} | {r['achieved_tflops']:.2f} | {fmt(r['mfu'], '.1%')} | "
+                f"{fmt(r['peak_memory_gb'], '.1f')} |"
+            )
         lines.append("")
     if report.sampling:
-        lines += ["## Sampling (bf16 autocast where native, else float32)", "", "| what | batch | steps | output px | wall s | peak GiB |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Sampling (bf16 autocast where native, else float32)",
+            "",
+            "| what | batch | steps | output px | wall s | peak GiB |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in report.sampling:
-            lines.append(f"| {r['what']} | {r['batch']} | {r['steps']} | {r.get('output_px', 64)} | {r['wall_s']:.2f} | "
-                         f"{fmt(r['peak_memory_gb'], '.1f')} |")
+            lines.append(
+                f"| {r['what']} | {r['batch']} | {r['steps']} | {r.get('output_px', 64)} | {r['wall_s']:.2f} | "
+                f"{fmt(r['peak_memory_gb'], '.1f')} |"
+            )
         lines.append("")
     if report.switches:
         base = report.switches[0]["images_per_s"]
-        lines += ["## Switches (base, one at a time)", "", "| switch | batch | images/s | vs default | peak GiB |", "|---|---|---|---|---|"]
+        lines += [
+            "## Switches (base, one at a time)",
+            "",
+            "| switch | batch | images/s | vs default | peak GiB |",
+            "|---|---|---|---|---|",
+        ]
         for r in report.switches:
-            lines.append(f"| {r['switch']} | {r['batch']} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f}× | "
-                         f"{fmt(r['peak_memory_gb'], '.1f')} |")
+            lines.append(
+                f"| {r['switch']} | {r['batch']} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f}× | "
+                f"{fmt(r['peak_memory_gb'], '.1f')} |"
+            )
         lines.append("")
     if report.correctness:
         lines += ["## Correctness", "", "| check | stage | passed | detail |", "|---|---|---|---|"]

@@ -135,7 +135,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated, corrupt or foreign file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}); it is corrupt or not a checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}); it is corrupt or not a checkpoint"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") not in _READABLE_FORMATS or "config" not in payload:
         raise CheckpointError(f"{path} is not a cascade checkpoint (format {CHECKPOINT_FORMAT})")
     if payload["format"] >= 2:
@@ -176,7 +178,9 @@ def load_latest(folder: str | Path, map_location: str | torch.device = "cpu") ->
             print(f"warning: {failure}; falling back to {path.name} (step {payload.get('step')})", file=sys.stderr, flush=True)
         return path, payload
     if candidates:
-        raise CheckpointError(f"no intact checkpoint in {folder} ({'; '.join(failures)}); move the folder away to train from scratch")
+        raise CheckpointError(
+            f"no intact checkpoint in {folder} ({'; '.join(failures)}); move the folder away to train from scratch"
+        )
     return None
 
 
@@ -240,13 +244,23 @@ RENAMED_TARGETS = {"stages.base.BaseStage": "stages.base.GeneratorStage"}
 # Preview settings that were stage constructor keywords before previews moved to cascade.evaluation.previews:
 # per stage class, the preview class and the keyword renames.
 LEGACY_PREVIEW_KEYS: dict[str, tuple[str, dict[str, str]]] = {
-    "stages.base.GeneratorStage": ("cascade.evaluation.previews.GeneratorPreview", {
-        "preview_sampler": "sampler", "preview_steps": "steps", "preview_per_class": "per_class",
-        "preview_max_classes": "max_classes"}),
-    "stages.upsampler.UpsamplerStage": ("cascade.evaluation.previews.UpsamplerPreview", {
-        "preview_sampler": "sampler", "preview_steps": "steps", "preview_images": "images", "preview_crop": "crop"}),
-    "stages.classifier.ClassifierStage": ("cascade.evaluation.previews.ClassifierPreview", {
-        "eval_buckets": "buckets", "eval_images": "images", "eval_batch_size": "batch_size"}),
+    "stages.base.GeneratorStage": (
+        "cascade.evaluation.previews.GeneratorPreview",
+        {
+            "preview_sampler": "sampler",
+            "preview_steps": "steps",
+            "preview_per_class": "per_class",
+            "preview_max_classes": "max_classes",
+        },
+    ),
+    "stages.upsampler.UpsamplerStage": (
+        "cascade.evaluation.previews.UpsamplerPreview",
+        {"preview_sampler": "sampler", "preview_steps": "steps", "preview_images": "images", "preview_crop": "crop"},
+    ),
+    "stages.classifier.ClassifierStage": (
+        "cascade.evaluation.previews.ClassifierPreview",
+        {"eval_buckets": "buckets", "eval_images": "images", "eval_batch_size": "batch_size"},
+    ),
 }
 
 
@@ -282,7 +296,9 @@ def split_stage_config(stage: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     return stage, preview
 
 
-def load_stage(path: str | Path, *, device: str | torch.device = "cpu", weights: str = "ema") -> tuple[Role, torch.nn.Module, dict[str, Any]]:
+def load_stage(
+    path: str | Path, *, device: str | torch.device = "cpu", weights: str = "ema"
+) -> tuple[Role, torch.nn.Module, dict[str, Any]]:
     """Rebuild a stage and its network from a checkpoint alone: (stage, net in eval mode, checkpoint).
 
     The stage is instantiated from the checkpoint's resolved config (hydra ``_target_``, old
@@ -297,7 +313,9 @@ def load_stage(path: str | Path, *, device: str | torch.device = "cpu", weights:
     stage_config, _ = split_stage_config(payload["config"]["stage"])
     stage = instantiate(stage_config)
     if not isinstance(stage, (Generator, Upsampler, NoisyClassifier)):
-        raise CheckpointError(f"{path}: its stage {type(stage).__name__} plays no stage role (generator, upsampler, noisy classifier)")
+        raise CheckpointError(
+            f"{path}: its stage {type(stage).__name__} plays no stage role (generator, upsampler, noisy classifier)"
+        )
     net = stage.build(num_classes=len(payload["class_names"]))
     net.load_state_dict(_without_untrained_null_rows(payload[weights], net.state_dict()))
     return stage, net.to(device).eval(), payload

@@ -22,7 +22,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["StopRequest", "NonFiniteSteps", "TrainingDiverged", "agree", "ignore_stop_signals", "close_loader", "data_fault_counts", "is_finite"]
+__all__ = [
+    "StopRequest",
+    "NonFiniteSteps",
+    "TrainingDiverged",
+    "agree",
+    "ignore_stop_signals",
+    "close_loader",
+    "data_fault_counts",
+    "is_finite",
+]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -52,8 +61,12 @@ class StopRequest:
             signal.raise_signal(signum)
             return
         self.signal_name = signal.Signals(signum).name
-        print(f"{self.label}received {self.signal_name}: saving a checkpoint after this step, then exiting "
-              "(send it again to abort at once)", file=sys.stderr, flush=True)
+        print(
+            f"{self.label}received {self.signal_name}: saving a checkpoint after this step, then exiting "
+            "(send it again to abort at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

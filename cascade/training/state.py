@@ -61,9 +61,13 @@ class TrainingState:
     def state_dict(self) -> dict[str, Any]:
         """``step``, ``model``, ``ema``, ``optimizer``, ``lr_scheduler``, ``rng`` (all ranks) and ``trainer`` (fault counters)."""
         return {
-            "step": self.step, "model": self.net.state_dict(), "ema": self.ema.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
-            "rng": {"ranks": self.rank_streams()}, "trainer": {"nonfinite": self.nonfinite.state_dict()},
+            "step": self.step,
+            "model": self.net.state_dict(),
+            "ema": self.ema.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "rng": {"ranks": self.rank_streams()},
+            "trainer": {"nonfinite": self.nonfinite.state_dict()},
         }
 
     @property

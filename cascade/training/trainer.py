@@ -166,8 +166,17 @@ class Trainer:
 
     # --- the sections of _fit, in order ---
 
-    def _initialise(self, stage: Stage, dataset: Dataset, run_dir: Path, config: dict[str, Any], seed: int,
-                    device: torch.device, val_data: Dataset | None, reporter: Reporter | None) -> _Run:
+    def _initialise(
+        self,
+        stage: Stage,
+        dataset: Dataset,
+        run_dir: Path,
+        config: dict[str, Any],
+        seed: int,
+        device: torch.device,
+        val_data: Dataset | None,
+        reporter: Reporter | None,
+    ) -> _Run:
         """Ranks and device, the network, EMA, optimizer, schedule and random streams at step 0."""
         rank, world_size = _setup_distributed(device)
         if device.type == "cuda":
@@ -177,8 +186,10 @@ class Trainer:
             raise ValueError(f"trainer.batch_size={self.batch_size} does not split across {world_size} ranks")
         micro = self.micro_batch_size or self.batch_size // world_size
         if (self.batch_size // world_size) % micro:
-            raise ValueError(f"trainer.micro_batch_size={micro} does not divide the per-rank batch "
-                             f"{self.batch_size // world_size} (trainer.batch_size={self.batch_size} over {world_size} ranks)")
+            raise ValueError(
+                f"trainer.micro_batch_size={micro} does not divide the per-rank batch "
+                f"{self.batch_size // world_size} (trainer.batch_size={self.batch_size} over {world_size} ranks)"
+            )
         if device.type == "cuda" and self.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (outside bf16 autocast) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
@@ -186,18 +197,40 @@ class Trainer:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         net = stage.build(num_classes=len(class_names)).to(device).to(memory_format=memory_format)
         if rank == 0:
-            print(f"[{stage.name}] {type(net).__name__}: {count_parameters(net) / 1e6:.1f}M parameters, "
-                  f"{len(dataset)} images of {len(class_names)} classes at {stage.resolution}px, device {device}, "
-                  f"{world_size} rank(s)", flush=True)
+            print(
+                f"[{stage.name}] {type(net).__name__}: {count_parameters(net) / 1e6:.1f}M parameters, "
+                f"{len(dataset)} images of {len(class_names)} classes at {stage.resolution}px, device {device}, "
+                f"{world_size} rank(s)",
+                flush=True,
+            )
         optimizer = self.optimizer(net.parameters(), lr=self.lr)
         state = TrainingState(
-            net=net, ema=ModelEmaV3(net, decay=self.ema_decay, use_warmup=self.ema_warmup), optimizer=optimizer,
+            net=net,
+            ema=ModelEmaV3(net, decay=self.ema_decay, use_warmup=self.ema_warmup),
+            optimizer=optimizer,
             scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, self.warmup_steps))),
             generator=torch.Generator(device).manual_seed(seed * 7919 + rank),  # reseeded per micro-batch by accumulate_gradients
-            nonfinite=faults.NonFiniteSteps(self.max_nonfinite_steps), device=device, rank=rank, world_size=world_size)
-        return _Run(stage=stage, dataset=dataset, run_dir=run_dir, config=config, seed=seed, device=device, val_data=val_data,
-                    reporter=reporter, rank=rank, world_size=world_size, micro=micro, memory_format=memory_format,
-                    class_names=class_names, state=state)
+            nonfinite=faults.NonFiniteSteps(self.max_nonfinite_steps),
+            device=device,
+            rank=rank,
+            world_size=world_size,
+        )
+        return _Run(
+            stage=stage,
+            dataset=dataset,
+            run_dir=run_dir,
+            config=config,
+            seed=seed,
+            device=device,
+            val_data=val_data,
+            reporter=reporter,
+            rank=rank,
+            world_size=world_size,
+            micro=micro,
+            memory_format=memory_format,
+            class_names=class_names,
+            state=state,
+        )
 
     def _resume(self, run: _Run) -> None:
         """Load the newest intact checkpoint of the run folder, if any, and drop metric rows written after it."""
@@ -233,8 +266,9 @@ class Trainer:
         per_rank = self.batch_size // run.world_size
         loader = DataLoader(
             SeededItems(run.dataset, run.seed),  # item augmentations seeded by (seed, epoch, index): exact on resume
-            batch_sampler=StepBatchSampler(len(run.dataset), per_rank, seed=run.seed, start_step=run.state.step, rank=run.rank,
-                                           world_size=run.world_size),
+            batch_sampler=StepBatchSampler(
+                len(run.dataset), per_rank, seed=run.seed, start_step=run.state.step, rank=run.rank, world_size=run.world_size
+            ),
             num_workers=self.num_workers,
             pin_memory=device.type == "cuda",
             persistent_workers=self.num_workers > 0,
@@ -243,8 +277,14 @@ class Trainer:
         )
         run.data = iter(loader)
         cleanup.callback(faults.close_loader, run.data)  # workers ignore SIGTERM: stop them before the process exits
-        run.bar = tqdm(total=self.max_steps, initial=run.state.step, desc=run.stage.name, unit="step",
-                       disable=not (run.is_main and self.progress), dynamic_ncols=True)
+        run.bar = tqdm(
+            total=self.max_steps,
+            initial=run.state.step,
+            desc=run.stage.name,
+            unit="step",
+            disable=not (run.is_main and self.progress),
+            dynamic_ncols=True,
+        )
         run.window.restart()
         net.train()
 
@@ -255,9 +295,16 @@ class Trainer:
         state.optimizer.zero_grad(set_to_none=True)
         per_rank = self.batch_size // run.world_size
         loss_value = accumulate_gradients(
-            run.stage, run.model, images.to(device, non_blocking=True).contiguous(memory_format=run.memory_format),
-            labels.to(device, non_blocking=True), micro_batch_size=run.micro, generator=state.generator, seed=run.seed,
-            step=state.step, first_chunk=run.rank * (per_rank // run.micro), no_sync=run.ddp.no_sync if run.ddp is not None else None,
+            run.stage,
+            run.model,
+            images.to(device, non_blocking=True).contiguous(memory_format=run.memory_format),
+            labels.to(device, non_blocking=True),
+            micro_batch_size=run.micro,
+            generator=state.generator,
+            seed=run.seed,
+            step=state.step,
+            first_chunk=run.rank * (per_rank // run.micro),
+            no_sync=run.ddp.no_sync if run.ddp is not None else None,
             autocast=partial(bf16_autocast, device, self.bf16),
         )
         grad_norm = torch.nn.utils.clip_grad_norm_(state.net.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf)
@@ -270,14 +317,21 @@ class Trainer:
         if not bad:
             state.ema.update(state.net, step=state.step)
         elif state.nonfinite.exceeded:
-            kept = f"{run.ckpt_dir / 'last.pt'} (step {run.last_saved})" if run.last_saved is not None else "none (no checkpoint was written)"
+            kept = (
+                f"{run.ckpt_dir / 'last.pt'} (step {run.last_saved})"
+                if run.last_saved is not None
+                else "none (no checkpoint was written)"
+            )
             raise faults.TrainingDiverged(
                 f"{state.nonfinite.in_a_row} non-finite steps in a row up to step {state.step} (loss {loss_value}, grad norm "
                 f"{float(grad_norm)}); stopped without saving. Last good checkpoint: {kept}. Lower trainer.lr, "
-                "check the data, or raise trainer.max_nonfinite_steps")
+                "check the data, or raise trainer.max_nonfinite_steps"
+            )
         elif run.is_main:
-            run.bar.write(f"[{run.stage.name}] step {state.step}: non-finite loss {loss_value} / grad norm {float(grad_norm)}; "
-                          f"step skipped ({state.nonfinite.in_a_row} in a row, {state.nonfinite.total} in all)")
+            run.bar.write(
+                f"[{run.stage.name}] step {state.step}: non-finite loss {loss_value} / grad norm {float(grad_norm)}; "
+                f"step skipped ({state.nonfinite.in_a_row} in a row, {state.nonfinite.total} in all)"
+            )
         run.window.add(loss_value, finite=not bad)
         run.bar.update(1)
         run.bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -287,14 +341,17 @@ class Trainer:
 
     def _log(self, run: _Run) -> None:
         """A ``metrics.jsonl`` row for the window since the last one (loss, lr, rates, fault counts) and ``loss.png``."""
-        row = run.window.row(run.state.step, lr=run.state.scheduler.get_last_lr()[0], grad_norm=run.grad_norm,
-                             batch_size=self.batch_size)
+        row = run.window.row(
+            run.state.step, lr=run.state.scheduler.get_last_lr()[0], grad_norm=run.grad_norm, batch_size=self.batch_size
+        )
         data_faults = faults.data_fault_counts(run.dataset, run.device, run.world_size)
         row.update(nonfinite_steps=run.state.nonfinite.total, **data_faults)
         if run.is_main and sum(data_faults.values()) > run.faults_seen:
             run.faults_seen = sum(data_faults.values())
-            run.bar.write(f"[{run.stage.name}] step {run.state.step}: data faults so far: "
-                          + ", ".join(f"{k}={v}" for k, v in data_faults.items()))
+            run.bar.write(
+                f"[{run.stage.name}] step {run.state.step}: data faults so far: "
+                + ", ".join(f"{k}={v}" for k, v in data_faults.items())
+            )
         if run.is_main:
             with open(run.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -307,9 +364,26 @@ class Trainer:
         run.last_saved = run.state.step
         if not run.is_main:
             return
-        payload = {"stage": run.stage.name, "config": run.config, "class_names": run.class_names,
-                   "resolution": run.stage.resolution, **resumable}
-        order = ["stage", "config", "class_names", "resolution", "step", "model", "ema", "optimizer", "lr_scheduler", "rng", "trainer"]
+        payload = {
+            "stage": run.stage.name,
+            "config": run.config,
+            "class_names": run.class_names,
+            "resolution": run.stage.resolution,
+            **resumable,
+        }
+        order = [
+            "stage",
+            "config",
+            "class_names",
+            "resolution",
+            "step",
+            "model",
+            "ema",
+            "optimizer",
+            "lr_scheduler",
+            "rng",
+            "trainer",
+        ]
         payload = {key: payload[key] for key in order}  # the entries' order is part of the digest
         save_checkpoint(payload, run.ckpt_dir / "last.pt")
         if numbered:
@@ -323,8 +397,14 @@ class Trainer:
         state, device = run.state, run.device
         state.net.eval()
         state.ema.module.eval()
-        context = ReportContext(step=state.step, out_dir=run.sample_dir, class_names=run.class_names, val_data=run.val_data,
-                                device=device, generator=torch.Generator(device).manual_seed(run.seed))
+        context = ReportContext(
+            step=state.step,
+            out_dir=run.sample_dir,
+            class_names=run.class_names,
+            val_data=run.val_data,
+            device=device,
+            generator=torch.Generator(device).manual_seed(run.seed),
+        )
         # fork_rng: whatever the report draws from the global generators, training continues as if it had not run.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bf16_autocast(device, self.bf16):
             metrics = run.reporter(state.ema.module, context)
@@ -337,8 +417,10 @@ class Trainer:
     def _stop(self, run: _Run, stop: faults.StopRequest) -> dict[str, Any]:
         """End a run a signal stopped (after its checkpoint)."""
         run.bar.close()
-        run.say(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {run.state.step}: "
-                f"saved {run.ckpt_dir / 'last.pt'}; run the same command to resume")
+        run.say(
+            f"stopped by {stop.signal_name or 'a signal on another rank'} at step {run.state.step}: "
+            f"saved {run.ckpt_dir / 'last.pt'}; run the same command to resume"
+        )
         if run.world_size > 1:
             dist.barrier()
         return {"step": run.state.step, "run_dir": str(run.run_dir), "stopped_by": stop.signal_name or "peer"}
@@ -346,8 +428,11 @@ class Trainer:
     def _finish(self, run: _Run) -> dict[str, Any]:
         run.bar.close()
         if run.is_main:
-            print(f"[{run.stage.name}] done: {run.run_dir}/checkpoints/last.pt, samples in {run.sample_dir}, "
-                  f"loss curve {run.run_dir}/loss.png", flush=True)
+            print(
+                f"[{run.stage.name}] done: {run.run_dir}/checkpoints/last.pt, samples in {run.sample_dir}, "
+                f"loss curve {run.run_dir}/loss.png",
+                flush=True,
+            )
         if run.world_size > 1:
             dist.barrier()
         return {"step": run.state.step, "run_dir": str(run.run_dir)}
@@ -373,8 +458,12 @@ class _MetricWindow:
         row: dict[str, Any] = {"step": step}
         if self.finite:  # a window of only non-finite steps logs no loss
             row["loss"] = self.loss / self.finite
-        row |= {"lr": lr, "grad_norm": grad_norm, "steps_per_s": self.steps / elapsed,
-                "images_per_s": self.steps * batch_size / elapsed}
+        row |= {
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "steps_per_s": self.steps / elapsed,
+            "images_per_s": self.steps * batch_size / elapsed,
+        }
         return row
 
 
@@ -469,8 +558,9 @@ def accumulate_gradients(
             if cuda:
                 torch.cuda.manual_seed(chunk_seed)
             with autocast():
-                losses = stage.loss(model, images[start : start + micro_batch_size], labels[start : start + micro_batch_size],
-                                    generator)  # (m,)
+                losses = stage.loss(
+                    model, images[start : start + micro_batch_size], labels[start : start + micro_batch_size], generator
+                )  # (m,)
             (losses.float().sum() / batch).backward()
         total += losses.detach().float().sum()
     return total.item() / batch

@@ -111,7 +111,9 @@ def read_header(path: str | Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
         return shape, dtype
 
 
-def iter_rows(path: str | Path, key: str, batch_size: int, blocks: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+def iter_rows(
+    path: str | Path, key: str, batch_size: int, blocks: Iterable[int] | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, rows) blocks of ``key``: block b is rows [b·batch_size, (b+1)·batch_size); all blocks, or those in ``blocks``.
 
     Reads only the asked blocks (seeking inside the member), so ranks can split one file by block.
@@ -120,7 +122,7 @@ def iter_rows(path: str | Path, key: str, batch_size: int, blocks: Iterable[int]
         n, row_bytes = shape[0], int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         start = f.tell()
         count = -(-n // batch_size)
-        for b in (range(count) if blocks is None else blocks):
+        for b in range(count) if blocks is None else blocks:
             first = b * batch_size
             rows = min(batch_size, n - first)
             if rows <= 0:

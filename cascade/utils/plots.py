@@ -52,7 +52,9 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path, title: str =
     plt.close(fig)
 
 
-def plot_bars(labels: Sequence[str], values: Sequence[float], out_path: str | Path, *, title: str, ylabel: str, chance: float | None = None) -> None:
+def plot_bars(
+    labels: Sequence[str], values: Sequence[float], out_path: str | Path, *, title: str, ylabel: str, chance: float | None = None
+) -> None:
     """A bar chart, e.g. accuracy per noise bucket, with an optional chance line."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.bar(list(labels), list(values))

@@ -61,7 +61,9 @@ class ImageGenerators:
 Generator = torch.Generator | ImageGenerators | None
 
 
-def randn(shape: Sequence[int], generator: Generator, *, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+def randn(
+    shape: Sequence[int], generator: Generator, *, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Standard normal noise of ``shape`` from one generator, from per-image generators, or from the global stream."""
     if isinstance(generator, ImageGenerators):
         return generator.randn(shape, device=device, dtype=dtype)
