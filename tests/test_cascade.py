@@ -18,10 +18,9 @@ from cascade.pipeline.orchestrator import (
     StageSettings,
     check_chain,
     image_seed,
-    load,
     stage_seed,
 )
-from cascade.training.checkpoint import load_checkpoint
+from cascade.training.checkpoint import load_checkpoint, open_stage
 from cascade.utils.device import bf16_autocast
 from tests.helpers import run_script
 
@@ -35,7 +34,7 @@ def ckpt(runs: Path, stage: str) -> Path:
 @pytest.fixture(scope="module")
 def loaded(smoke_runs):
     """Every smoke stage rebuilt from its checkpoint (fresh objects per test: tests mutate them)."""
-    return lambda stage: load(ckpt(smoke_runs, stage), CPU)
+    return lambda stage: open_stage(ckpt(smoke_runs, stage), CPU)
 
 
 # --- chain validation -------------------------------------------------------------------------------

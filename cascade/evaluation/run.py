@@ -45,7 +45,7 @@ from cascade.evaluation.evaluate import (
 from cascade.evaluation.features import InceptionFeatures, NoisyClassifierFeatures, TimmFeatures, inception_weights
 from cascade.evaluation.held_out import held_out_data
 from cascade.evaluation.tuned import write_tuned
-from cascade.pipeline.orchestrator import LoadedStage, load
+from cascade.training.checkpoint import LoadedStage, open_stage
 from cascade.utils.device import resolve_device
 
 __all__ = [
@@ -253,7 +253,7 @@ def _feature_space(
     if kind == "inception":
         extractor = inception
     elif cfg.features_path:  # a noisy classifier checkpoint at t = 0
-        clf = load(cfg.features_path, device)
+        clf = open_stage(cfg.features_path, device)
         if not clf.is_classifier or clf.class_names != loaded.class_names:
             raise ValueError(
                 f"features_path={cfg.features_path} must be a noisy-classifier checkpoint of the same classes "
@@ -291,7 +291,7 @@ def _evaluate_generator(
     reference, ref_report = _judge(cfg, loaded, train, val, out_dir, device)
     features = _feature_space(cfg, kind, inception, reference, ref_report, loaded, device)
     real = features.of_dataset(train, random_subset(len(train), run.num_real, cfg.seed), progress=cfg.progress)
-    classifier = load(run.classifier_ckpt, device) if run.classifier_ckpt else None
+    classifier = open_stage(run.classifier_ckpt, device) if run.classifier_ckpt else None
     if classifier is not None and not classifier.is_classifier:
         raise ValueError(f"classifier_ckpt={run.classifier_ckpt} is a {classifier.name!r} checkpoint, not a noisy classifier")
     sweep, samples, labels = guidance_sweep(
@@ -452,7 +452,7 @@ def _evaluate_classifier(
 def evaluate_checkpoint(cfg: EvaluationConfig) -> tuple[dict[str, Any], Path]:
     """Evaluate the stage in ``cfg.ckpt`` by its role; write ``metrics.json`` and the plots. Returns (report, out_dir)."""
     device = resolve_device(cfg.device)
-    loaded = load(cfg.ckpt, device)
+    loaded = open_stage(cfg.ckpt, device)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt).resolve().parents[1] / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     data = loaded.payload["config"]["data"]

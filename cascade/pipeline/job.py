@@ -33,7 +33,7 @@ from torchvision.utils import save_image
 from cascade.data import class_index
 from cascade.diffusion.samplers import SAMPLERS
 from cascade.evaluation.tuned import tuned_path
-from cascade.pipeline.orchestrator import Cascade, LoadedStage, StageSettings, load
+from cascade.pipeline.orchestrator import Cascade, StageSettings
 from cascade.pipeline.settings import (
     CONFIG_SOURCE,
     GeneratorSettings,
@@ -44,7 +44,7 @@ from cascade.pipeline.settings import (
     merge_settings,
     read_replay,
 )
-from cascade.training.checkpoint import CheckpointError
+from cascade.training.checkpoint import CheckpointError, LoadedStage, open_stage
 from cascade.utils.cli import OneLineParser
 from cascade.utils.device import resolve_device
 
@@ -224,7 +224,7 @@ def _select_stages(
             f"base checkpoint {cfg.base.ckpt} does not exist; train it with "
             "`python scripts/train_stage.py stage=base` (add preset=tiny on a CPU) or pass --base-ckpt PATH"
         )
-    base = load(cfg.base.ckpt, device)
+    base = open_stage(cfg.base.ckpt, device)
     classifier = None
     scale = cfg.base.settings.classifier_scale
     # Asked for: a classifier path or the scale given by a flag or replay (--classifier-ckpt none asks for no classifier).
@@ -232,7 +232,7 @@ def _select_stages(
         "base.settings.classifier_scale"
     )
     if scale > 0 and cfg.classifier is not None and Path(cfg.classifier).is_file():
-        classifier = load(cfg.classifier, device)
+        classifier = open_stage(cfg.classifier, device)
     elif scale > 0 and asked:
         where = f"{cfg.classifier} does not exist" if cfg.classifier else "--classifier-ckpt none was given"
         raise FileNotFoundError(
@@ -258,7 +258,7 @@ def _select_stages(
                 f"(train it with `python scripts/train_stage.py stage={name}`)"
             )
             break
-        upsamplers.append((name, load(slot.ckpt, device)))
+        upsamplers.append((name, open_stage(slot.ckpt, device)))
         resolution = upsamplers[-1][1].stage.resolution
     return base, upsamplers, classifier
 

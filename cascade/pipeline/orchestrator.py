@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from cascade.diffusion.samplers import REGISTRY, SamplerName
 from cascade.diffusion.schedules import Spacing, check_same_schedule
-from cascade.roles import Generator, NoisyClassifier, Role, Upsampler
-from cascade.training.checkpoint import CheckpointError, load_stage
+from cascade.roles import Generator, NoisyClassifier, Upsampler
+from cascade.training.checkpoint import CheckpointError, LoadedStage, open_stage
 from cascade.utils.device import bf16_autocast
 from cascade.utils.rng import ImageGenerators
 
@@ -58,57 +58,8 @@ class StageSettings:
     spacing: Spacing | None = None  # respacing of the training process (None: the sampler's default)
 
 
-@dataclass
-class LoadedStage:
-    """A stage rebuilt from its checkpoint: the stage object (a role), its network (EMA weights, eval mode), its checkpoint."""
-
-    path: str
-    stage: Role
-    net: nn.Module
-    payload: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return str(self.payload["stage"])
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.payload["class_names"])
-
-    @property
-    def is_generator(self) -> bool:
-        return isinstance(self.stage, Generator)
-
-    @property
-    def is_upsampler(self) -> bool:
-        return isinstance(self.stage, Upsampler)
-
-    @property
-    def is_classifier(self) -> bool:
-        return isinstance(self.stage, NoisyClassifier)
-
-    @property
-    def class_conditional(self) -> bool:
-        """Whether the stage's network sees the class (a noisy classifier always does)."""
-        return self.stage.class_conditional if isinstance(self.stage, (Generator, Upsampler)) else True
-
-    def describe(self) -> dict[str, Any]:
-        """What identifies this stage in a ``cascade.json``."""
-        return {
-            "path": self.path,
-            "stage": self.name,
-            "step": int(self.payload["step"]),
-            "resolution": int(self.stage.resolution),
-        }
-
-
 class ChainError(ValueError):
     """Stages that do not form one cascade; the message lists every mismatch."""
-
-
-def load(path: str | Path, device: torch.device) -> LoadedStage:
-    stage, net, payload = load_stage(path, device=device)
-    return LoadedStage(str(path), stage, net, payload)
 
 
 def check_chain(base: LoadedStage, classifier: LoadedStage | None, upsamplers: Sequence[LoadedStage]) -> None:
@@ -248,9 +199,9 @@ class Cascade:
     ) -> Cascade:
         """Rebuild every stage from its checkpoint and check the chain (:class:`ChainError` if it does not fit)."""
         try:
-            loaded_base = load(base, device)
-            loaded_clf = load(classifier, device) if classifier is not None else None
-            loaded_ups = [load(p, device) for p in upsamplers]
+            loaded_base = open_stage(base, device)
+            loaded_clf = open_stage(classifier, device) if classifier is not None else None
+            loaded_ups = [open_stage(p, device) for p in upsamplers]
         except (KeyError, TypeError) as error:  # a checkpoint whose config does not rebuild a stage
             raise CheckpointError(f"a checkpoint does not describe a stage of this version ({error})") from None
         return cls(loaded_base, loaded_ups, loaded_clf, device=device, bf16=bf16)

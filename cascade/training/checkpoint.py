@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ __all__ = [
     "load_checkpoint",
     "load_latest",
     "load_stage",
+    "LoadedStage",
+    "open_stage",
     "upgrade_targets",
     "split_stage_config",
     "checkpoint_paths",
@@ -329,3 +332,53 @@ def _without_untrained_null_rows(saved: dict[str, torch.Tensor], expected: dict[
         if key.endswith("class_embed.weight") and key in expected and value.shape[0] == expected[key].shape[0] + 1:
             fixed[key] = value[:-1]
     return fixed
+
+
+@dataclass
+class LoadedStage:
+    """A stage rebuilt from its checkpoint: the stage object (a role), its network (EMA weights, eval mode), its checkpoint."""
+
+    path: str
+    stage: Role
+    net: torch.nn.Module
+    payload: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.payload["stage"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.payload["class_names"])
+
+    @property
+    def is_generator(self) -> bool:
+        return isinstance(self.stage, Generator)
+
+    @property
+    def is_upsampler(self) -> bool:
+        return isinstance(self.stage, Upsampler)
+
+    @property
+    def is_classifier(self) -> bool:
+        return isinstance(self.stage, NoisyClassifier)
+
+    @property
+    def class_conditional(self) -> bool:
+        """Whether the stage's network sees the class (a noisy classifier always does)."""
+        return self.stage.class_conditional if isinstance(self.stage, (Generator, Upsampler)) else True
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this stage in a ``cascade.json``."""
+        return {
+            "path": self.path,
+            "stage": self.name,
+            "step": int(self.payload["step"]),
+            "resolution": int(self.stage.resolution),
+        }
+
+
+def open_stage(path: str | Path, device: torch.device) -> LoadedStage:
+    """The stage, network (EMA weights, eval mode) and checkpoint at ``path`` as one :class:`LoadedStage`."""
+    stage, net, payload = load_stage(path, device=device)
+    return LoadedStage(str(path), stage, net, payload)
