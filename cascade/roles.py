@@ -55,6 +55,7 @@ class _DiffusionRole(ABC):
     resolution: int  # output resolution
     schedule: NoiseSchedule  # the training noise process (guidance and respacing are defined on it)
     class_conditional: bool  # the network sees the class (with a null class when trained with label dropout)
+    null_class: bool  # the network has the null-class row that classifier-free guidance needs
 
     @abstractmethod
     def build(self, num_classes: int) -> nn.Module: ...

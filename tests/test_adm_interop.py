@@ -10,6 +10,7 @@ converted checkpoint alone, and both are run on the same x_t, t, y (and low-res 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -348,6 +349,32 @@ def test_convert_command(tmp_path: Path) -> None:
         assert result.returncode == 2 and len(lines) == 1, (name, result.stderr)
         assert lines[0].startswith("error:") and message in lines[0], (name, result.stderr)
     assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.slow
+def test_converted_trio_samples_a_golden_retriever_through_the_cascade_cli(tmp_path: Path) -> None:
+    """64px base + its classifier + the 64→256 upsampler, converted from random ADM weights, run through
+    ``cascade_sample.py --class 207 --stop-at 256`` (classifier guidance s = 1, the default) into the default slots."""
+    for family, width, slot in (
+        ("64x64_diffusion", 64, "base"),
+        ("64x64_classifier", 64, "classifier"),
+        ("64_256_upsampler", 32, "sr256"),
+    ):
+        torch.save(randomise(FAMILIES[family][0](width, 1), 0).state_dict(), tmp_path / f"{family}.pt")
+        out = f"runs/{slot}/checkpoints/last.pt"
+        result = run_script("convert_checkpoint.py", "--from", "guided-diffusion", f"{family}.pt", "--out", out, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    args = ("--class", "207", "--num", "1", "--stop-at", "256", "--base-steps", "2", "--sr256-steps", "1", "--out", "out")
+    result = run_script("cascade_sample.py", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "out" / "cascade.json").read_text())
+    assert record["class"] == {"index": 207, "name": "golden retriever"}  # ADM's label order: sorted synsets
+    assert [s["stage"] for s in record["stages"]] == ["base", "sr256"] and record["stages"][0]["classifier_scale"] == 1.0
+    assert (tmp_path / "out" / "000_256px.png").is_file() and (tmp_path / "out" / "000_64px.png").is_file()
+    refused = run_script("cascade_sample.py", *args[:-2], "--cfg-scale", "2", "--out", "cfg", cwd=tmp_path)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and lines[-1].startswith("error:") and "needs a null class" in lines[-1], refused.stderr
+    assert len(lines) == 1  # refused before anything is sampled
 
 
 def test_foreign_files_are_refused(tmp_path: Path) -> None:

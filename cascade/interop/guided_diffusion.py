@@ -417,9 +417,6 @@ def stage_config(rec: Recognised, name: str | None = None) -> dict[str, Any]:
             "lowres_resolution": r.lowres_resolution,
             "noise_augmentation": False,
             "lowres_upsample": "bilinear",
-            "aug_schedule": _schedule(rec),
-            "aug_max_level": 0,
-            "sample_aug_level": 0,
         }
     return config
 

@@ -134,6 +134,11 @@ def check_settings(name: str, stage: Generator | Upsampler, settings: StageSetti
         raise ValueError(
             f"{name}: guidance scales must be >= 0, got cfg {settings.cfg_scale}, classifier {settings.classifier_scale}"
         )
+    if settings.cfg_scale != 1.0 and not stage.null_class:
+        raise ValueError(
+            f"{name}: classifier-free guidance (cfg scale {settings.cfg_scale}) needs a null class, and this stage was trained "
+            "without label dropout (p_uncond=0: ADM's released models); use cfg scale 1 (and classifier guidance instead)"
+        )
     if settings.classifier_scale > 0 and not guided:
         raise ValueError(f"{name}: classifier guidance scale {settings.classifier_scale} needs a noisy classifier checkpoint")
     if isinstance(stage, Upsampler) and settings.aug_level is not None:
