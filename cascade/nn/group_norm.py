@@ -8,13 +8,11 @@ scale-shift). :func:`group_norm_act` is what every norm of the U-Net calls.
 
 Why a second implementation: on CPUs, oneDNN's bf16 convolutions want channels-last (NHWC)
 tensors and convert anything else on the way in and out, while PyTorch's channels-last GroupNorm
-kernel is about 10× slower in bf16 than its NCHW one. Here a bf16 channels-last input is viewed as
+kernel is several times slower in bf16 than its NCHW one (README, Speed and scale). Here a bf16 channels-last input is viewed as
 (B, HW, C) rows and normalised by C++ kernels (``csrc/group_norm_act.cpp``, built on first use by
 :mod:`cascade.nn.native`) in four memory passes, forward and backward, so that the whole network can
-stay channels-last. On 2 CPU cores, GN + scale-shift + SiLU forward and backward on (16, 64, 64, 64):
-4.9 ms, against 8 ms for PyTorch's NCHW kernels, 13 ms for the same algorithm in PyTorch ops (the
-fallback where the C++ kernels cannot be built, and for fp16) and 45 ms for PyTorch's channels-last
-kernels. Float32 channels-last maps take the same C++ kernels (on CPUs without native bf16 the networks train in
+stay channels-last (the measured times are in the README's speed section). The same algorithm in
+PyTorch ops is the fallback where the C++ kernels cannot be built, and for fp16. Float32 channels-last maps take the same C++ kernels (on CPUs without native bf16 the networks train in
 float32, and PyTorch's channels-last float32 GroupNorm is about as slow as its NCHW one, while oneDNN's float32
 convolutions gain from NHWC); everything else (CUDA, NCHW) takes PyTorch's kernels.
 
@@ -37,9 +35,9 @@ from cascade.nn.native import group_norm_kernels
 __all__ = ["group_norm_act", "channels_last_kernel"]
 
 
-# Below this many elements the PyTorch-ops fallback's ~20 small per-(b, c) ops cost more than they save: measured
-# on 2 cores, GN + scale-shift + SiLU forward and backward, it vs PyTorch's channels-last path: (16, 32, 64, 64)
-# 4.1 vs 10.2 ms, (16, 64, 32, 32) 2.4 vs 3.5 ms, (16, 96, 16, 16) 1.25 vs 1.34 ms, (8, 32, 32, 32) 0.95 vs 0.80 ms.
+# Below this many elements the PyTorch-ops fallback's ~20 small per-(b, c) ops cost more than they save against
+# PyTorch's channels-last path (GN + scale-shift + SiLU forward and backward timed per shape; the cut-off is where
+# the two cross).
 MIN_ELEMENTS = 2**19
 
 
@@ -259,8 +257,7 @@ def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
 
     Taken as the diagonal of the batched GEMM aᵀb (float32 accumulation, one rounding of the result):
     it reads both operands once and writes no (B, N, C) temporary, which at the widths where this
-    kernel runs outweighs its C× extra multiply-adds (2 cores, (16, 4096, 64) rows: 1.05 ms
-    against 1.37 ms for multiply-then-sum).
+    kernel runs outweighs its C× extra multiply-adds (it timed faster than multiply-then-sum).
     """
     return torch.bmm(a.transpose(1, 2), b).diagonal(dim1=1, dim2=2).float()
 

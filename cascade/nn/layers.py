@@ -84,7 +84,7 @@ class GroupNorm32(nn.GroupNorm):
     call (:func:`~cascade.nn.group_norm.group_norm_act`): statistics and coefficients are float32,
     the output has the input's dtype and memory format. NCHW bf16 input on CPU goes straight to
     PyTorch's mixed-precision kernel; channels-last input on CPU takes the fused channels-last
-    kernel (PyTorch's own is ~10× slower there in bf16); everything else casts to float32.
+    kernel (PyTorch's own is much slower there in bf16); everything else casts to float32.
     """
 
     def __init__(self, channels: int, groups: int = 32) -> None:

@@ -1,7 +1,7 @@
 """C++ kernels built on first use (PyTorch's JIT extension builder) and cached per machine; ``None`` where they cannot be.
 
 The only one so far is ``csrc/group_norm_act.cpp``: GroupNorm, ADM's scale-shift and SiLU in four memory
-passes over channels-last maps (see :mod:`cascade.nn.group_norm`). Building takes ~25 s once per CPU type;
+passes over channels-last maps (see :mod:`cascade.nn.group_norm`). It is built once per CPU type;
 the library is cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and reused
 by later processes. Where it cannot be built (no C++ compiler, a compiler without OpenMP such as Apple's
 clang) every caller falls back to PyTorch ops after a one-line warning; ``CASCADE_NATIVE_KERNELS=0`` does so
