@@ -132,9 +132,11 @@ def test_stage_outputs_do_not_depend_on_later_stages_or_batching(loaded):
 
 
 def test_an_image_range_sampled_on_its_own_equals_that_range_of_a_larger_run(loaded):
-    """Sharded sampling: images first_index … of a run are a function of (seed, stage, global index) alone."""
+    """Sharded sampling: images first_index … of a run are a function of (seed, stage, global index) alone. The range
+    starts on a sub-batch boundary, so its images are computed in the same batches (bit-identity across batch
+    compositions is not promised: oneDNN picks convolution algorithms per batch shape; see the batching test)."""
     labels = torch.tensor([0, 1, 2, 3])
-    settings = [StageSettings(steps=2, batch_size=3), StageSettings(steps=2, batch_size=3, aug_level=10)]
+    settings = [StageSettings(steps=2, batch_size=2), StageSettings(steps=2, batch_size=2, aug_level=10)]
     cascade = Cascade(loaded("base"), [loaded("sr256")], None)
     whole = cascade.sample(labels, settings, seed=5, progress=False)
     part = cascade.sample(labels[2:], settings, seed=5, first_index=2, progress=False)
