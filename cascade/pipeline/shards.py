@@ -46,12 +46,10 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cascade.data.resize import upsample
-from cascade.diffusion.process import q_sample
 from cascade.pipeline.orchestrator import Cascade, LoadedStage, StageSettings
 from cascade.utils.device import bf16_autocast, native_bf16
 from cascade.utils.npz import ArraySpec, NpzError, npz_keys, read_array, write_npz
-from cascade.utils.rng import ImageGenerators, derive_seed, randn
+from cascade.utils.rng import ImageGenerators, derive_seed
 
 __all__ = [
     "ClassMode",
@@ -133,14 +131,12 @@ def sample_generator_stage(
 ) -> Tensor:
     """A generator stage's images (B, 3, R, R) in [−1, 1] for classes ``labels`` (B,)."""
     stage = loaded.stage
-    shape = (len(labels), 3, stage.resolution, stage.resolution)
-    x_T = randn(shape, generators, device=labels.device)  # (B, 3, R, R)
-    return stage.run_sampler(
+    return stage.sample(
         loaded.net,
-        x_T,
-        {"class_labels": labels},
+        labels,
         sampler=settings.sampler,
         steps=settings.steps,
+        spacing=settings.spacing,
         classifier=classifier.net if classifier else None,
         classifier_schedule=classifier.stage.schedule if classifier else None,
         classifier_scale=settings.classifier_scale,
@@ -154,25 +150,17 @@ def sample_upsampler_stage(
     loaded: LoadedStage, lowres: Tensor, labels: Tensor, generators: ImageGenerators, settings: StageSettings, aug_level: int
 ) -> Tensor:
     """An upsampler's images (B, 3, f·h, f·w) from ``lowres`` (B, 3, h, w), noise-augmented at ``aug_level`` (CDM §3)."""
-    stage, device = loaded.stage, lowres.device
-    if not 0 <= aug_level <= stage.aug_max_level:
+    stage = loaded.stage
+    if stage.noise_augmentation and not 0 <= aug_level <= stage.aug_max_level:
         raise ShardError(f"{loaded.name}: aug level must be in 0..{stage.aug_max_level}, got {aug_level}")
-    k = torch.full((len(lowres),), int(aug_level), dtype=torch.long, device=device)  # (B,)
-    noise = randn(lowres.shape, generators, device=device)  # (B, 3, h, w)
-    z = q_sample(stage.aug_schedule, lowres.float(), k, noise)  # (B, 3, h, w)
-    cond: dict[str, Tensor] = {
-        "lowres": upsample(z, stage.factor, stage.lowres_upsample),  # (B, 3, H, W)
-        "aug_level": stage.aug_schedule.timesteps.to(device)[k],
-    }
-    if loaded.class_conditional:
-        cond["class_labels"] = labels.to(device)
-    x_T = randn(cond["lowres"].shape, generators, device=device)  # (B, 3, H, W)
-    return stage.run_sampler(
+    return stage.sample(
         loaded.net,
-        x_T,
-        cond,
+        lowres,
+        labels.to(lowres.device) if loaded.class_conditional else None,
+        aug_level=aug_level if stage.noise_augmentation else None,
         sampler=settings.sampler,
         steps=settings.steps,
+        spacing=settings.spacing,
         cfg_scale=settings.cfg_scale,
         generator=generators,
         progress=False,
