@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,21 @@ STAGE_SMOKE = {
 def compose_train(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
+
+
+TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def subprocess_env(threads: int = 1) -> dict[str, str]:
+    """The environment for a child Python: ``tests`` importable (configs name test classes), ``threads`` OpenMP threads."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+
+
+def run_python(args: list[str], cwd: Path | None = None, *, threads: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python args…`` (a script or ``-m torch.distributed.run …``) with ``subprocess_env``, output captured."""
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=subprocess_env(threads), timeout=timeout
+    )
 
 
 def run_script(script: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

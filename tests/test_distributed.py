@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from cascade.data.order import StepBatchSampler
 from cascade.nn import UNet
 from cascade.training.checkpoint import load_checkpoint
 from cascade.training.trainer import accumulate_gradients, micro_batch_seed
-from tests.helpers import ROOT, SMOKE, STAGE_SMOKE
+from tests.helpers import ROOT, SMOKE, STAGE_SMOKE, TORCHRUN_2, run_python
 
 
 class RecordingShapes(ShapesDataset):
@@ -142,8 +140,7 @@ def _train_command(run_dir: Path, log_dir: Path, max_steps: int) -> list[str]:
 
 
 def _run(args: list[str], cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a shared CPU
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    result = run_python(args, cwd)  # one thread each: two ranks on a shared CPU
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -152,9 +149,8 @@ def test_two_rank_torchrun_matches_one_process_and_resumes(tmp_path: Path) -> No
     """Global batch 4: one process accumulates two micro-batches of 2; two ranks each hold one (SMOKE: 2 steps)."""
     one, two = tmp_path / "one", tmp_path / "two"
     _run(_train_command(one / "run", one / "log", 2), tmp_path)
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    _run([*torchrun, *_train_command(two / "run", two / "log", 1)], tmp_path)  # stop after step 1 ...
-    _run([*torchrun, *_train_command(two / "run", two / "log", 2)], tmp_path)  # ... and resume under torchrun
+    _run([*TORCHRUN_2, *_train_command(two / "run", two / "log", 1)], tmp_path)  # stop after step 1 ...
+    _run([*TORCHRUN_2, *_train_command(two / "run", two / "log", 2)], tmp_path)  # ... and resume under torchrun
 
     a, b = (load_checkpoint(d / "run" / "checkpoints" / "last.pt") for d in (one, two))
     assert a["step"] == b["step"] == 2

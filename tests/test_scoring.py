@@ -4,7 +4,6 @@ against torch-fidelity on the same features, the reference-batch path of score_s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from torch import nn
 from cascade.evaluation.fid import frechet_distance, inception_score, precision_recall
 from cascade.evaluation.stats import FeatureStats, ScoreStats
 from cascade.utils.npz import ArraySpec, write_npz
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TORCHRUN_2, run_python
 
 scipy_linalg = pytest.importorskip("scipy.linalg")
 
@@ -139,24 +138,7 @@ dist.destroy_process_group()
 def test_statistics_gathered_over_two_ranks_equal_one_process(tmp_path: Path) -> None:
     worker = tmp_path / "worker.py"
     worker.write_text(_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(worker),
-            str(tmp_path / "out.pt"),
-            str(ROOT),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    result = run_python([*TORCHRUN_2, str(worker), str(tmp_path / "out.pt"), str(ROOT)], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
     g = torch.Generator().manual_seed(0)

@@ -22,7 +22,7 @@ import torch
 from cascade.pipeline.shards import class_labels
 from cascade.utils.npz import ArraySpec, iter_rows, read_array, read_header, write_npz
 from cascade.utils.rng import derive_seed
-from tests.helpers import ROOT, train
+from tests.helpers import ROOT, TORCHRUN_2, run_python, subprocess_env, train
 
 SHRINK = ["stage.net.model_channels=32", "stage.net.channel_mult=[1,2]", "stage.net.attention_resolutions=[]"]
 NUM, SHARD = 6, 2
@@ -60,14 +60,6 @@ def _command(ckpt: Path, out: Path, *extra: str) -> list[str]:
         "3",
         *extra,
     ]
-
-
-def _env(threads: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-
-
-def _run(args: list[str], cwd: Path, threads: int = 1) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=_env(threads), timeout=600)
 
 
 def _sha(path: Path) -> str:
@@ -121,12 +113,13 @@ def test_npz_writer_is_streamed_deterministic_and_read_back_in_blocks(tmp_path: 
 @pytest.mark.slow
 def test_two_ranks_one_process_and_a_killed_run_give_the_same_file(tiny_base: Path, tmp_path: Path) -> None:
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
-    result = _run(_command(tiny_base, one, "--format", "both"), tmp_path, threads=2)  # two threads: the thread count is free too
+    result = run_python(
+        _command(tiny_base, one, "--format", "both"), tmp_path, threads=2
+    )  # two threads: the thread count is free too
     assert result.returncode == 0, result.stderr[-3000:]
     final = one / f"samples_{NUM}x64x64x3.npz"
 
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = _run([*torchrun, *_command(tiny_base, two)], tmp_path)
+    result = run_python([*TORCHRUN_2, *_command(tiny_base, two)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _sha(two / final.name) == _sha(final)  # bit-identical images, labels and bytes
 
@@ -142,7 +135,7 @@ def test_two_ranks_one_process_and_a_killed_run_give_the_same_file(tiny_base: Pa
     process = subprocess.Popen(
         [sys.executable, *_command(tiny_base, killed)],
         cwd=tmp_path,
-        env=_env(1),
+        env=subprocess_env(1),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -156,7 +149,7 @@ def test_two_ranks_one_process_and_a_killed_run_give_the_same_file(tiny_base: Pa
     assert not (killed / final.name).exists()
     left = sorted(p.name for p in (killed / "shards").glob("shard_*.npz"))
     assert 1 <= len(left) < NUM // SHARD
-    result = _run(_command(tiny_base, killed), tmp_path)
+    result = run_python(_command(tiny_base, killed), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = __import__("json").loads((killed / "manifest.json").read_text())
     assert manifest["last_run"]["images_sampled"] == NUM - SHARD * len(left)  # only the missing shards
@@ -164,9 +157,9 @@ def test_two_ranks_one_process_and_a_killed_run_give_the_same_file(tiny_base: Pa
     assert _sha(killed / final.name) == _sha(final)
 
     # The same command once more: nothing to do. Another setting against this folder: one error line.
-    again = _run(_command(tiny_base, killed), tmp_path)
+    again = run_python(_command(tiny_base, killed), tmp_path)
     assert again.returncode == 0 and _sha(killed / final.name) == _sha(final)
-    changed = _run(_command(tiny_base, killed, "--base-steps", "2"), tmp_path)
+    changed = run_python(_command(tiny_base, killed, "--base-steps", "2"), tmp_path)
     assert changed.returncode == 2 and changed.stderr.startswith("error: ") and changed.stderr.count("\n") == 1
     assert "steps was 1, now 2" in changed.stderr
 
@@ -180,11 +173,11 @@ def test_two_ranks_one_process_and_a_killed_run_give_the_same_file(tiny_base: Pa
     ],
 )
 def test_bad_options_are_one_error_line(tiny_base: Path, tmp_path: Path, extra: list[str], message: str) -> None:
-    result = _run(_command(tiny_base, tmp_path / "out", *extra), tmp_path)
+    result = run_python(_command(tiny_base, tmp_path / "out", *extra), tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
 
 
 def test_missing_checkpoint_is_one_error_line(tmp_path: Path) -> None:
-    result = _run(_command(tmp_path / "none.pt", tmp_path / "out"), tmp_path)
+    result = run_python(_command(tmp_path / "none.pt", tmp_path / "out"), tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "does not exist" in result.stderr
