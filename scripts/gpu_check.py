@@ -23,9 +23,6 @@ from pathlib import Path
 # cuBLAS needs this before its first use for deterministic matmuls (the resume check); harmless otherwise.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from cascade.tools.gpu_check import STAGES, TimeUp, markdown, run_gpu_check, write  # noqa: E402
 from cascade.utils.device import resolve_device  # noqa: E402
 
