@@ -101,7 +101,9 @@ def phase(name: str, folder: Path, family: str, steps: int, device: str) -> dict
             torch.save(image.cpu(), folder / "base_64px.pt")  # (1, 3, 64, 64)
         else:
             lowres = torch.load(folder / "base_64px.pt", weights_only=True).to(dev)  # (1, 3, 64, 64)
-            image = loaded.stage.sample(loaded.net, lowres, labels, sampler="ddpm", steps=steps, generator=generator, progress=False)
+            image = loaded.stage.sample(
+                loaded.net, lowres, labels, sampler="ddpm", steps=steps, generator=generator, progress=False
+            )
     if dev.type == "cuda":
         torch.cuda.synchronize()
         report["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -115,7 +117,8 @@ def phase(name: str, folder: Path, family: str, steps: int, device: str) -> dict
         "seconds_per_step": (done - loaded_at) / steps,
         "peak_rss_mib": _peak_rss_mib(),
         "sampling_working_set_mib": working.peak_bytes / 2**20,
-        "parameters": sum(p.numel() for p in loaded.net.parameters()) + (sum(p.numel() for p in classifier.net.parameters()) if classifier else 0),
+        "parameters": sum(p.numel() for p in loaded.net.parameters())
+        + (sum(p.numel() for p in classifier.net.parameters()) if classifier else 0),
         "output_shape": list(image.shape),
     }
     return report

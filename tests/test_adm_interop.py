@@ -14,8 +14,11 @@ import copy
 import json
 import math
 import os
+import runpy
 import shutil
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,7 +36,7 @@ from cascade.diffusion.samplers import sample_ddim, sample_ddpm  # noqa: E402
 from cascade.diffusion.schedules import NoiseSchedule, adm_respacing, cosine_schedule, linear_schedule, respace  # noqa: E402
 from cascade.interop.guided_diffusion import RELEASES, ConversionError, build_network, convert, recognise, stage_config  # noqa: E402
 from cascade.training.checkpoint import load_checkpoint  # noqa: E402
-from tests.helpers import run_script  # noqa: E402
+from tests.helpers import ROOT, run_script  # noqa: E402
 
 # --- guided-diffusion's models with each release's flags, at a given width and depth -----------------------
 
@@ -188,8 +191,10 @@ def inputs(family: str, batch: int = 2, dtype: torch.dtype = torch.float32, seed
     return x, t, y, lowres
 
 
-def run_both(family: str, adm: torch.nn.Module, ours: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    x, t, y, lowres = inputs(family, dtype=dtype)
+def run_both(
+    family: str, adm: torch.nn.Module, ours: torch.nn.Module, dtype: torch.dtype, batch: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x, t, y, lowres = inputs(family, batch, dtype=dtype)
     with torch.no_grad():
         if "classifier" in family:
             return adm(x, t), ours(x, t)
@@ -217,7 +222,7 @@ def test_converted_network_reproduces_guided_diffusion(family: str, folder: Path
     assert scale > 0.1 and rel32 <= 1e-5, f"{family} fp32: max|Δ| = {rel32:.2e} × {scale:.3g}"
     adm, ours = copy.deepcopy(adm), copy.deepcopy(ours)  # float64 copies: the float32 models are shared
     Float64Oracle(monkeypatch, adm)
-    rel64, _ = relative_error(*run_both(family, adm, ours.double(), torch.float64))
+    rel64, _ = relative_error(*run_both(family, adm, ours.double(), torch.float64, batch=1))  # float64 convs are slow
     print(f"\n{family}: fp32 max|Δ| = {rel32:.2e} × output scale {scale:.3g}, fp64 {rel64:.2e}")
     assert rel64 <= 1e-10, f"{family} fp64: max|Δ| = {rel64:.2e} × {scale:.3g}"
     stage = payload["config"]["stage"]
@@ -345,7 +350,34 @@ def test_one_sampler_step_matches_guided_diffusion(spec: str, guided: bool, fold
 # --- the command line -----------------------------------------------------------------------------------------
 
 
-def test_convert_command(tmp_path: Path, folder: Path) -> None:
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Callable[..., Ran]:
+    """``python scripts/<script> args…`` in ``cwd``, run in this process: a fresh interpreter costs seconds of imports
+    per call on our CI's 2 cores (test_convert_command runs the converter as a real child process)."""
+
+    def run(script: str, *args: str, cwd: Path) -> Ran:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        capsys.readouterr()
+        code = 0
+        try:
+            runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        out, err = capsys.readouterr()
+        return Ran(code, out, err)
+
+    return run
+
+
+def test_convert_command(tmp_path: Path, folder: Path, run_main: Callable[..., Ran]) -> None:
     source = tmp_path / "64x64_classifier.pt"
     shutil.copy(converted_files("64x64_classifier", folder)[0], source)
     result = run_script(
@@ -359,7 +391,7 @@ def test_convert_command(tmp_path: Path, folder: Path) -> None:
     (tmp_path / "truncated.pt").write_bytes(blob[: len(blob) // 2])
     cases = {"truncated.pt": "cannot be read", "runs/clf/checkpoints/last.pt": "already a cascade checkpoint"}
     for name, message in cases.items():
-        result = run_script("convert_checkpoint.py", "--from", "guided-diffusion", name, "--out", "out.pt", cwd=tmp_path)
+        result = run_main("convert_checkpoint.py", "--from", "guided-diffusion", name, "--out", "out.pt", cwd=tmp_path)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, (name, result.stderr)
         assert lines[0].startswith("error:") and message in lines[0], (name, result.stderr)
@@ -389,25 +421,27 @@ def trio(tmp_path_factory: pytest.TempPathFactory, folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_converted_trio_samples_a_golden_retriever_through_the_cascade_cli(trio: Path, tmp_path: Path) -> None:
+def test_converted_trio_samples_a_golden_retriever_through_the_cascade_cli(
+    trio: Path, tmp_path: Path, run_main: Callable[..., Ran]
+) -> None:
     """64px base + its classifier + the 64→256 upsampler, converted from random ADM weights, run through
     ``cascade_sample.py --class 207 --stop-at 256`` (classifier guidance s = 1, the default) from the default slots."""
     out = tmp_path / "out"
     args = ("--class", "207", "--num", "1", "--stop-at", "256", "--base-steps", "2", "--sr256-steps", "1", "--out", str(out))
-    result = run_script("cascade_sample.py", *args, cwd=trio)
+    result = run_main("cascade_sample.py", *args, cwd=trio)
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "cascade.json").read_text())
     assert record["class"] == {"index": 207, "name": "golden retriever"}  # ADM's label order: sorted synsets
     assert [s["stage"] for s in record["stages"]] == ["base", "sr256"] and record["stages"][0]["classifier_scale"] == 1.0
     assert (out / "000_256px.png").is_file() and (out / "000_64px.png").is_file()
-    refused = run_script("cascade_sample.py", *args[:-2], "--cfg-scale", "2", "--out", str(tmp_path / "cfg"), cwd=trio)
+    refused = run_main("cascade_sample.py", *args[:-2], "--cfg-scale", "2", "--out", str(tmp_path / "cfg"), cwd=trio)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and lines[-1].startswith("error:") and "needs a null class" in lines[-1], refused.stderr
     assert len(lines) == 1  # refused before anything is sampled
 
 
 @pytest.mark.slow
-def test_converted_trio_evaluates_through_evaluate_stage_cli(trio: Path, tmp_path: Path) -> None:
+def test_converted_trio_evaluates_through_evaluate_stage_cli(trio: Path, tmp_path: Path, run_main: Callable[..., Ran]) -> None:
     """``evaluate_stage.py`` on each converted stage, with evaluation images named by ``data=imagefolder``: the
     classifier's accuracy by noise level, the base's guidance sweep (classifier guidance by the converted classifier,
     whose t = 0 features measure FID), the upsampler's single pass (ADM's upsamplers have no augmentation level)."""
@@ -417,7 +451,7 @@ def test_converted_trio_evaluates_through_evaluate_stage_cli(trio: Path, tmp_pat
     runs = {
         "classifier": ["eval_buckets=2", "eval_images=15"],
         "base": [
-            f"classifier_ckpt={clf}", "steps=2", "num_samples=6", "batch_size=6", "num_real=13", "classifier_scales=[0,1]",
+            f"classifier_ckpt={clf}", "steps=1", "num_samples=3", "batch_size=3", "num_real=13", "classifier_scales=[0,1]",
             "reference.steps=1", "reference.batch_size=4", "reference.eval_images=1", "cas.steps=1", "cas.batch_size=4",
             "cas.real_baseline=false", *features,
         ],
@@ -425,7 +459,9 @@ def test_converted_trio_evaluates_through_evaluate_stage_cli(trio: Path, tmp_pat
     }  # fmt: skip
     for slot, extra in runs.items():
         out = tmp_path / slot
-        result = run_script("evaluate_stage.py", f"ckpt=runs/{slot}/checkpoints/last.pt", *common, *extra, f"out_dir={out}", cwd=trio)
+        result = run_main(
+            "evaluate_stage.py", f"ckpt=runs/{slot}/checkpoints/last.pt", *common, *extra, f"out_dir={out}", cwd=trio
+        )
         assert result.returncode == 0, (slot, result.stderr[-3000:])
         report = json.loads((out / "metrics.json").read_text())
         assert report["source"]["format"] == "guided-diffusion" and "named" in report["held_out"], report["held_out"]
@@ -437,7 +473,7 @@ def test_converted_trio_evaluates_through_evaluate_stage_cli(trio: Path, tmp_pat
         else:
             assert report["noise_augmentation"] is False and [r["aug_level"] for r in report["levels"]] == [None]
             assert report["num_images"] == 2 and not list((trio / "runs/sr256/checkpoints").glob("*.tuned.json"))
-    refused = run_script("evaluate_stage.py", "ckpt=runs/base/checkpoints/last.pt", "preset=tiny", cwd=trio)
+    refused = run_main("evaluate_stage.py", "ckpt=runs/base/checkpoints/last.pt", "preset=tiny", cwd=trio)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), refused.stderr
     assert "64x64_diffusion.pt" in lines[0] and "data=imagefolder data.root=" in lines[0]
