@@ -4,6 +4,9 @@
     python scripts/evaluate_stage.py ckpt=runs/base/checkpoints/last.pt classifier_ckpt=runs/classifier/checkpoints/last.pt
     python scripts/evaluate_stage.py ckpt=runs/sr256/checkpoints/last.pt preset=tiny      # also writes last.tuned.json
     python scripts/evaluate_stage.py ckpt=... features=inception features_path=/path/to/weights-inception-2015-12-05-6726825d.pth
+    # a stage converted from guided-diffusion has no data config: name the evaluation images (ImageNet synset folders)
+    python scripts/evaluate_stage.py ckpt=runs/base/checkpoints/last.pt classifier_ckpt=runs/classifier/checkpoints/last.pt \
+        data=imagefolder data.root=/path/to/imagenet/val
 
 Settings: configs/evaluate/evaluate.yaml (preset=tiny: configs/evaluate/preset/tiny.yaml); the work is
 cascade.evaluation.run.evaluate_checkpoint.

@@ -10,14 +10,20 @@ converted checkpoint alone, and both are run on the same x_t, t, y (and low-res 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import runpy
+import shutil
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from torchvision.utils import save_image
 
 gd_unet = pytest.importorskip("guided_diffusion.unet")
 from guided_diffusion import script_util  # noqa: E402
@@ -30,7 +36,7 @@ from cascade.diffusion.samplers import sample_ddim, sample_ddpm  # noqa: E402
 from cascade.diffusion.schedules import NoiseSchedule, adm_respacing, cosine_schedule, linear_schedule, respace  # noqa: E402
 from cascade.interop.guided_diffusion import RELEASES, ConversionError, build_network, convert, recognise, stage_config  # noqa: E402
 from cascade.training.checkpoint import load_checkpoint  # noqa: E402
-from tests.helpers import run_script  # noqa: E402
+from tests.helpers import ROOT, run_script  # noqa: E402
 
 # --- guided-diffusion's models with each release's flags, at a given width and depth -----------------------
 
@@ -121,30 +127,42 @@ def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-_CONVERTED: dict[tuple, tuple[dict, Path]] = {}
+_CONVERTED: dict[tuple, tuple[torch.nn.Module, torch.nn.Module, dict]] = {}
 
 
-def converted(family: str, tmp_path: Path, width: int | None = None, depth: int = 1, seed: int = 0):
-    """(ADM model, our network rebuilt from the converted checkpoint, checkpoint) for a random ``family`` model.
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the random ADM files and their conversions are written (once per module)."""
+    return tmp_path_factory.mktemp("adm")
 
-    The ADM weights and the converted file are made once per session; every call builds both networks afresh.
+
+def converted(family: str, folder: Path, width: int | None = None, depth: int = 1, seed: int = 0):
+    """(ADM model, our network rebuilt from the converted checkpoint alone, checkpoint) for a random ``family`` model.
+
+    Made once per session (every family's model is built, randomised, saved and converted once) and shared between
+    tests: they run both networks without changing them, and take a copy to change one (dtype, config).
     """
     width = width or WIDTH.get(family, 32)
     key = (family, width, depth, seed)
     if key not in _CONVERTED:
         adm = randomise(FAMILIES[family][0](width, depth), seed)
-        source = tmp_path / f"{family}.pt"
-        torch.save(adm.state_dict(), source)
-        rec, out = convert(source, tmp_path / family / "last.pt")
+        where = folder / "_".join(map(str, key))
+        where.mkdir(parents=True)
+        torch.save(adm.state_dict(), where / f"{family}.pt")
+        rec, out = convert(where / f"{family}.pt", where / "last.pt")
         assert rec.release.file == f"{family}.pt"
-        _CONVERTED[key] = adm.state_dict(), out
-    state, out = _CONVERTED[key]
-    adm = FAMILIES[family][0](width, depth)
-    adm.load_state_dict(state)
-    payload = load_checkpoint(out)
-    ours = build_network(payload["config"]["stage"], len(payload["class_names"]))
-    ours.load_state_dict(payload["ema"])
-    return adm.eval(), ours.eval(), payload
+        payload = load_checkpoint(out)
+        ours = build_network(payload["config"]["stage"], len(payload["class_names"]))
+        ours.load_state_dict(payload["ema"])
+        _CONVERTED[key] = adm.eval(), ours.eval(), payload
+    return _CONVERTED[key]
+
+
+def converted_files(family: str, folder: Path) -> tuple[Path, Path]:
+    """(the random ADM ``.pt`` file, its conversion) of :func:`converted`'s ``family`` model at its default width."""
+    converted(family, folder)
+    where = folder / "_".join(map(str, (family, WIDTH.get(family, 32), 1, 0)))
+    return where / f"{family}.pt", where / "last.pt"
 
 
 class Float64Oracle:
@@ -173,8 +191,10 @@ def inputs(family: str, batch: int = 2, dtype: torch.dtype = torch.float32, seed
     return x, t, y, lowres
 
 
-def run_both(family: str, adm: torch.nn.Module, ours: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    x, t, y, lowres = inputs(family, dtype=dtype)
+def run_both(
+    family: str, adm: torch.nn.Module, ours: torch.nn.Module, dtype: torch.dtype, batch: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x, t, y, lowres = inputs(family, batch, dtype=dtype)
     with torch.no_grad():
         if "classifier" in family:
             return adm(x, t), ours(x, t)
@@ -196,12 +216,13 @@ def relative_error(reference: torch.Tensor, value: torch.Tensor) -> tuple[float,
 
 
 @pytest.mark.parametrize("family", FORWARD_FAMILIES)
-def test_converted_network_reproduces_guided_diffusion(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    adm, ours, payload = converted(family, tmp_path)
+def test_converted_network_reproduces_guided_diffusion(family: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    adm, ours, payload = converted(family, folder)
     rel32, scale = relative_error(*run_both(family, adm, ours, torch.float32))
     assert scale > 0.1 and rel32 <= 1e-5, f"{family} fp32: max|Δ| = {rel32:.2e} × {scale:.3g}"
+    adm, ours = copy.deepcopy(adm), copy.deepcopy(ours)  # float64 copies: the float32 models are shared
     Float64Oracle(monkeypatch, adm)
-    rel64, _ = relative_error(*run_both(family, adm, ours.double(), torch.float64))
+    rel64, _ = relative_error(*run_both(family, adm, ours.double(), torch.float64, batch=1))  # float64 convs are slow
     print(f"\n{family}: fp32 max|Δ| = {rel32:.2e} × output scale {scale:.3g}, fp64 {rel64:.2e}")
     assert rel64 <= 1e-10, f"{family} fp64: max|Δ| = {rel64:.2e} × {scale:.3g}"
     stage = payload["config"]["stage"]
@@ -214,10 +235,10 @@ def test_converted_network_reproduces_guided_diffusion(family: str, tmp_path: Pa
 @pytest.mark.parametrize(
     "family, wrong", [("64x64_diffusion", "legacy"), ("128x128_diffusion", "new"), ("64x64_classifier", "new")]
 )
-def test_wrong_qkv_order_fails_the_comparison(family: str, wrong: str, tmp_path: Path) -> None:
+def test_wrong_qkv_order_fails_the_comparison(family: str, wrong: str, folder: Path) -> None:
     """Negative control: the same weights read with the other q/k/v layout are a different function."""
-    adm, _, payload = converted(family, tmp_path)
-    stage = payload["config"]["stage"]
+    adm, _, payload = converted(family, folder)
+    stage = copy.deepcopy(payload["config"]["stage"])
     assert stage["net"]["attention_order"] != wrong
     stage["net"]["attention_order"] = wrong
     wrong_net = build_network(stage, len(payload["class_names"])).eval()
@@ -284,9 +305,9 @@ def one_step(sampler, fn, schedule: NoiseSchedule, k: int, x: torch.Tensor, y: t
 
 
 @pytest.mark.parametrize("spec, guided", [("250", False), ("250", True), ("ddim25", True)])
-def test_one_sampler_step_matches_guided_diffusion(spec: str, guided: bool, tmp_path: Path) -> None:
-    adm, ours, _ = converted("64x64_diffusion", tmp_path)
-    adm_clf, our_clf, _ = converted("64x64_classifier", tmp_path, width=64, depth=1, seed=3)
+def test_one_sampler_step_matches_guided_diffusion(spec: str, guided: bool, folder: Path) -> None:
+    adm, ours, _ = converted("64x64_diffusion", folder)
+    adm_clf, our_clf, _ = converted("64x64_classifier", folder)
     diffusion = script_util.create_gaussian_diffusion(
         steps=1000, learn_sigma=True, noise_schedule="cosine", timestep_respacing=spec
     )
@@ -329,10 +350,36 @@ def test_one_sampler_step_matches_guided_diffusion(spec: str, guided: bool, tmp_
 # --- the command line -----------------------------------------------------------------------------------------
 
 
-def test_convert_command(tmp_path: Path) -> None:
-    adm = randomise(FAMILIES["64x64_classifier"][0](64, 1), 0)
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Callable[..., Ran]:
+    """``python scripts/<script> args…`` in ``cwd``, run in this process: a fresh interpreter costs seconds of imports
+    per call on our CI's 2 cores (test_convert_command runs the converter as a real child process)."""
+
+    def run(script: str, *args: str, cwd: Path) -> Ran:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        capsys.readouterr()
+        code = 0
+        try:
+            runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        out, err = capsys.readouterr()
+        return Ran(code, out, err)
+
+    return run
+
+
+def test_convert_command(tmp_path: Path, folder: Path, run_main: Callable[..., Ran]) -> None:
     source = tmp_path / "64x64_classifier.pt"
-    torch.save(adm.state_dict(), source)
+    shutil.copy(converted_files("64x64_classifier", folder)[0], source)
     result = run_script(
         "convert_checkpoint.py", "--from", "guided-diffusion", str(source), "--out", "runs/clf/checkpoints/last.pt", cwd=tmp_path
     )
@@ -344,44 +391,99 @@ def test_convert_command(tmp_path: Path) -> None:
     (tmp_path / "truncated.pt").write_bytes(blob[: len(blob) // 2])
     cases = {"truncated.pt": "cannot be read", "runs/clf/checkpoints/last.pt": "already a cascade checkpoint"}
     for name, message in cases.items():
-        result = run_script("convert_checkpoint.py", "--from", "guided-diffusion", name, "--out", "out.pt", cwd=tmp_path)
+        result = run_main("convert_checkpoint.py", "--from", "guided-diffusion", name, "--out", "out.pt", cwd=tmp_path)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, (name, result.stderr)
         assert lines[0].startswith("error:") and message in lines[0], (name, result.stderr)
     assert not (tmp_path / "out.pt").exists()
 
 
+TRIO = (("64x64_diffusion", "base"), ("64x64_classifier", "classifier"), ("64_256_upsampler", "sr256"))
+SYNSETS = ("n01440764", "n02099601", "n15075141")  # ImageNet classes 0 (tench), 207 (golden retriever), 999 (toilet tissue)
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory: pytest.TempPathFactory, folder: Path) -> Path:
+    """A folder with the 64px base, its classifier and the 64→256 upsampler converted from random ADM weights (those
+    the exactness tests compare) in cascade_sample.py's default slots (runs/<slot>/checkpoints/last.pt), and ``val/``:
+    a few ImageNet synset folders of small random images (ImageFolderDataset upscales them to each stage's size)."""
+    root = tmp_path_factory.mktemp("trio")
+    for family, slot in TRIO:
+        (root / f"runs/{slot}/checkpoints").mkdir(parents=True)
+        shutil.copy(converted_files(family, folder)[1], root / f"runs/{slot}/checkpoints/last.pt")
+    g = torch.Generator().manual_seed(0)
+    for synset in SYNSETS:
+        (root / "val" / synset).mkdir(parents=True)
+        for i in range(5):  # 15 images: the fixed 10 % the base and upsampler are measured on is 2
+            image = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=72, mode="bilinear")[0]
+            save_image(image, root / "val" / synset / f"{i}.png")
+    return root
+
+
 @pytest.mark.slow
-def test_converted_trio_samples_a_golden_retriever_through_the_cascade_cli(tmp_path: Path) -> None:
+def test_converted_trio_samples_a_golden_retriever_through_the_cascade_cli(
+    trio: Path, tmp_path: Path, run_main: Callable[..., Ran]
+) -> None:
     """64px base + its classifier + the 64→256 upsampler, converted from random ADM weights, run through
-    ``cascade_sample.py --class 207 --stop-at 256`` (classifier guidance s = 1, the default) into the default slots."""
-    for family, width, slot in (
-        ("64x64_diffusion", 64, "base"),
-        ("64x64_classifier", 64, "classifier"),
-        ("64_256_upsampler", 32, "sr256"),
-    ):
-        torch.save(randomise(FAMILIES[family][0](width, 1), 0).state_dict(), tmp_path / f"{family}.pt")
-        out = f"runs/{slot}/checkpoints/last.pt"
-        result = run_script("convert_checkpoint.py", "--from", "guided-diffusion", f"{family}.pt", "--out", out, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-    args = ("--class", "207", "--num", "1", "--stop-at", "256", "--base-steps", "2", "--sr256-steps", "1", "--out", "out")
-    result = run_script("cascade_sample.py", *args, cwd=tmp_path)
+    ``cascade_sample.py --class 207 --stop-at 256`` (classifier guidance s = 1, the default) from the default slots."""
+    out = tmp_path / "out"
+    args = ("--class", "207", "--num", "1", "--stop-at", "256", "--base-steps", "2", "--sr256-steps", "1", "--out", str(out))
+    result = run_main("cascade_sample.py", *args, cwd=trio)
     assert result.returncode == 0, result.stderr
-    record = json.loads((tmp_path / "out" / "cascade.json").read_text())
+    record = json.loads((out / "cascade.json").read_text())
     assert record["class"] == {"index": 207, "name": "golden retriever"}  # ADM's label order: sorted synsets
     assert [s["stage"] for s in record["stages"]] == ["base", "sr256"] and record["stages"][0]["classifier_scale"] == 1.0
-    assert (tmp_path / "out" / "000_256px.png").is_file() and (tmp_path / "out" / "000_64px.png").is_file()
-    refused = run_script("cascade_sample.py", *args[:-2], "--cfg-scale", "2", "--out", "cfg", cwd=tmp_path)
+    assert (out / "000_256px.png").is_file() and (out / "000_64px.png").is_file()
+    refused = run_main("cascade_sample.py", *args[:-2], "--cfg-scale", "2", "--out", str(tmp_path / "cfg"), cwd=trio)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and lines[-1].startswith("error:") and "needs a null class" in lines[-1], refused.stderr
     assert len(lines) == 1  # refused before anything is sampled
 
 
-def test_foreign_files_are_refused(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_converted_trio_evaluates_through_evaluate_stage_cli(trio: Path, tmp_path: Path, run_main: Callable[..., Ran]) -> None:
+    """``evaluate_stage.py`` on each converted stage, with evaluation images named by ``data=imagefolder``: the
+    classifier's accuracy by noise level, the base's guidance sweep (classifier guidance by the converted classifier,
+    whose t = 0 features measure FID), the upsampler's single pass (ADM's upsamplers have no augmentation level)."""
+    common = ["preset=tiny", "device=cpu", "progress=false", "data=imagefolder", f"data.root={trio / 'val'}"]
+    clf = f"{trio}/runs/classifier/checkpoints/last.pt"
+    features = ["features=classifier", f"features_path={clf}", "tiles_per_image=1", "pr_k=1", "is_splits=1"]
+    runs = {
+        "classifier": ["eval_buckets=2", "eval_images=15"],
+        "base": [
+            f"classifier_ckpt={clf}", "steps=1", "num_samples=3", "batch_size=3", "num_real=13", "classifier_scales=[0,1]",
+            "reference.steps=1", "reference.batch_size=4", "reference.eval_images=1", "cas.steps=1", "cas.batch_size=4",
+            "cas.real_baseline=false", *features,
+        ],
+        "sr256": ["num_images=2", "sr_steps=1", "sr_batch_size=2", "sr_crop=64", *features],
+    }  # fmt: skip
+    for slot, extra in runs.items():
+        out = tmp_path / slot
+        result = run_main(
+            "evaluate_stage.py", f"ckpt=runs/{slot}/checkpoints/last.pt", *common, *extra, f"out_dir={out}", cwd=trio
+        )
+        assert result.returncode == 0, (slot, result.stderr[-3000:])
+        report = json.loads((out / "metrics.json").read_text())
+        assert report["source"]["format"] == "guided-diffusion" and "named" in report["held_out"], report["held_out"]
+        if slot == "classifier":
+            assert report["num_images"] == 15 and len(report["accuracy_by_t"]) == 2
+        elif slot == "base":  # only the classes the images show are requested, by their ImageNet (ADM) labels
+            assert report["requested_classes"] == [0, 207, 999]
+            assert [r["classifier_scale"] for r in report["guidance"]] == [0.0, 1.0] and "cas" in report
+        else:
+            assert report["noise_augmentation"] is False and [r["aug_level"] for r in report["levels"]] == [None]
+            assert report["num_images"] == 2 and not list((trio / "runs/sr256/checkpoints").glob("*.tuned.json"))
+    refused = run_main("evaluate_stage.py", "ckpt=runs/base/checkpoints/last.pt", "preset=tiny", cwd=trio)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), refused.stderr
+    assert "64x64_diffusion.pt" in lines[0] and "data=imagefolder data.root=" in lines[0]
+
+
+def test_foreign_files_are_refused(tmp_path: Path, folder: Path) -> None:
     """What the command turns into its one error line (the line itself is checked in test_convert_command)."""
     torch.save({"weight": torch.randn(3, 3)}, tmp_path / "random.pt")
     torch.save([torch.randn(3)], tmp_path / "list.pt")
-    adm = adm_classifier(64, 64, 1).state_dict()
+    adm = converted("64x64_classifier", folder)[0].state_dict()
     torch.save({**adm, "extra.weight": torch.randn(2)}, tmp_path / "modified.pt")
     torch.save({k: v for k, v in adm.items() if not k.startswith("middle_block.1.")}, tmp_path / "incomplete.pt")
     cases = {

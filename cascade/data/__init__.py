@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 
 from cascade.data.domain import ImageDomain, image_domain
-from cascade.data.imagefolder import ImageFolderDataset, adm_center_crop, imagenet_class_names
+from cascade.data.imagefolder import ImageFolderDataset, adm_center_crop, imagenet_class_names, imagenet_label_indices
 from cascade.data.shapes import ShapeParams, ShapesDataset, render_shape, sample_shape_params
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "class_index",
     "image_domain",
     "imagenet_class_names",
+    "imagenet_label_indices",
     "render_shape",
     "sample_shape_params",
 ]

@@ -48,7 +48,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from cascade.data.domain import ImageDomain
 
-__all__ = ["ImageFolderDataset", "adm_center_crop", "image_to_tensor", "imagenet_class_names"]
+__all__ = ["ImageFolderDataset", "adm_center_crop", "image_to_tensor", "imagenet_class_names", "imagenet_label_indices"]
 
 _SYNSET = re.compile(r"n\d{8}")
 _OK, _UNREADABLE, _SMALL_SKIPPED, _SMALL_UPSCALED = 0, 1, 2, 3  # per-file status codes
@@ -111,6 +111,23 @@ def imagenet_class_names(folders: Sequence[str]) -> list[str] | None:
         order = {f: i for i, f in enumerate(sorted(folders))}
         return [categories[order[f]] for f in folders]
     return None
+
+
+def imagenet_label_indices(folders: Sequence[str], class_names: Sequence[str]) -> list[int] | None:
+    """Each synset folder's index among ``class_names`` when those are ImageNet-1k's classes in sorted-synset order.
+
+    That is ADM's label order (guided-diffusion ``image_datasets.py`` sorts the synset names): a
+    folder tree holding only some of the 1000 synsets keeps each image's ImageNet label (the golden
+    retriever folder ``n02099601`` is 207 whichever folders sit beside it). None when the folders are
+    not all synsets, ``class_names`` are not the 1000 ImageNet names, or timm's synset list is missing.
+    """
+    synsets = _imagenet_synsets()
+    if synsets is None or not folders or not all(_SYNSET.fullmatch(f) for f in folders):
+        return None
+    rank = {s: i for i, s in enumerate(synsets)}
+    if not all(f in rank for f in folders) or imagenet_class_names(list(synsets)) != list(class_names):
+        return None
+    return [rank[f] for f in folders]
 
 
 def _has_images(folder: str) -> bool:

@@ -233,6 +233,7 @@ def guidance_sweep(
     real_features: Tensor,
     class_names: list[str],
     out_dir: Path,
+    classes: Sequence[int] | None = None,
     classifier: nn.Module | None = None,
     classifier_schedule: NoiseSchedule | None = None,
     classifier_scales: Sequence[float] = (0.0,),
@@ -250,22 +251,26 @@ def guidance_sweep(
 ) -> tuple[dict[str, Any], Tensor, Tensor]:
     """For every (classifier scale s, CFG scale w): FID / IS / precision / recall and requested-class accuracy.
 
-    Classes are requested round-robin so every class is equally represented; every setting
+    Classes are requested round-robin so every class is equally represented: all of them, or
+    ``classes`` (the ones the real images show, e.g. a few ImageNet synsets); every setting
     starts from the same seed, so the settings differ only by their guidance. Writes a sample
     grid per setting, ``guidance_accuracy.png`` and ``fid_vs_accuracy.png``. Returns the report
     and the samples (uint8 (N, 3, R, R)) and labels (N,) of the setting with the lowest FID.
     """
     num_classes = len(class_names)
-    labels = torch.arange(num_samples) % num_classes  # (N,)
+    requested = list(range(num_classes)) if classes is None else sorted(int(c) for c in classes)
+    if not requested or not all(0 <= c < num_classes for c in requested):
+        raise ValueError(f"classes must be indices 0..{num_classes - 1} of the stage's classes, got {requested}")
+    labels = torch.tensor(requested)[torch.arange(num_samples) % len(requested)]  # (N,)
     settings = [(float(cs), float(ws)) for ws in cfg_scales for cs in classifier_scales]
     if any(cs > 0 for cs, _ in settings) and classifier is None:
         raise ValueError("classifier scales > 0 need a noisy classifier: pass classifier_ckpt=PATH (or classifier_scales=[0])")
     sample_kwargs = {"sampler": sampler, "steps": steps, "classifier": classifier, "classifier_schedule": classifier_schedule}
-    rows = min(num_classes, 10)
+    rows = requested[:10]  # the classes shown in the sample grids
     results: list[dict[str, Any]] = []
     best_images = torch.empty(0, dtype=torch.uint8)
     for setting in tqdm(settings, desc="guidance sweep", unit="setting", disable=not progress):
-        feats, probs, predicted, kept, shown = [], [], [], [], {c: [] for c in range(rows)}
+        feats, probs, predicted, kept, shown = [], [], [], [], {c: [] for c in rows}
 
         def on_batch(images: Tensor, chunk: Tensor) -> None:
             f, p = features(images)
@@ -274,7 +279,7 @@ def guidance_sweep(
             predicted.append(classify(reference, images))
             kept.append(_to_uint8(images))
             for image, label in zip(images, chunk.tolist()):
-                if label < rows and len(shown[label]) < 8:
+                if label in shown and len(shown[label]) < 8:
                     shown[label].append(image)
 
         tag = f"cls{setting[0]:g}_cfg{setting[1]:g}"
@@ -301,12 +306,12 @@ def guidance_sweep(
                 "cfg_scale": setting[1],
                 **metrics,
                 "requested_class_accuracy": float(accuracy.mean()),
-                "per_class_accuracy": [float(accuracy[labels == c].mean()) for c in range(num_classes)],
+                "per_class_accuracy": [float(accuracy[labels == c].mean()) for c in requested],
             }
         )
         if len(results) == 1 or metrics["fid"] < min(r["fid"] for r in results[:-1]):  # ties: the first, as min() picks
             best_images = torch.cat(kept)
-        _grid(torch.stack([im for c in range(rows) for im in shown[c]]), 8, out_dir / f"samples_{tag}.png")
+        _grid(torch.stack([im for c in rows for im in shown[c]]), 8, out_dir / f"samples_{tag}.png")
     names = [f"s={r['classifier_scale']:g}, w={r['cfg_scale']:g}" for r in results]
     plot_bars(
         names,
@@ -323,6 +328,7 @@ def guidance_sweep(
         "num_samples": num_samples,
         "num_real": len(real_features),
         "seed": seed,
+        "requested_classes": None if classes is None else requested,  # None: every class; per_class_accuracy follows it
         "guidance": results,
     }
     return report, best_images, labels
@@ -406,7 +412,7 @@ def aug_level_sweep(
     net: nn.Module,
     data: Dataset,
     *,
-    aug_levels: Sequence[int],
+    aug_levels: Sequence[int | None],
     features: FeatureSpace,
     out_dir: Path,
     num_images: int = 32,
@@ -427,9 +433,14 @@ def aug_level_sweep(
     (model and bicubic; means over batches) and FID / precision / recall of the outputs
     against the ground truth (tiles, :class:`FeatureSpace`); bicubic's FID once. Every level
     starts from the same seed. Writes ``sr_sweep.png`` and ``sr_samples.png``.
+
+    A stage without noise augmentation (ADM's upsamplers) has no level to sweep: ``aug_levels``
+    is ``[None]``, one pass with the low-res input only resized up.
     """
+    if not stage.noise_augmentation and list(aug_levels) != [None]:
+        raise ValueError(f"{stage.name} was trained without noise conditioning augmentation: it has no aug levels to sweep")
     for s in aug_levels:
-        if not 0 <= s <= stage.aug_max_level:
+        if stage.noise_augmentation and not (s is not None and 0 <= s <= stage.aug_max_level):
             raise ValueError(
                 f"aug level {s} is outside 0..{stage.aug_max_level}, the levels {stage.name} was trained on; fix aug_levels=[...]"
             )
@@ -441,7 +452,8 @@ def aug_level_sweep(
         sums: dict[str, float] = {}
         feats = []
         batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-        for batch in tqdm(batches, desc=f"s={s}", unit="batch", leave=False, disable=not progress):
+        desc = "no augmentation" if s is None else f"s={s}"
+        for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
             hi, labels = _images(data, batch)  # (b, 3, R, R)
             if crop is not None and crop < hi.shape[-1]:
                 hi = central_crop(hi, crop, align=f)  # (b, 3, crop, crop) aligned with the low-res crop
@@ -471,7 +483,7 @@ def aug_level_sweep(
                 inputs.extend(list(zip(lowres, hi))[: 4 - len(inputs)])
         metrics = {key: value / len(indices) for key, value in sums.items()}
         dist = distribution_metrics(torch.cat(truth_feats), torch.cat(feats), None, k=pr_k, splits=1)
-        results.append({"aug_level": int(s), **metrics, **dist})
+        results.append({"aug_level": None if s is None else int(s), **metrics, **dist})
     bicubic = distribution_metrics(torch.cat(truth_feats), torch.cat(bicubic_feats), None, k=pr_k, splits=1)
     _sr_grid(shown, list(aug_levels), f, out_dir / "sr_samples.png")
     return {

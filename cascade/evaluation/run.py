@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import torch
 from hydra.utils import get_class
@@ -43,7 +43,7 @@ from cascade.evaluation.evaluate import (
     select_level,
 )
 from cascade.evaluation.features import InceptionFeatures, NoisyClassifierFeatures, TimmFeatures, inception_weights
-from cascade.evaluation.held_out import held_out_data
+from cascade.evaluation.held_out import held_out_data, shown_classes
 from cascade.evaluation.tuned import write_tuned
 from cascade.training.checkpoint import LoadedStage, open_stage
 from cascade.utils.device import resolve_device
@@ -95,6 +95,7 @@ class EvaluationConfig:
 
     ckpt: str = MISSING
     classifier_ckpt: Optional[str] = None
+    data: Optional[Dict[str, Any]] = None  # evaluation images named on the command line (default: the checkpoint's data)
     out_dir: Optional[str] = None
     device: str = "auto"
     bf16: bool = True
@@ -302,6 +303,7 @@ def _evaluate_generator(
         real_features=real,
         class_names=loaded.class_names,
         out_dir=out_dir,
+        classes=shown_classes(train),  # a few synsets of ImageNet: request only the classes the real images show
         classifier=classifier.net if classifier else None,
         classifier_schedule=classifier.stage.schedule if classifier else None,
         classifier_scales=run.classifier_scales,
@@ -372,11 +374,12 @@ def _evaluate_upsampler(
     if kind == "classifier" and not cfg.features_path:
         reference, ref_report = _judge(cfg, loaded, train, val, out_dir, device)
     features = _feature_space(cfg, kind, inception, reference, ref_report, loaded, device)
+    augmented = loaded.stage.noise_augmentation  # ADM's upsamplers have none: one pass, no level to choose
     sweep = aug_level_sweep(
         loaded.stage,
         loaded.net,
         val,
-        aug_levels=run.aug_levels,
+        aug_levels=run.aug_levels if augmented else [None],
         features=features,
         out_dir=out_dir,
         num_images=run.num_images,
@@ -390,6 +393,14 @@ def _evaluate_upsampler(
         seed=cfg.seed,
         progress=cfg.progress,
     )
+    if not augmented:
+        (r,) = sweep["levels"]
+        print(
+            f"no noise augmentation: PSNR {r['psnr']:.2f} (bicubic {r['psnr_bicubic']:.2f})  SSIM {r['ssim']:.3f} (bicubic "
+            f"{r['ssim_bicubic']:.3f})  consistency {r['consistency_psnr']:.2f} dB  FID {r['fid']:.2f} "
+            f"(bicubic {sweep['bicubic']['fid']:.2f}); {loaded.name} has no aug level to choose, no tuned file written"
+        )
+        return {"features": features.description, "reference": ref_report, **sweep, "noise_augmentation": False}
     best = select_level(sweep["levels"], run.select_by)
     plot_sr_sweep(sweep, best["aug_level"], run.select_by, out_dir / "sr_sweep.png")
     chosen_by = f"{'lowest' if run.select_by in LOWER_IS_BETTER else 'highest'} {run.select_by} over aug levels {run.aug_levels}"
@@ -449,20 +460,49 @@ def _evaluate_classifier(
     return report
 
 
+def evaluation_data(cfg: EvaluationConfig, loaded: LoadedStage) -> dict[str, Any]:
+    """The data config evaluation reads: ``cfg.data`` when named, else the one the stage trained on.
+
+    A checkpoint converted from another project's release (``scripts/convert_checkpoint.py``) has no
+    data config: without ``data=…`` it is refused with one line naming the fix.
+    """
+    if cfg.data is not None:
+        if not isinstance(cfg.data.get("train"), dict) or "_target_" not in cfg.data["train"]:
+            raise ValueError("data= names no data set (no data.train._target_); use data=imagefolder data.root=FOLDER")
+        return cfg.data
+    data = loaded.payload["config"].get("data")
+    if data is None:
+        source = loaded.payload.get("source") or {}
+        origin = f"converted from {source['format']} {source['file']}" if "file" in source else "written without training"
+        example = (
+            " (ImageNet's val/ in its synset folders, n01440764 …: the labels follow ADM's sorted-synset order)"
+            if len(loaded.class_names) == 1000
+            else ""
+        )
+        raise ValueError(
+            f"{cfg.ckpt} was {origin} and carries no data config to take evaluation images from; name them: "
+            f"data=imagefolder data.root=FOLDER_OF_CLASS_FOLDERS{example}"
+        )
+    return data
+
+
 def evaluate_checkpoint(cfg: EvaluationConfig) -> tuple[dict[str, Any], Path]:
     """Evaluate the stage in ``cfg.ckpt`` by its role; write ``metrics.json`` and the plots. Returns (report, out_dir)."""
     device = resolve_device(cfg.device)
     loaded = open_stage(cfg.ckpt, device)
+    data = evaluation_data(cfg, loaded)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt).resolve().parents[1] / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = loaded.payload["config"]["data"]
     resolution = loaded.stage.resolution
     role = "classifier" if loaded.is_classifier else "upsampler" if loaded.is_upsampler else "base"
-    train, val, held_out = held_out_data(data, resolution, role)  # never the training images
+    # never the training images; labels in the stage's class order
+    train, val, held_out = held_out_data(data, resolution, role, class_names=loaded.class_names, named=cfg.data is not None)
     report: dict[str, Any] = {
         "ckpt": str(cfg.ckpt),
         "stage": loaded.name,
         "step": loaded.payload["step"],
+        "source": loaded.payload.get("source"),  # a converted checkpoint's original file (name, sha256)
+        "data": data,
         "held_out": held_out,
         "settings": asdict(cfg),
     }
