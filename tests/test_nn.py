@@ -150,6 +150,34 @@ def test_attention_block_matches_naive_softmax() -> None:
     assert torch.allclose(block(x), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("order", ["new", "legacy"])
+def test_attention_runs_on_the_fused_flash_kernel_in_both_layouts(order: str) -> None:
+    """q, k, v reach SDPA with stride 1 on the head dimension, so the fused kernel takes them (restricted to it, a
+    math fallback would raise): forward and input gradient equal the naive softmax in ADM's order, NCHW and NHWC."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    block = perturb_zero_init(AttentionBlock(64, head_channels=16, order=order))  # 4 heads of 16
+    b, c, t, heads, d = 2, 64, 30, 4, 16
+    x = torch.randn(b, c, 5, 6, dtype=torch.float64, requires_grad=True)
+    block.double()
+    qkv = block.qkv(block.norm(x.reshape(b, c, t)))  # (B, 3C, T)
+    split = qkv.reshape(b, 3, heads, d, t).unbind(1) if order == "new" else qkv.reshape(b, heads, 3, d, t).unbind(2)
+    q, k, v = split  # (B, heads, d, T) each
+    w = torch.softmax(torch.einsum("bhdt,bhds->bhts", q, k) / math.sqrt(d), dim=-1)  # (B, heads, T, T)
+    expected = (x.reshape(b, c, t) + block.proj(torch.einsum("bhts,bhds->bhdt", w, v).reshape(b, c, t))).reshape_as(x)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    block.float()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x32 = x.detach().float().contiguous(memory_format=fmt).requires_grad_()
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            y = block(x32)
+            (grad,) = torch.autograd.grad(y.square().sum(), x32)
+        assert y.is_contiguous(memory_format=fmt)
+        assert torch.allclose(y.double(), expected, atol=2e-5)
+        assert torch.allclose(grad.double(), expected_grad, atol=1e-4 * expected_grad.abs().max().item())
+
+
 def test_legacy_attention_order_is_new_order_with_permuted_weights() -> None:
     """ADM's legacy layout (per head [q, k, v]) is the new one ([Q_all, K_all, V_all]) with the qkv rows reordered."""
     torch.manual_seed(0)

@@ -237,19 +237,21 @@ class AttentionBlock(nn.Module):
         self.proj = zero_init(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, *spatial), any memory format; the output has x's shape."""
         b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)  # (B, C, T)
-        qkv = self.qkv(self.norm(x))  # (B, 3C, T)
-        d = c // self.num_heads
+        heads, d = self.num_heads, c // self.num_heads
+        # Token-major from here: the 1×1 convolutions are linear maps over tokens, so q, k, v come out with stride 1
+        # on d, as every fused SDPA kernel (flash, memory-efficient; CUDA and CPU) requires; channel-major q, k, v
+        # (stride T on d) leave only the math kernel. Channels-last maps are token-major already (no copy).
+        tokens = self.norm(x).reshape(b, c, -1).transpose(1, 2)  # (B, T, C)
+        qkv = F.linear(tokens, self.qkv.weight[..., 0], self.qkv.bias)  # (B, T, 3C)
         if self.order == "new":
-            qkv = qkv.reshape(b, 3, self.num_heads, d, -1).transpose(-1, -2)  # (B, 3, heads, T, d)
-            q, k, v = qkv.unbind(1)  # (B, heads, T, d) each
+            q, k, v = qkv.reshape(b, -1, 3, heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, T, d) each
         else:
-            qkv = qkv.reshape(b, self.num_heads, 3, d, -1).transpose(-1, -2)  # (B, heads, 3, T, d)
-            q, k, v = qkv.unbind(2)  # (B, heads, T, d) each
+            q, k, v = qkv.reshape(b, -1, heads, 3, d).permute(3, 0, 2, 1, 4)  # (B, heads, T, d) each
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d)
-        h = h.transpose(-1, -2).reshape(b, c, -1)  # (B, C, T)
-        return (x + self.proj(h)).reshape(b, c, *spatial)  # (B, C, H, W)
+        h = F.linear(h.transpose(1, 2).reshape(b, -1, c), self.proj.weight[..., 0], self.proj.bias)  # (B, T, C)
+        return x + h.transpose(1, 2).reshape(b, c, *spatial)  # (B, C, *spatial)
 
 
 class AttentionPool2d(nn.Module):
