@@ -75,6 +75,31 @@ def test_resblock_up_down_shapes() -> None:
     assert ResBlock(32, 16, up=True, use_scale_shift_norm=False)(x, emb).shape == (2, 32, 16, 16)
 
 
+def test_upsample_conv_is_conv_of_the_nearest_upsampled_map() -> None:
+    """The transposed-convolution form of nearest ×2 + 3×3 conv is the same function of the same weight: value and
+    gradients (input, weight, bias) in float64 to rounding, NCHW and NHWC, odd and even sizes; ResBlock(up) uses it."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1).double()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 8, 5, 6, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+        fast, slow = layers.upsample_conv(x, conv), conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        assert fast.shape == (2, 12, 10, 12) and fast.is_contiguous(memory_format=fmt)
+        assert torch.allclose(fast, slow, atol=1e-12)
+        probe = torch.randn_like(slow)
+        grads = [torch.autograd.grad((y * probe).sum(), (x, conv.weight, conv.bias)) for y in (fast, slow)]
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-11)
+    with pytest.raises(ValueError, match="3×3"):
+        layers.upsample_conv(x, nn.Conv2d(8, 8, 1).double())
+    block = ResBlock(32, 64, up=True).double()
+    perturb_zero_init(block)
+    x, emb = torch.randn(2, 32, 4, 4, dtype=torch.float64), torch.randn(2, 64, dtype=torch.float64)
+    scale, shift = block.emb_proj(emb).chunk(2, dim=1)
+    h = block.in_conv(torch.nn.functional.interpolate(block.in_norm(x, act=True), scale_factor=2.0, mode="nearest"))
+    h = block.out_conv(block.out_norm(h, scale, shift, act=True))
+    assert torch.allclose(block(x, emb), torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest") + h, atol=1e-12)
+
+
 def test_timestep_embedding() -> None:
     t = torch.tensor([0, 1, 500])
     emb = timestep_embedding(t, 7)
