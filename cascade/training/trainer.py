@@ -101,7 +101,7 @@ class Trainer:
         log_every: int = 100,  # metrics.jsonl period
         num_workers: int = 4,  # data loader workers per rank
         bf16: bool = True,  # bf16 autocast where native: CUDA, CPUs with AMX / AVX512-BF16
-        channels_last: bool | Literal["auto"] = False,  # NHWC memory format; auto: by the machine (cascade.utils.device.choose_compute)
+        channels_last: bool | Literal["auto"] = False,  # NHWC memory format; auto: by the machine (utils.device.choose_compute)
         micro_batch_size: int | None = None,  # per-rank micro-batch for gradient accumulation; None = the whole rank batch
         compile: bool = False,  # torch.compile the network for the training step (EMA and checkpoints keep the plain module)
         tf32: bool = True,  # TF32 matmuls/convolutions for float32 work on Ampere+ GPUs (no effect on CPU)
