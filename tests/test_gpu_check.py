@@ -58,12 +58,6 @@ def test_tiny_mode_base_with_switches(tmp_path, monkeypatch: pytest.MonkeyPatch)
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AttentionBlock (cascade/nn/layers.py) hands SDPA q, k, v whose last dimension has stride "
-    "T, not 1: every fused kernel (CUDA flash / memory-efficient, CPU flash) refuses them and the math kernel runs. "
-    "The fix belongs with the attention layout change in layers.py; then remove this marker.",
-)
 def test_unet_attention_runs_on_a_fused_sdpa_backend() -> None:
     """The check the GPU script makes, on the CPU's flash kernel: a math fallback raises instead of running."""
     from cascade.nn import UNet

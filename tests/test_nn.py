@@ -75,6 +75,31 @@ def test_resblock_up_down_shapes() -> None:
     assert ResBlock(32, 16, up=True, use_scale_shift_norm=False)(x, emb).shape == (2, 32, 16, 16)
 
 
+def test_upsample_conv_is_conv_of_the_nearest_upsampled_map() -> None:
+    """The transposed-convolution form of nearest ×2 + 3×3 conv is the same function of the same weight: value and
+    gradients (input, weight, bias) in float64 to rounding, NCHW and NHWC, odd and even sizes; ResBlock(up) uses it."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1).double()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 8, 5, 6, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+        fast, slow = layers.upsample_conv(x, conv), conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        assert fast.shape == (2, 12, 10, 12) and fast.is_contiguous(memory_format=fmt)
+        assert torch.allclose(fast, slow, atol=1e-12)
+        probe = torch.randn_like(slow)
+        grads = [torch.autograd.grad((y * probe).sum(), (x, conv.weight, conv.bias)) for y in (fast, slow)]
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-11)
+    with pytest.raises(ValueError, match="3×3"):
+        layers.upsample_conv(x, nn.Conv2d(8, 8, 1).double())
+    block = ResBlock(32, 64, up=True).double()
+    perturb_zero_init(block)
+    x, emb = torch.randn(2, 32, 4, 4, dtype=torch.float64), torch.randn(2, 64, dtype=torch.float64)
+    scale, shift = block.emb_proj(emb).chunk(2, dim=1)
+    h = block.in_conv(torch.nn.functional.interpolate(block.in_norm(x, act=True), scale_factor=2.0, mode="nearest"))
+    h = block.out_conv(block.out_norm(h, scale, shift, act=True))
+    assert torch.allclose(block(x, emb), torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest") + h, atol=1e-12)
+
+
 def test_timestep_embedding() -> None:
     t = torch.tensor([0, 1, 500])
     emb = timestep_embedding(t, 7)
@@ -148,6 +173,34 @@ def test_attention_block_matches_naive_softmax() -> None:
     a = torch.einsum("bhts,bhds->bhdt", w, v).reshape(b, c, t)  # (B, C, T)
     expected = (x.reshape(b, c, t) + block.proj(a)).reshape_as(x)
     assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["new", "legacy"])
+def test_attention_runs_on_the_fused_flash_kernel_in_both_layouts(order: str) -> None:
+    """q, k, v reach SDPA with stride 1 on the head dimension, so the fused kernel takes them (restricted to it, a
+    math fallback would raise): forward and input gradient equal the naive softmax in ADM's order, NCHW and NHWC."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    block = perturb_zero_init(AttentionBlock(64, head_channels=16, order=order))  # 4 heads of 16
+    b, c, t, heads, d = 2, 64, 30, 4, 16
+    x = torch.randn(b, c, 5, 6, dtype=torch.float64, requires_grad=True)
+    block.double()
+    qkv = block.qkv(block.norm(x.reshape(b, c, t)))  # (B, 3C, T)
+    split = qkv.reshape(b, 3, heads, d, t).unbind(1) if order == "new" else qkv.reshape(b, heads, 3, d, t).unbind(2)
+    q, k, v = split  # (B, heads, d, T) each
+    w = torch.softmax(torch.einsum("bhdt,bhds->bhts", q, k) / math.sqrt(d), dim=-1)  # (B, heads, T, T)
+    expected = (x.reshape(b, c, t) + block.proj(torch.einsum("bhts,bhds->bhdt", w, v).reshape(b, c, t))).reshape_as(x)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    block.float()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x32 = x.detach().float().contiguous(memory_format=fmt).requires_grad_()
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            y = block(x32)
+            (grad,) = torch.autograd.grad(y.square().sum(), x32)
+        assert y.is_contiguous(memory_format=fmt)
+        assert torch.allclose(y.double(), expected, atol=2e-5)
+        assert torch.allclose(grad.double(), expected_grad, atol=1e-4 * expected_grad.abs().max().item())
 
 
 def test_legacy_attention_order_is_new_order_with_permuted_weights() -> None:

@@ -394,3 +394,26 @@ def test_benchmark_bad_input_is_one_line_and_exit_code_2(args: list[str], messag
     )
     assert result.returncode == 2 and message in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:")
+
+
+def test_compute_choice_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.channels_last=auto: NHWC on a CPU where the C++ GroupNorm kernel is there, NCHW where it is not; bf16
+    autocast only where native; the one printed line says which and why."""
+    from cascade.utils import device as device_module
+    from cascade.utils.device import choose_compute
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device_module, "native_bf16", lambda device: False)
+    emulated = choose_compute(cpu, bf16=True, channels_last="auto", norm_kernel=lambda: True)
+    assert (emulated.bf16, emulated.channels_last) == (False, True)
+    assert emulated.line().startswith("compute: float32, channels-last (") and "bf16 would be emulated" in emulated.line()
+    no_kernel = choose_compute(cpu, bf16=True, channels_last="auto", norm_kernel=lambda: False)
+    assert not no_kernel.channels_last and "no C++ GroupNorm kernel" in no_kernel.reason
+    forced = choose_compute(cpu, bf16=True, channels_last=False, norm_kernel=lambda: pytest.fail("not consulted"))
+    assert not forced.channels_last and "set in the config" in forced.reason
+    monkeypatch.setattr(device_module, "native_bf16", lambda device: True)
+    native = choose_compute(cpu, bf16=True, channels_last="auto", norm_kernel=lambda: True)
+    assert (native.bf16, native.channels_last) == (True, True) and "native bf16" in native.reason
+    assert not choose_compute(cpu, bf16=False, channels_last="auto", norm_kernel=lambda: True).bf16
+    with pytest.raises(ValueError, match="true, false or auto"):
+        choose_compute(cpu, bf16=True, channels_last="yes", norm_kernel=lambda: True)  # type: ignore[arg-type]

@@ -33,6 +33,7 @@ __all__ = [
     "AttentionOrder",
     "attention_num_heads",
     "batch_vector",
+    "upsample_conv",
 ]
 
 AttentionOrder = Literal["new", "legacy"]
@@ -121,16 +122,42 @@ class Downsample(nn.Module):
         return self.op(x)  # (B, C, H/2, W/2)
 
 
+def _phase_taps(w: Tensor, dim: int) -> Tensor:
+    """Along ``dim`` (size 3), the 4 taps of a 3-tap filter applied after nearest ×2 upsampling, as a stride-2
+    transposed filter: output 2i reads inputs i−1, i (taps w0 and w1 + w2), output 2i + 1 reads i, i + 1 (w0 + w1, w2)."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim=dim)
+
+
+def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(nearest_upsample_2x(x))`` for a 3×3, stride-1, padding-1 ``conv``, at the low resolution.
+
+    Every output pixel of a 3×3 convolution of a nearest-upsampled map sees only 2×2 distinct input pixels, so
+    the pair is one stride-2 transposed convolution of x with a 4×4 kernel of summed taps (4 multiply-adds per
+    output and input channel instead of 9; the sub-pixel view of Shi et al. 2016, "Real-time single image and
+    video super-resolution using an efficient sub-pixel convolutional neural network"). The same function of the
+    same 3×3 weight, up to float rounding (the summed taps are rounded once); no 2H×2W intermediate map.
+    """
+    if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.dilation != (1, 1):
+        raise ValueError("upsample_conv needs a 3×3 convolution with stride 1 and padding 1")
+    if conv.groups != 1:
+        raise ValueError("upsample_conv needs an ungrouped convolution")
+    kernel = _phase_taps(_phase_taps(conv.weight, 2), 3).transpose(0, 1)  # (C_in, C_out, 4, 4)
+    return F.conv_transpose2d(x, kernel, conv.bias, stride=2, padding=1)  # (B, C_out, 2H, 2W)
+
+
 class Upsample(nn.Module):
-    """Double H and W by nearest-neighbour interpolation, then an optional 3×3 convolution."""
+    """Double H and W by nearest-neighbour interpolation, then an optional 3×3 convolution (one transposed
+    convolution at the low resolution: :func:`upsample_conv`)."""
 
     def __init__(self, channels: int, use_conv: bool = True) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
-        return self.conv(x)
+        if isinstance(self.conv, nn.Conv2d):
+            return upsample_conv(x, self.conv)  # (B, C, 2H, 2W)
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
 
 
 class ResBlock(nn.Module):
@@ -159,7 +186,7 @@ class ResBlock(nn.Module):
         if up and down:
             raise ValueError("ResBlock cannot both up- and down-sample")
         out_channels = out_channels or channels
-        self.use_scale_shift_norm = use_scale_shift_norm
+        self.use_scale_shift_norm, self.up = use_scale_shift_norm, up
         self.in_norm = GroupNorm32(channels, norm_groups)
         self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
         if up:
@@ -178,7 +205,10 @@ class ResBlock(nn.Module):
         """x: (B, C_in, H, W); emb: (B, emb_channels) SiLU of the conditioning embedding. ADM's per-block
         projection starts with that SiLU; the networks apply it once for all their blocks."""
         h = self.in_norm(x, act=True)  # (B, C_in, H, W) SiLU(GN(x))
-        h = self.in_conv(self.resample(h))  # (B, C_out, H', W')
+        if self.up:
+            h = upsample_conv(h, self.in_conv)  # (B, C_out, 2H, 2W) in_conv(upsample(h)), at the low resolution
+        else:
+            h = self.in_conv(self.resample(h))  # (B, C_out, H', W')
         x = self.resample(x)  # (B, C_in, H', W')
         e = self.emb_proj(emb)  # (B, 2·C_out or C_out); emb is already SiLU(embedding)
         if self.use_scale_shift_norm:
@@ -237,19 +267,21 @@ class AttentionBlock(nn.Module):
         self.proj = zero_init(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, *spatial), any memory format; the output has x's shape."""
         b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)  # (B, C, T)
-        qkv = self.qkv(self.norm(x))  # (B, 3C, T)
-        d = c // self.num_heads
+        heads, d = self.num_heads, c // self.num_heads
+        # Token-major from here: the 1×1 convolutions are linear maps over tokens, so q, k, v come out with stride 1
+        # on d, as every fused SDPA kernel (flash, memory-efficient; CUDA and CPU) requires; channel-major q, k, v
+        # (stride T on d) leave only the math kernel. Channels-last maps are token-major already (no copy).
+        tokens = self.norm(x).reshape(b, c, -1).transpose(1, 2)  # (B, T, C)
+        qkv = F.linear(tokens, self.qkv.weight[..., 0], self.qkv.bias)  # (B, T, 3C)
         if self.order == "new":
-            qkv = qkv.reshape(b, 3, self.num_heads, d, -1).transpose(-1, -2)  # (B, 3, heads, T, d)
-            q, k, v = qkv.unbind(1)  # (B, heads, T, d) each
+            q, k, v = qkv.reshape(b, -1, 3, heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, T, d) each
         else:
-            qkv = qkv.reshape(b, self.num_heads, 3, d, -1).transpose(-1, -2)  # (B, heads, 3, T, d)
-            q, k, v = qkv.unbind(2)  # (B, heads, T, d) each
+            q, k, v = qkv.reshape(b, -1, heads, 3, d).permute(3, 0, 2, 1, 4)  # (B, heads, T, d) each
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d)
-        h = h.transpose(-1, -2).reshape(b, c, -1)  # (B, C, T)
-        return (x + self.proj(h)).reshape(b, c, *spatial)  # (B, C, H, W)
+        h = F.linear(h.transpose(1, 2).reshape(b, -1, c), self.proj.weight[..., 0], self.proj.bias)  # (B, T, C)
+        return x + h.transpose(1, 2).reshape(b, c, *spatial)  # (B, C, *spatial)
 
 
 class AttentionPool2d(nn.Module):

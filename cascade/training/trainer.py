@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -39,7 +39,7 @@ from cascade.roles import Trainable
 from cascade.training import faults
 from cascade.training.checkpoint import load_latest, prune_checkpoints, remove_temporaries, save_checkpoint
 from cascade.training.state import TrainingState
-from cascade.utils.device import bf16_autocast
+from cascade.utils.device import bf16_autocast, choose_compute
 from cascade.utils.plots import plot_loss_curve, read_metrics
 from cascade.utils.rng import keyed_seed
 
@@ -101,7 +101,7 @@ class Trainer:
         log_every: int = 100,  # metrics.jsonl period
         num_workers: int = 4,  # data loader workers per rank
         bf16: bool = True,  # bf16 autocast where native: CUDA, CPUs with AMX / AVX512-BF16
-        channels_last: bool = False,  # NHWC memory format (tensor cores; on CPU with our C++ GroupNorm kernel, see README)
+        channels_last: bool | Literal["auto"] = False,  # NHWC memory format; auto: by the machine (utils.device.choose_compute)
         micro_batch_size: int | None = None,  # per-rank micro-batch for gradient accumulation; None = the whole rank batch
         compile: bool = False,  # torch.compile the network for the training step (EMA and checkpoints keep the plain module)
         tf32: bool = True,  # TF32 matmuls/convolutions for float32 work on Ampere+ GPUs (no effect on CPU)
@@ -110,6 +110,8 @@ class Trainer:
     ) -> None:
         if max_steps < 1 or batch_size < 1:
             raise ValueError("trainer.max_steps and trainer.batch_size must be >= 1")
+        if channels_last not in (True, False, "auto"):
+            raise ValueError(f"trainer.channels_last must be true, false or auto, got {channels_last!r}")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"trainer.micro_batch_size must be >= 1 or null, got {micro_batch_size}")
         self.micro_batch_size, self.compile, self.tf32 = micro_batch_size, compile, tf32
@@ -194,9 +196,13 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (outside bf16 autocast) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
         class_names = list(dataset.class_names)
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        compute = choose_compute(
+            device, bf16=self.bf16, channels_last=self.channels_last, norm_kernel=lambda: group_norm_kernels() is not None
+        )
+        memory_format = torch.channels_last if compute.channels_last else torch.contiguous_format
         net = stage.build(num_classes=len(class_names)).to(device).to(memory_format=memory_format)
         if rank == 0:
+            print(f"[{stage.name}] {compute.line()}", flush=True)
             print(
                 f"[{stage.name}] {type(net).__name__}: {count_parameters(net) / 1e6:.1f}M parameters, "
                 f"{len(dataset)} images of {len(class_names)} classes at {stage.resolution}px, device {device}, "
@@ -257,7 +263,7 @@ class Trainer:
         if run.world_size > 1:
             run.ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         run.model = run.ddp or net
-        if device.type == "cpu" and self.channels_last:
+        if device.type == "cpu" and run.memory_format == torch.channels_last:
             # Channels-last norms (bf16 and float32) run on the C++ GroupNorm kernel: build or load it now: its one-time build
             # message then comes before the progress bar, and torch.compile traces norms onto it only if it is loaded before tracing.
             group_norm_kernels()

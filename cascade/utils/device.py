@@ -1,4 +1,5 @@
-"""Where a run computes: device resolution and bf16 autocast where the hardware has native bf16."""
+"""Where a run computes: device resolution, bf16 autocast where the hardware has native bf16, and the precision and
+memory format a training run picks for the machine it is on (:func:`choose_compute`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-__all__ = ["resolve_device", "keep_freed_memory", "native_bf16", "bf16_autocast"]
+__all__ = ["resolve_device", "keep_freed_memory", "native_bf16", "bf16_autocast", "cpu_kind", "ComputeChoice", "choose_compute"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
 
@@ -71,3 +75,70 @@ def bf16_autocast(device: torch.device, enabled: bool = True) -> contextlib.Abst
     if enabled and native_bf16(device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cpu_kind() -> str:
+    """What decides CPU speed here, e.g. ``AVX-512, no AVX512-BF16/AMX``: native bf16 matrix units or not, and the
+    float32 vector width (PyTorch's run-time detection)."""
+    cpu = getattr(torch, "cpu", None)
+    has = [
+        label
+        for name, label in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16"))
+        if getattr(cpu, name, None) is not None and getattr(cpu, name)()
+    ]
+    capability = torch.backends.cpu.get_cpu_capability()
+    width = "AVX-512" if capability.startswith("AVX512") else "AVX2" if capability.startswith("AVX2") else capability
+    return f"{width}, {'/'.join(has)}" if has else f"{width}, no AVX512-BF16/AMX"
+
+
+@dataclass(frozen=True)
+class ComputeChoice:
+    """The precision and memory format of a training run, and why (:func:`choose_compute`)."""
+
+    bf16: bool  # bf16 autocast really on (asked for and native here)
+    channels_last: bool  # network and batches in NHWC
+    reason: str
+
+    def line(self) -> str:
+        precision = "bf16 autocast" if self.bf16 else "float32"
+        layout = "channels-last" if self.channels_last else "NCHW"
+        return f"compute: {precision}, {layout} ({self.reason})"
+
+
+def choose_compute(
+    device: torch.device,
+    *,
+    bf16: bool,  # the config's trainer.bf16: autocast where native
+    channels_last: bool | Literal["auto"],  # the config's trainer.channels_last
+    norm_kernel: Callable[[], bool],  # whether the C++ channels-last GroupNorm kernel is available (may build it)
+) -> ComputeChoice:
+    """Precision and memory format for ``device``; ``channels_last="auto"`` picks the layout by what the machine has.
+
+    - bf16 autocast only where native (:func:`native_bf16`); elsewhere float32.
+    - ``auto`` on a CPU: channels-last when the C++ GroupNorm kernel is there (oneDNN's convolutions run NHWC without
+      layout conversions, and the norms run on the kernel in bf16 and float32; README "Speed and scale" has the measured
+      gain per CPU kind); NCHW without it (PyTorch's channels-last GroupNorm is the slow one).
+    - ``auto`` on CUDA: channels-last under bf16 (cuDNN's tensor-core convolutions are NHWC kernels), NCHW in float32.
+    """
+    if channels_last not in (True, False, "auto"):
+        raise ValueError(f"trainer.channels_last must be true, false or auto, got {channels_last!r}")
+    autocast = bf16 and native_bf16(device)
+    if device.type == "cuda":
+        precision = "native bf16 on this GPU" if autocast else "bf16 off" if not bf16 else "this GPU has no bf16"
+    else:
+        kind = cpu_kind()
+        precision = (
+            f"this CPU has {kind}: native bf16"
+            if autocast
+            else f"bf16 off by config; CPU {kind}"
+            if not bf16
+            else f"this CPU has {kind}: bf16 would be emulated"
+        )
+    if channels_last != "auto":
+        return ComputeChoice(autocast, bool(channels_last), f"{precision}; layout set in the config")
+    if device.type == "cuda":
+        layout = "NHWC tensor-core convolutions" if autocast else "float32 convolutions"
+        return ComputeChoice(autocast, autocast, f"{precision}; auto layout: {layout}")
+    if norm_kernel():
+        return ComputeChoice(autocast, True, f"{precision}; auto layout: NHWC convolutions with the C++ GroupNorm kernel")
+    return ComputeChoice(autocast, False, f"{precision}; auto layout: no C++ GroupNorm kernel, so NCHW")
