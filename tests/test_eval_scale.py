@@ -80,6 +80,51 @@ def test_guidance_sweep_on_two_ranks_equals_one_process(tiny_base: Path, tmp_pat
         assert (tmp_path / "two" / png).is_file()
 
 
+def _walk(a, b, path: str = ""):
+    """(path, a, b) for every leaf of two JSON reports."""
+    if isinstance(a, dict):
+        for key in a:
+            yield from _walk(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from _walk(x, y, f"{path}[{i}]")
+    else:
+        yield path, a, b
+
+
+@pytest.mark.slow
+def test_upsampler_and_classifier_evaluation_on_two_ranks_equal_one_process(smoke_runs: Path, tmp_path: Path) -> None:
+    """The aug-level sweep on real low-res inputs and the noisy classifier's accuracy by t, 1 process vs 2 gloo ranks."""
+    common = ["device=cpu", "preset=tiny", "progress=false"]
+    classifier = smoke_runs / "classifier" / "checkpoints" / "last.pt"
+    reports = []
+    for name, launch in (("c1", []), ("c2", TORCHRUN_2)):
+        args = [str(ROOT / "scripts" / "evaluate_stage.py"), f"ckpt={classifier}", f"out_dir={tmp_path / name}", *common]
+        result = run_python([*launch, *args, "eval_images=24", "eval_buckets=3"], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert reports[0]["accuracy_by_t"] == reports[1]["accuracy_by_t"] and reports[1]["world_size"] == 2  # counts: exact
+
+    sr256 = smoke_runs / "sr256" / "checkpoints" / "last.pt"
+    sweep = ["aug_levels=[7,30]", "num_images=6", "sr_batch_size=2", "sr_steps=1", "write_tuned=false", "pr_k=2"]
+    sweep += ["reference.arch=test_convnext", "reference.steps=2", "reference.batch_size=8", "reference.eval_images=8"]
+    reports = []
+    for name, launch, extra in (("u1", [], []), ("u2", TORCHRUN_2, [f"reference.ckpt={tmp_path / 'u1'}/reference_test_convnext_crop64.pt"])):
+        args = [str(ROOT / "scripts" / "evaluate_stage.py"), f"ckpt={sr256}", f"out_dir={tmp_path / name}", *common, *sweep]
+        result = run_python([*launch, *args, *extra], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    a, b = reports
+    assert b["world_size"] == 2 and not (Path(str(sr256).replace(".pt", ".tuned.json"))).exists()
+    for path, x, y in _walk({k: a[k] for k in ("levels", "bicubic", "chosen_aug_level")}, b):
+        if path.endswith(".fid"):  # a function of float64 sums added in another order (see the guidance test)
+            assert math.isclose(x, y, rel_tol=1e-7), (path, x, y)
+        else:  # PSNR / SSIM / consistency / sharpness means, precision / recall
+            assert x == y or math.isclose(x, y, rel_tol=1e-12), (path, x, y)
+    assert (tmp_path / "u2" / "sr_samples.png").is_file() and (tmp_path / "u2" / "sr_sweep.png").is_file()
+
+
 # --- CAS of a samples file ----------------------------------------------------------------------------------------
 
 
@@ -158,3 +203,17 @@ def test_cas_script_bad_input_is_one_error_line(tiny_base: Path, tmp_path: Path)
         result = run_python([str(ROOT / "scripts" / "cas_score.py"), str(path), "--ckpt", str(tiny_base)], tmp_path)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr
+
+
+def test_metrics_read_real_images_without_the_random_flip() -> None:
+    """A flip drawn from torch's global RNG made FID's real features differ between runs and ranks."""
+    from cascade.evaluation.held_out import without_augmentation
+
+    data = {
+        "train": {"_target_": "cascade.data.ShapesDataset", "size": 8, "flip": True},
+        "val": {"_target_": "cascade.data.ImageFolderDataset", "root": "x"},  # flips by default, key absent
+        "other": None,
+    }
+    clean = without_augmentation(data)
+    assert clean["train"] == {**data["train"], "flip": False} and clean["val"] == {**data["val"], "flip": False}
+    assert clean["other"] is None and data["train"]["flip"] is True  # the input is not modified

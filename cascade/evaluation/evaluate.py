@@ -11,9 +11,16 @@ Each routine takes a stage rebuilt from its checkpoint, typed by its role (:mod:
   (CDM §4.3): PSNR / SSIM / consistency for the model and bicubic, and FID of the outputs (on
   tiles); the best level by a chosen metric (:func:`select_level`).
 
-Images are streamed batch by batch; only features, a few images for the grids and (for CAS)
-the uint8 samples of the best setting so far are kept. Sampling runs under bf16 autocast where
-the hardware has native bf16 (as ``cascade_sample.py`` does).
+Images are streamed batch by batch; only feature statistics, the rows of the first ``pr_num``
+images for precision/recall, a few images for the grids and (for CAS) the uint8 samples of the
+best setting so far are kept. Sampling runs under bf16 autocast where the hardware has native
+bf16 (as ``cascade_sample.py`` does).
+
+Under ``torchrun`` every routine splits its work by :func:`index_batches` (fixed batches, rank r
+takes every K-th), draws each image's noise from its own generator seeded with ``derive_seed(seed,
+stream, i)`` (:func:`image_generators`), all-reduces counts and float64 sums and gathers only the
+rows precision/recall needs (:class:`FeatureCollector`); every rank returns the same report and
+rank 0 writes the PNGs. One process is the case K = 1 of the same code.
 """
 
 from __future__ import annotations
@@ -184,15 +191,19 @@ class FeatureCollector:
 
 
 def gather_images(images: list[Tensor], positions: list[int]) -> Tensor:
-    """Images (3, H, W) held by this rank at ``positions`` → every rank's, in position order (n, 3, H, W), on every rank."""
-    rank, world = rank_world()
-    shape = images[0].shape if images else None
-    if world > 1:  # ranks without an image learn the shape from the others
-        shapes = [None] * world
-        torch.distributed.all_gather_object(shapes, shape)
-        shape = next(s for s in shapes if s is not None)
-    flat = torch.stack([im.reshape(-1) for im in images]) if images else torch.zeros(0, int(torch.tensor(shape).prod()))
-    rows = gather_rows(flat.float(), torch.tensor(positions, dtype=torch.long))
+    """Images (3, H, W) held by this rank at ``positions`` → every rank's, in position order (n, 3, H, W), on every rank.
+
+    The dtype is kept (uint8 samples travel as bytes).
+    """
+    _, world = rank_world()
+    meta = (tuple(images[0].shape), images[0].dtype) if images else None
+    if world > 1:  # ranks without an image learn the shape and dtype from the others
+        metas: list[Any] = [None] * world
+        torch.distributed.all_gather_object(metas, meta)
+        meta = next(m for m in metas if m is not None)
+    shape, dtype = meta
+    flat = torch.stack([im.reshape(-1) for im in images]) if images else torch.zeros(0, math.prod(shape), dtype=dtype)
+    rows = gather_rows(flat, torch.tensor(positions, dtype=torch.long))
     return rows.reshape(len(rows), *shape)
 
 
@@ -440,8 +451,8 @@ def guidance_sweep(
         if keep_best and (len(results) == 1 or metrics["fid"] < min(r["fid"] for r in results[:-1])):  # ties: the first
             mine_positions = [i for batch in mine for i in batch]
             pixels = torch.cat(kept) if kept else torch.zeros(0, 3, stage.resolution, stage.resolution, dtype=torch.uint8)
-            gathered = gather_images(list(pixels.float()), mine_positions)  # exact: integers in float32
-            best_images = gathered.to(torch.uint8) if rank == 0 else torch.empty(0, dtype=torch.uint8)
+            gathered = gather_images(list(pixels), mine_positions)  # (N, 3, R, R) uint8
+            best_images = gathered if rank == 0 else torch.empty(0, dtype=torch.uint8)
         grid = gather_images(shown, shown_at)  # (n, 3, R, R) in position order: class c's m-th image at c + C·m
         if rank == 0:
             at = sorted(shown_positions)
