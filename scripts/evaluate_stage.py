@@ -7,6 +7,7 @@
     # a stage converted from guided-diffusion has no data config: name the evaluation images (ImageNet synset folders)
     python scripts/evaluate_stage.py ckpt=runs/base/checkpoints/last.pt classifier_ckpt=runs/classifier/checkpoints/last.pt \
         data=imagefolder data.root=/path/to/imagenet/val
+    torchrun --nproc_per_node 8 scripts/evaluate_stage.py ckpt=... num_samples=50000   # the same figures, split over 8 GPUs
 
 Settings: configs/evaluate/evaluate.yaml (preset=tiny: configs/evaluate/preset/tiny.yaml); the work is
 cascade.evaluation.run.evaluate_checkpoint.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import sys
 
 import hydra
+import torch.distributed as dist
 from omegaconf import DictConfig
 
 from cascade.evaluation.run import evaluate_checkpoint, evaluation_config
@@ -27,10 +29,15 @@ from cascade.training.checkpoint import CheckpointError
 def main(cfg: DictConfig) -> None:
     try:
         _, out_dir = evaluate_checkpoint(evaluation_config(cfg))
+        rank = dist.get_rank() if dist.is_initialized() else 0
     except (ValueError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {out_dir / 'metrics.json'} and plots in {out_dir}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        print(f"wrote {out_dir / 'metrics.json'} and plots in {out_dir}")
 
 
 if __name__ == "__main__":

@@ -213,7 +213,8 @@ def test_reference_batch_with_and_without_precomputed_statistics(tmp_path: Path)
     assert a["fid"] == pytest.approx(expected, rel=1e-8) and b["fid"] == pytest.approx(expected, rel=1e-8)
     assert c["fid"] == pytest.approx(expected, rel=1e-8)
     assert a["precision"] == b["precision"] and a["recall"] == b["recall"] and a["precision"] is not None
-    assert a["pr_num_reference"] == 100 and a["pr_num_samples"] == 100
+    assert a["pr_num_reference"] == 100 and a["pr_num_samples"] == 120  # ADM: its reference subset against every sample
+    assert (a["precision"], a["recall"]) == pytest.approx(precision_recall(feats[:100], sample_feats, 3), abs=1e-12)
     assert c["precision"] is None and "no images" in c["precision_recall_note"]
     assert any("mu/sigma stored in" in n for n in b["notes"])
     assert any("read from the cache" in n for n in again["notes"]) and again["fid"] == a["fid"]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascade.pipeline.shards import class_labels
+from cascade.pipeline.shards import class_labels, to_uint8
 from cascade.utils.npz import ArraySpec, iter_rows, read_array, read_header, write_npz
 from cascade.utils.rng import derive_seed
 from tests.helpers import ROOT, TORCHRUN_2, run_python, subprocess_env, train
@@ -118,6 +118,9 @@ def test_two_ranks_one_process_and_a_killed_run_give_the_same_file(tiny_base: Pa
     )  # two threads: the thread count is free too
     assert result.returncode == 0, result.stderr[-3000:]
     final = one / f"samples_{NUM}x64x64x3.npz"
+    record = __import__("json").loads((one / "manifest.json").read_text())
+    assert record["settings"]["stages"][0]["steps"] == 1 and record["setting_sources"]["base"]["steps"] == "--base-steps"
+    assert record["setting_sources"]["base"]["sampler"] == "configs/cascade.yaml"
 
     result = run_python([*TORCHRUN_2, *_command(tiny_base, two)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -169,7 +172,7 @@ def test_two_ranks_one_process_and_a_killed_run_give_the_same_file(tiny_base: Pa
     [
         (["--num-samples", "0"], "--num-samples must be >= 1"),
         (["--class", "99"], "out of range"),
-        (["--sr1024-ckpt", "x.pt"], "needs --sr256-ckpt"),
+        (["--sr1024-ckpt", "x.pt"], "do not start the config's chain"),
     ],
 )
 def test_bad_options_are_one_error_line(tiny_base: Path, tmp_path: Path, extra: list[str], message: str) -> None:
@@ -181,3 +184,36 @@ def test_bad_options_are_one_error_line(tiny_base: Path, tmp_path: Path, extra: 
 def test_missing_checkpoint_is_one_error_line(tmp_path: Path) -> None:
     result = run_python(_command(tmp_path / "none.pt", tmp_path / "out"), tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "does not exist" in result.stderr
+
+
+def test_stage_settings_take_the_cascade_sample_path_with_tuned_files(tmp_path: Path) -> None:
+    """config ← <ckpt>.tuned.json ← flags, as cascade_sample.py: a tuned aug level and step count change what shards use."""
+    from cascade.evaluation.tuned import tuned_path, write_tuned
+    from cascade.pipeline.shard_command import resolve, shard_settings
+
+    base, sr256 = tmp_path / "base.pt", tmp_path / "sr256.pt"
+    argv = ["--out", str(tmp_path / "o"), "--base-ckpt", str(base), "--sr256-ckpt", str(sr256)]
+    _, resolved = resolve(argv)
+    settings, sources = shard_settings(resolved, ["base", "sr256"])
+    assert settings[1].aug_level is None and settings[0].steps == 25 and settings[1].batch_size == 4  # configs/cascade.yaml
+    write_tuned(sr256, {"aug_level": 77}, chosen_by="test", step=2, report="r.json")
+    write_tuned(base, {"steps": 3}, chosen_by="test", step=2, report="r.json")
+    _, resolved = resolve(argv)
+    settings, sources = shard_settings(resolved, ["base", "sr256"])
+    assert settings[1].aug_level == 77 and sources["sr256"]["aug_level"].startswith(str(tuned_path(sr256)))
+    assert settings[0].steps == 3 and sources["base"]["steps"].startswith(str(tuned_path(base)))
+    _, resolved = resolve([*argv, "--sr256-aug-level", "5"])  # a flag still wins
+    settings, sources = shard_settings(resolved, ["base", "sr256"])
+    assert settings[1].aug_level == 5 and sources["sr256"]["aug_level"] == "--sr256-aug-level"
+    _, resolved = resolve(argv[:4])  # no upsampler checkpoint given: the base alone, not the config's chain
+    assert list(resolved.config.upsamplers) == []
+
+
+def test_pixels_are_truncated_as_adm_image_sample_does() -> None:
+    """ADM's image_sample.py: ((x + 1) * 127.5).clamp(0, 255).to(uint8) — truncation; out-of-range values clamp."""
+    levels = torch.arange(256, dtype=torch.float64)
+    x = ((levels + 0.75) / 127.5 - 1).float()  # three quarters of a level above each level: rounding would go up
+    images = torch.cat([x, torch.tensor([-1.5, -1.0, 1.0, 1.5])]).reshape(1, 1, 1, -1).expand(1, 3, 1, -1)  # (1, 3, 1, 260)
+    pixels = to_uint8(images)  # (1, 1, 260, 3)
+    assert pixels.dtype == np.uint8 and pixels.shape == (1, 1, 260, 3)
+    assert pixels[0, 0, :256, 0].tolist() == list(range(255)) + [255] and pixels[0, 0, 256:, 1].tolist() == [0, 0, 255, 255]

@@ -11,9 +11,16 @@ Each routine takes a stage rebuilt from its checkpoint, typed by its role (:mod:
   (CDM §4.3): PSNR / SSIM / consistency for the model and bicubic, and FID of the outputs (on
   tiles); the best level by a chosen metric (:func:`select_level`).
 
-Images are streamed batch by batch; only features, a few images for the grids and (for CAS)
-the uint8 samples of the best setting so far are kept. Sampling runs under bf16 autocast where
-the hardware has native bf16 (as ``cascade_sample.py`` does).
+Images are streamed batch by batch; only feature statistics, the rows of the first ``pr_num``
+images for precision/recall, a few images for the grids and (for CAS) the uint8 samples of the
+best setting so far are kept. Sampling runs under bf16 autocast where the hardware has native
+bf16 (as ``cascade_sample.py`` does).
+
+Under ``torchrun`` every routine splits its work by :func:`index_batches` (fixed batches, rank r
+takes every K-th), draws each image's noise from its own generator seeded with ``derive_seed(seed,
+stream, i)`` (:func:`image_generators`), all-reduces counts and float64 sums and gathers only the
+rows precision/recall needs (:class:`FeatureCollector`); every rank returns the same report and
+rank 0 writes the PNGs. One process is the case K = 1 of the same code.
 """
 
 from __future__ import annotations
@@ -28,28 +35,35 @@ import matplotlib.pyplot as plt  # Agg backend: set by cascade.utils.plots, impo
 import timm
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from cascade.data.resize import central_crop, downsample, upsample
+from cascade.diffusion.process import q_sample
 from cascade.diffusion.schedules import NoiseSchedule
 from cascade.evaluation.features import FeatureExtractor, extract, tiles
-from cascade.evaluation.fid import fid, inception_score, precision_recall
+from cascade.evaluation.fid import frechet_distance, precision_recall
 from cascade.evaluation.metrics import (
-    accuracy_by_noise_level,
     classify,
     random_crops,
     super_resolution_metrics,
     topk_accuracy,
     train_reference_classifier,
 )
+from cascade.evaluation.stats import FeatureStats, ScoreStats, gather_rows
 from cascade.roles import Generator, NoisyClassifier, Upsampler
 from cascade.utils.device import bf16_autocast
+from cascade.utils.distributed import all_reduce_sum, rank_world
 from cascade.utils.plots import plot_bars, save_grid
+from cascade.utils.rng import ImageGenerators, derive_seed
 
 __all__ = [
     "FeatureSpace",
+    "FeatureSet",
     "LOWER_IS_BETTER",
+    "GUIDANCE_STREAM",
+    "SR_STREAM",
+    "index_batches",
     "random_subset",
     "reference_classifier",
     "distribution_metrics",
@@ -81,10 +95,116 @@ class FeatureSpace:
         """Features (N·k, D) and class probabilities (N·k, C) of images (N, 3, S, S) in [−1, 1]."""
         return extract(self.extractor, tiles(images, self.crop, self.tiles_per_image), batch_size=self.batch_size, progress=False)
 
-    def of_dataset(self, data: Dataset, indices: Sequence[int], *, progress: bool = True, desc: str = "real features") -> Tensor:
-        """Features of the images ``data[indices]``."""
-        loader = DataLoader(Subset(data, list(indices)), batch_size=self.batch_size)
-        return torch.cat([self(images)[0] for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress)])
+    def of_dataset(
+        self,
+        data: Dataset,
+        indices: Sequence[int],
+        *,
+        pr_num: int,
+        progress: bool = True,
+        desc: str = "real features",
+    ) -> FeatureSet:
+        """Features of the images ``data[indices]``, this rank's batches only, gathered into one :class:`FeatureSet`."""
+        rank, world = rank_world()
+        collect = FeatureCollector(pr_num=pr_num)
+        batches = index_batches(len(indices), self.batch_size)
+        for batch in tqdm(batches[rank::world], desc=desc, unit="batch", disable=not (progress and rank == 0), leave=False):
+            images, _ = _images(data, [indices[i] for i in batch])
+            collect.add(self(images)[0], None, batch)
+        return collect.gather()
+
+
+GUIDANCE_STREAM = 0  # derive_seed stream of the guidance sweep's images (the one sample_shards.py gives the base)
+SR_STREAM = 1  # derive_seed stream of the aug-level sweep's outputs
+NOISE_ACCURACY_STREAM = 2  # derive_seed stream of the noisy classifier's (t, noise) draws
+
+
+def index_batches(n: int, batch_size: int) -> list[range]:
+    """Positions 0 … n − 1 cut into batches of ``batch_size`` at fixed offsets; rank r of K takes batches r, r + K, ….
+
+    Every image is computed in the same batch, with the same companions, whatever K: the results of
+    K ranks equal one process's (sums up to float64 rounding of their order).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
+def image_generators(seed: int, stream: int, indices: Sequence[int], device: torch.device) -> ImageGenerators:
+    """One generator per image, seeded with ``derive_seed(seed, stream, i)``: image i's noise is a function of (seed, i)."""
+    return ImageGenerators([derive_seed(seed, stream, int(i)) for i in indices], device=device)
+
+
+@dataclass
+class FeatureSet:
+    """Features of one image set over every rank: Gaussian statistics, Inception-Score sums, rows for precision/recall."""
+
+    stats: FeatureStats
+    rows: Tensor  # (min(N, pr_num)·k, D) float32, in image order (k tiles per image)
+    score: ScoreStats | None = None
+
+    @property
+    def num(self) -> int:
+        return self.stats.n
+
+
+class FeatureCollector:
+    """Accumulates one rank's features (streamed: O(D²) memory plus ``pr_num`` rows) and gathers them over ranks.
+
+    Features arrive per batch of images with their global positions; an image gives k rows (its tiles),
+    row i·k + t. Statistics are all-reduced; the rows of the first ``pr_num`` images are gathered in order.
+    """
+
+    def __init__(self, *, pr_num: int, num_images: int | None = None, is_splits: int | None = None) -> None:
+        self.pr_num, self.num_images, self.is_splits = pr_num, num_images, is_splits
+        self.stats: FeatureStats | None = None
+        self.score: ScoreStats | None = None
+        self.rows: list[Tensor] = []
+        self.where: list[Tensor] = []
+        self.tiles: int | None = None
+
+    def add(self, features: Tensor, probs: Tensor | None, positions: Sequence[int]) -> None:
+        """Features (B·k, D) (and class probabilities (B·k, C)) of the images at global ``positions`` (B,)."""
+        k = len(features) // len(positions)
+        if self.stats is None:
+            self.stats, self.tiles = FeatureStats(features.shape[1]), k
+            if probs is not None and self.is_splits is not None and self.num_images is not None and probs.shape[1] > 0:
+                self.score = ScoreStats(self.num_images * k, probs.shape[1], self.is_splits)
+        rows_index = (torch.tensor(list(positions))[:, None] * k + torch.arange(k)[None, :]).reshape(-1)  # (B·k,)
+        self.stats.update(features)
+        if self.score is not None and probs is not None:
+            self.score.update(probs, rows_index)
+        keep = rows_index < self.pr_num * k
+        if keep.any():
+            self.rows.append(features[keep].float().cpu())
+            self.where.append(rows_index[keep])
+
+    def gather(self) -> FeatureSet:
+        if self.stats is None:  # this rank had no batch (more ranks than batches): learn the dimension from the others
+            raise ValueError("more ranks than batches of images: use fewer ranks or a smaller batch size")
+        self.stats.all_reduce()
+        if self.score is not None:
+            self.score.all_reduce()
+        rows = torch.cat(self.rows) if self.rows else torch.zeros(0, self.stats.dim)
+        where = torch.cat(self.where) if self.where else torch.zeros(0, dtype=torch.long)
+        return FeatureSet(self.stats, gather_rows(rows, where), self.score)
+
+
+def gather_images(images: list[Tensor], positions: list[int]) -> Tensor:
+    """Images (3, H, W) held by this rank at ``positions`` → every rank's, in position order (n, 3, H, W), on every rank.
+
+    The dtype is kept (uint8 samples travel as bytes).
+    """
+    _, world = rank_world()
+    meta = (tuple(images[0].shape), images[0].dtype) if images else None
+    if world > 1:  # ranks without an image learn the shape and dtype from the others
+        metas: list[Any] = [None] * world
+        torch.distributed.all_gather_object(metas, meta)
+        meta = next(m for m in metas if m is not None)
+    shape, dtype = meta
+    flat = torch.stack([im.reshape(-1) for im in images]) if images else torch.zeros(0, math.prod(shape), dtype=dtype)
+    rows = gather_rows(flat, torch.tensor(positions, dtype=torch.long))
+    return rows.reshape(len(rows), *shape)
 
 
 def random_subset(n_total: int, n: int, seed: int) -> list[int]:
@@ -157,17 +277,21 @@ def reference_classifier(
     return net, {**recipe, "path": str(path), "held_out": accuracy, "held_out_images": len(labels)}
 
 
-def distribution_metrics(real: Tensor, fake: Tensor, fake_probs: Tensor | None, *, k: int, splits: int) -> dict[str, float]:
-    """FID, precision and recall of ``fake`` against ``real`` features, and IS of ``fake_probs`` (if given)."""
-    if min(len(real), len(fake)) <= k:
+def distribution_metrics(real: FeatureSet, fake: FeatureSet, *, k: int) -> dict[str, float]:
+    """FID of ``fake`` against ``real`` (their Gaussians), precision / recall on their rows, IS of ``fake`` (if it has sums)."""
+    if min(len(real.rows), len(fake.rows)) <= k:
         raise ValueError(
             f"precision/recall with k={k} needs more than {k} real and generated feature vectors, got "
-            f"{len(real)} and {len(fake)}; raise num_samples / num_real / num_images"
+            f"{len(real.rows)} and {len(fake.rows)}; raise num_samples / num_real / num_images (or pr_num)"
         )
-    precision, recall = precision_recall(real, fake, k)
-    out = {"fid": fid(real, fake), "precision": precision, "recall": recall}
-    if fake_probs is not None:
-        out["is"], out["is_std"] = inception_score(fake_probs, splits)
+    precision, recall = precision_recall(real.rows, fake.rows, k)
+    out = {
+        "fid": frechet_distance(fake.stats.mu, fake.stats.sigma, real.stats.mu, real.stats.sigma),
+        "precision": precision,
+        "recall": recall,
+    }
+    if fake.score is not None:
+        out["is"], out["is_std"] = fake.score.score()
     return out
 
 
@@ -176,7 +300,8 @@ def _grid(images: Tensor, nrow: int, path: Path) -> None:
 
 
 def _to_uint8(images: Tensor) -> Tensor:
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """Images in [−1, 1] → uint8 as ADM's ``image_sample.py`` quantises its samples: truncated, not rounded."""
+    return ((images.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
 
 
 class _Uint8Images(Dataset):
@@ -196,32 +321,35 @@ def _sample_base(
     stage: Generator,
     net: nn.Module,
     labels: Tensor,
+    batches: Sequence[range],
     *,
     setting: tuple[float, float],
-    batch_size: int,
     sample_kwargs: dict[str, Any],
     seed: int,
     device: torch.device,
     bf16: bool,
-    on_batch: Callable[[Tensor, Tensor], None],
+    on_batch: Callable[[Tensor, range], None],
     progress: bool,
     desc: str,
 ) -> None:
-    """Sample ``labels`` (N,) batch by batch from one generator seeded with ``seed``; ``on_batch(images, labels)`` per batch."""
+    """Sample the images at positions ``batches`` (this rank's); image i's noise from ``derive_seed(seed, GUIDANCE_STREAM, i)``.
+
+    ``on_batch(images, positions)`` per batch. The same seeds for every setting: the settings differ only by their guidance.
+    """
     classifier_scale, cfg_scale = setting
-    generator = torch.Generator(device).manual_seed(seed)
-    for chunk in tqdm(labels.split(batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
+    rank, _ = rank_world()
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not (progress and rank == 0)):
         with bf16_autocast(device, bf16):
             images = stage.sample(
                 net,
-                chunk.to(device),
+                labels[batch.start : batch.stop].to(device),
                 classifier_scale=classifier_scale,
                 cfg_scale=cfg_scale,
-                generator=generator,
+                generator=image_generators(seed, GUIDANCE_STREAM, batch, device),
                 progress=False,
                 **sample_kwargs,
             )
-        on_batch(images.float().cpu(), chunk)
+        on_batch(images.float().cpu(), batch)
 
 
 def guidance_sweep(
@@ -230,10 +358,9 @@ def guidance_sweep(
     *,
     reference: nn.Module,
     features: FeatureSpace,
-    real_features: Tensor,
+    real_features: FeatureSet,
     class_names: list[str],
     out_dir: Path,
-    classes: Sequence[int] | None = None,
     classifier: nn.Module | None = None,
     classifier_schedule: NoiseSchedule | None = None,
     classifier_scales: Sequence[float] = (0.0,),
@@ -243,20 +370,28 @@ def guidance_sweep(
     sampler: str = "dpmpp_2m",
     steps: int = 25,
     pr_k: int = 3,
+    pr_num: int = 10_000,
     is_splits: int = 10,
     device: torch.device = torch.device("cpu"),
     bf16: bool = True,
     seed: int = 0,
     progress: bool = True,
+    keep_best: bool = True,
+    classes: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], Tensor, Tensor]:
     """For every (classifier scale s, CFG scale w): FID / IS / precision / recall and requested-class accuracy.
 
     Classes are requested round-robin so every class is equally represented: all of them, or
-    ``classes`` (the ones the real images show, e.g. a few ImageNet synsets); every setting
-    starts from the same seed, so the settings differ only by their guidance. Writes a sample
-    grid per setting, ``guidance_accuracy.png`` and ``fid_vs_accuracy.png``. Returns the report
-    and the samples (uint8 (N, 3, R, R)) and labels (N,) of the setting with the lowest FID.
+    ``classes`` (the ones the real images show, e.g. a few ImageNet synsets); image i's noise
+    is a function of (seed, i) alone and the same for every setting, so the settings differ only
+    by their guidance. Under ``torchrun`` each rank samples its batches (:func:`index_batches`),
+    features are streamed into statistics and all-reduced (the rows of the first ``pr_num``
+    images gathered for precision/recall), and every rank returns the same report; rank 0
+    writes a sample grid per setting, ``guidance_accuracy.png`` and ``fid_vs_accuracy.png``.
+    Returns the report and, with ``keep_best`` (on rank 0; empty elsewhere), the samples (uint8
+    (N, 3, R, R)) and labels (N,) of the setting with the lowest FID.
     """
+    rank, world = rank_world()
     num_classes = len(class_names)
     requested = list(range(num_classes)) if classes is None else sorted(int(c) for c in classes)
     if not requested or not all(0 <= c < num_classes for c in requested):
@@ -266,29 +401,37 @@ def guidance_sweep(
     if any(cs > 0 for cs, _ in settings) and classifier is None:
         raise ValueError("classifier scales > 0 need a noisy classifier: pass classifier_ckpt=PATH (or classifier_scales=[0])")
     sample_kwargs = {"sampler": sampler, "steps": steps, "classifier": classifier, "classifier_schedule": classifier_schedule}
-    rows = requested[:10]  # the classes shown in the sample grids
+    period, rows = len(requested), min(len(requested), 10)  # position i requests requested[i % period]; grids show `rows`
+    shown_positions = {j + period * m for j in range(rows) for m in range(8) if j + period * m < num_samples}
+    mine = index_batches(num_samples, batch_size)[rank::world]
     results: list[dict[str, Any]] = []
     best_images = torch.empty(0, dtype=torch.uint8)
-    for setting in tqdm(settings, desc="guidance sweep", unit="setting", disable=not progress):
-        feats, probs, predicted, kept, shown = [], [], [], [], {c: [] for c in rows}
+    for setting in tqdm(settings, desc="guidance sweep", unit="setting", disable=not (progress and rank == 0)):
+        collect = FeatureCollector(pr_num=pr_num, num_images=num_samples, is_splits=is_splits)
+        correct = torch.zeros(num_classes, dtype=torch.float64)  # (C,) requested class predicted
+        kept: list[Tensor] = []
+        shown: list[Tensor] = []
+        shown_at: list[int] = []
 
-        def on_batch(images: Tensor, chunk: Tensor) -> None:
+        def on_batch(images: Tensor, batch: range) -> None:
             f, p = features(images)
-            feats.append(f)
-            probs.append(p)
-            predicted.append(classify(reference, images))
-            kept.append(_to_uint8(images))
-            for image, label in zip(images, chunk.tolist()):
-                if label in shown and len(shown[label]) < 8:
-                    shown[label].append(image)
+            collect.add(f, p, batch)
+            hit = (classify(reference, images).argmax(1) == labels[batch.start : batch.stop]).double()  # (b,)
+            correct.index_add_(0, labels[batch.start : batch.stop], hit)
+            if keep_best:
+                kept.append(_to_uint8(images))
+            for i, image in zip(batch, images):
+                if i in shown_positions:
+                    shown.append(image)
+                    shown_at.append(i)
 
         tag = f"cls{setting[0]:g}_cfg{setting[1]:g}"
         _sample_base(
             stage,
             net,
             labels,
+            mine,
             setting=setting,
-            batch_size=batch_size,
             sample_kwargs=sample_kwargs,
             seed=seed,
             device=device,
@@ -297,37 +440,48 @@ def guidance_sweep(
             progress=progress,
             desc=f"sampling s={setting[0]:g} w={setting[1]:g}",
         )
-        logits = torch.cat(predicted)  # (N, C)
-        accuracy = (logits.argmax(1) == labels).float()  # (N,)
-        metrics = distribution_metrics(real_features, torch.cat(feats), torch.cat(probs), k=pr_k, splits=is_splits)
+        fake = collect.gather()
+        correct = all_reduce_sum(correct)  # (C,) exact: integer counts in float64
+        per_class = torch.bincount(labels, minlength=num_classes).double()  # (C,)
+        metrics = distribution_metrics(real_features, fake, k=pr_k)
         results.append(
             {
                 "classifier_scale": setting[0],
                 "cfg_scale": setting[1],
                 **metrics,
-                "requested_class_accuracy": float(accuracy.mean()),
-                "per_class_accuracy": [float(accuracy[labels == c].mean()) for c in requested],
+                "requested_class_accuracy": float(correct.sum() / num_samples),
+                "per_class_accuracy": [float(correct[c] / per_class[c]) for c in requested],
             }
         )
-        if len(results) == 1 or metrics["fid"] < min(r["fid"] for r in results[:-1]):  # ties: the first, as min() picks
-            best_images = torch.cat(kept)
-        _grid(torch.stack([im for c in rows for im in shown[c]]), 8, out_dir / f"samples_{tag}.png")
+        if keep_best and (len(results) == 1 or metrics["fid"] < min(r["fid"] for r in results[:-1])):  # ties: the first
+            mine_positions = [i for batch in mine for i in batch]
+            pixels = torch.cat(kept) if kept else torch.zeros(0, 3, stage.resolution, stage.resolution, dtype=torch.uint8)
+            gathered = gather_images(list(pixels), mine_positions)  # (N, 3, R, R) uint8
+            best_images = gathered if rank == 0 else torch.empty(0, dtype=torch.uint8)
+        grid = gather_images(shown, shown_at)  # (n, 3, R, R) in position order: requested[j]'s m-th image at j + period·m
+        if rank == 0:
+            at = sorted(shown_positions)
+            _grid(grid[sorted(range(len(at)), key=lambda j: (at[j] % period, at[j]))], 8, out_dir / f"samples_{tag}.png")
     names = [f"s={r['classifier_scale']:g}, w={r['cfg_scale']:g}" for r in results]
-    plot_bars(
-        names,
-        [r["requested_class_accuracy"] for r in results],
-        out_dir / "guidance_accuracy.png",
-        title="samples showing the requested class (reference classifier)",
-        ylabel="fraction",
-        chance=1 / num_classes,
-    )
-    _plot_fid_vs_accuracy(results, names, out_dir / "fid_vs_accuracy.png", features.description.split(":")[0])
+    if rank == 0:
+        plot_bars(
+            names,
+            [r["requested_class_accuracy"] for r in results],
+            out_dir / "guidance_accuracy.png",
+            title="samples showing the requested class (reference classifier)",
+            ylabel="fraction",
+            chance=1 / num_classes,
+        )
+        _plot_fid_vs_accuracy(results, names, out_dir / "fid_vs_accuracy.png", features.description.split(":")[0])
     report = {
         "sampler": sampler,
         "steps": steps,
         "num_samples": num_samples,
-        "num_real": len(real_features),
+        "num_real": real_features.num,
+        "pr_num": min(pr_num, num_samples),
         "seed": seed,
+        "seeding": f"image i: torch.Generator seeded with cascade.utils.rng.derive_seed(seed, {GUIDANCE_STREAM}, i), every setting",
+        "world_size": world,
         "requested_classes": None if classes is None else requested,  # None: every class; per_class_accuracy follows it
         "guidance": results,
     }
@@ -421,6 +575,7 @@ def aug_level_sweep(
     sampler: str = "dpmpp_2m",
     steps: int = 25,
     pr_k: int = 3,
+    pr_num: int = 10_000,
     device: torch.device = torch.device("cpu"),
     bf16: bool = True,
     seed: int = 0,
@@ -430,9 +585,11 @@ def aug_level_sweep(
 
     Inputs are the antialiased downsamples of the held-out images (their central aligned
     ``crop`` when given: cheap 1024px evaluation on a CPU). Per level: :func:`~cascade.evaluation.metrics.super_resolution_metrics`
-    (model and bicubic; means over batches) and FID / precision / recall of the outputs
-    against the ground truth (tiles, :class:`FeatureSpace`); bicubic's FID once. Every level
-    starts from the same seed. Writes ``sr_sweep.png`` and ``sr_samples.png``.
+    (model and bicubic; means over batches, weighted by batch size) and FID / precision / recall of the
+    outputs against the ground truth (tiles, :class:`FeatureSpace`); bicubic's FID once. Output j's
+    noise comes from ``derive_seed(seed, SR_STREAM, j)`` at every level. Under ``torchrun`` each rank
+    super-resolves its batches (:func:`index_batches`); sums and feature statistics are all-reduced.
+    Rank 0 writes ``sr_samples.png`` (the caller writes ``sr_sweep.png``).
 
     A stage without noise augmentation (ADM's upsamplers) has no level to sweep: ``aug_levels``
     is ``[None]``, one pass with the low-res input only resized up.
@@ -444,17 +601,25 @@ def aug_level_sweep(
             raise ValueError(
                 f"aug level {s} is outside 0..{stage.aug_max_level}, the levels {stage.name} was trained on; fix aug_levels=[...]"
             )
+    rank, world = rank_world()
     indices = random_subset(len(data), num_images, seed)
     f = stage.factor
-    truth_feats, bicubic_feats, shown, results = [], [], {}, []
-    for level_index, s in enumerate(tqdm(list(aug_levels), desc="aug-level sweep", unit="level", disable=not progress)):
-        generator = torch.Generator(device).manual_seed(seed)
-        sums: dict[str, float] = {}
-        feats = []
-        batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    mine = index_batches(len(indices), batch_size)[rank::world]
+    truth, bicubic_feats = FeatureCollector(pr_num=pr_num), FeatureCollector(pr_num=pr_num)
+    shown: dict[Any, list[Tensor]] = {}
+    shown_at: list[int] = []
+    results = []
+    keys = list(
+        super_resolution_metrics(torch.zeros(1, 3, 2 * f, 2 * f), torch.zeros(1, 3, 2 * f, 2 * f), torch.zeros(1, 3, 2, 2), f)
+    )
+    for level_index, s in enumerate(
+        tqdm(list(aug_levels), desc="aug-level sweep", unit="level", disable=not (progress and rank == 0))
+    ):
+        sums = torch.zeros(len(keys), dtype=torch.float64)  # (M,) metric × batch size, summed over batches
+        collect = FeatureCollector(pr_num=pr_num)
         desc = "no augmentation" if s is None else f"s={s}"
-        for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
-            hi, labels = _images(data, batch)  # (b, 3, R, R)
+        for batch in tqdm(mine, desc=desc, unit="batch", leave=False, disable=not (progress and rank == 0)):
+            hi, labels = _images(data, [indices[i] for i in batch])  # (b, 3, R, R)
             if crop is not None and crop < hi.shape[-1]:
                 hi = central_crop(hi, crop, align=f)  # (b, 3, crop, crop) aligned with the low-res crop
             lowres = downsample(hi, f)  # (b, 3, r, r)
@@ -466,43 +631,56 @@ def aug_level_sweep(
                     aug_level=s,
                     sampler=sampler,
                     steps=steps,
-                    generator=generator,
+                    generator=image_generators(seed, SR_STREAM, batch, device),
                     progress=False,
                 )
             out = out.float().cpu()  # (b, 3, crop, crop)
-            for key, value in super_resolution_metrics(out, hi, lowres, f).items():
-                sums[key] = sums.get(key, 0.0) + value * len(batch)
-            feats.append(features(out)[0])
+            values = super_resolution_metrics(out, hi, lowres, f)
+            sums += torch.tensor([values[key] * len(batch) for key in keys], dtype=torch.float64)
+            collect.add(features(out)[0], None, batch)
             if level_index == 0:
-                truth_feats.append(features(hi)[0])
-                bicubic_feats.append(features(upsample(lowres, f, "bicubic").clamp(-1, 1))[0])
-            kept = shown.setdefault(s, [])
-            kept.extend(list(out)[: 4 - len(kept)])  # the first 4 outputs of each level for the grid
-            if level_index == 0:
-                inputs = shown.setdefault("inputs", [])
-                inputs.extend(list(zip(lowres, hi))[: 4 - len(inputs)])
-        metrics = {key: value / len(indices) for key, value in sums.items()}
-        dist = distribution_metrics(torch.cat(truth_feats), torch.cat(feats), None, k=pr_k, splits=1)
-        results.append({"aug_level": None if s is None else int(s), **metrics, **dist})
-    bicubic = distribution_metrics(torch.cat(truth_feats), torch.cat(bicubic_feats), None, k=pr_k, splits=1)
-    _sr_grid(shown, list(aug_levels), f, out_dir / "sr_samples.png")
+                truth.add(features(hi)[0], None, batch)
+                bicubic_feats.add(features(upsample(lowres, f, "bicubic").clamp(-1, 1))[0], None, batch)
+            for i, image, low, high in zip(batch, out, lowres, hi):
+                if i < 4:  # the first 4 outputs of each level for the grid
+                    shown.setdefault(s, []).append(image)
+                    if level_index == 0:
+                        nearest, bicubic = (upsample(low[None], f, mode)[0] for mode in ("nearest", "bicubic"))
+                        shown.setdefault("inputs", []).append(torch.cat([nearest, bicubic.clamp(-1, 1), high]))  # (9, H, W)
+                        shown_at.append(i)
+        if level_index == 0:
+            truth_set, bicubic_set = truth.gather(), bicubic_feats.gather()
+        sums = all_reduce_sum(sums)
+        metrics = {key: float(value) / len(indices) for key, value in zip(keys, sums)}
+        dist_metrics = distribution_metrics(truth_set, collect.gather(), k=pr_k)
+        results.append({"aug_level": None if s is None else int(s), **metrics, **dist_metrics})
+    bicubic = distribution_metrics(truth_set, bicubic_set, k=pr_k)
+    grid = {key: gather_images(shown.get(key, []), shown_at) for key in dict.fromkeys([*aug_levels, "inputs"])}
+    if rank == 0:
+        _sr_grid(grid, list(aug_levels), out_dir / "sr_samples.png")
     return {
         "num_images": len(indices),
         "crop": crop,
         "sampler": sampler,
         "steps": steps,
         "seed": seed,
+        "pr_num": min(pr_num, len(indices)),
+        "seeding": f"output j: torch.Generator seeded with cascade.utils.rng.derive_seed(seed, {SR_STREAM}, j), every level",
+        "world_size": world,
         "levels": results,
         "bicubic": {"fid": bicubic["fid"], "precision": bicubic["precision"], "recall": bicubic["recall"]},
     }
 
 
-def _sr_grid(shown: dict, levels: list[int], factor: int, path: Path, panel: int = 256) -> None:
-    """Rows: held-out images; columns: low-res input (nearest), bicubic, the model at each level, ground truth."""
+def _sr_grid(shown: dict, levels: list[int], path: Path, panel: int = 256) -> None:
+    """Rows: held-out images; columns: low-res input (nearest), bicubic, the model at each level, ground truth.
+
+    ``shown["inputs"]``: (n, 9, H, W), the nearest and bicubic enlargements of the input and the truth stacked on channels.
+    """
     columns = []
-    for i, (lowres, hi) in enumerate(shown["inputs"]):
-        row = [upsample(lowres[None], factor, "nearest")[0], upsample(lowres[None], factor, "bicubic")[0].clamp(-1, 1)]
-        row += [shown[s][i] for s in levels] + [hi]
+    for i, packed in enumerate(shown["inputs"]):
+        nearest, bicubic, hi = packed.split(3)
+        row = [nearest, bicubic] + [shown[s][i] for s in levels] + [hi]
         columns += [image[:, :panel, :panel] for image in row]  # top-left panel of large images
     _grid(torch.stack(columns), len(levels) + 3, path)
 
@@ -536,6 +714,7 @@ def plot_sr_sweep(sweep: dict[str, Any], chosen: int, metric: str, path: Path) -
     plt.close(fig)
 
 
+@torch.no_grad()
 def classifier_noise_accuracy(
     stage: NoisyClassifier,
     net: nn.Module,
@@ -546,28 +725,44 @@ def classifier_noise_accuracy(
     num_images: int,
     device: torch.device,
     seed: int = 0,
+    batch_size: int = 128,
 ) -> dict[str, Any]:
-    """A noisy classifier's held-out accuracy per t-bucket (with a PNG bar chart)."""
-    metrics = accuracy_by_noise_level(
-        net,
-        stage.schedule,
-        data,
-        buckets=buckets,
-        num_images=num_images,
-        batch_size=128,
-        device=device,
-        generator=torch.Generator(device).manual_seed(seed),
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot_bars(
-        [k.removeprefix("acc_") for k in metrics],
-        list(metrics.values()),
-        out_dir / "accuracy_by_t.png",
-        title="noisy classifier, held-out accuracy by t",
-        ylabel="top-1",
-        chance=1 / data.num_classes,
-    )
-    return {"accuracy_by_t": metrics, "num_images": min(num_images, len(data))}
+    """A noisy classifier's held-out top-1 accuracy per t-bucket (with a PNG bar chart).
+
+    The first ``num_images`` held-out images, each noised by q(x_t | x_0) (DDPM eq. 4) at a t drawn
+    uniformly inside each of ``buckets`` equal t-ranges; image i's t and noise in bucket b come from
+    ``derive_seed(seed, NOISE_ACCURACY_STREAM, b, i)`` alone. Under ``torchrun`` each rank takes its
+    batches (:func:`index_batches`) and the counts are all-reduced (exact).
+    """
+    rank, world = rank_world()
+    n = min(num_images, len(data))
+    edges = torch.linspace(0, len(stage.schedule), buckets + 1).long().tolist()
+    correct = torch.zeros(buckets, dtype=torch.float64)  # (buckets,)
+    timesteps = stage.schedule.timesteps.to(device)
+    for batch in index_batches(n, batch_size)[rank::world]:
+        images, labels = _images(data, list(batch))
+        images, labels = images.to(device), labels.to(device)
+        for b in range(buckets):
+            generators = ImageGenerators([derive_seed(seed, NOISE_ACCURACY_STREAM, b, i) for i in batch], device=device)
+            k = torch.cat(
+                [torch.randint(edges[b], edges[b + 1], (1,), generator=g, device=device) for g in generators.generators]
+            )
+            noise = generators.randn(images.shape, device=device)  # (B, 3, R, R)
+            logits = net(q_sample(stage.schedule, images, k, noise), timesteps[k])  # (B, C)
+            correct[b] += float((logits.argmax(-1) == labels).sum())
+    correct = all_reduce_sum(correct)
+    metrics = {f"acc_t{edges[b]}-{edges[b + 1] - 1}": float(correct[b]) / max(n, 1) for b in range(buckets)}
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot_bars(
+            [key.removeprefix("acc_") for key in metrics],
+            list(metrics.values()),
+            out_dir / "accuracy_by_t.png",
+            title="noisy classifier, held-out accuracy by t",
+            ylabel="top-1",
+            chance=1 / data.num_classes,
+        )
+    return {"accuracy_by_t": metrics, "num_images": n, "world_size": world}
 
 
 def json_ready(value: Any) -> Any:

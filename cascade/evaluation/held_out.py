@@ -23,16 +23,25 @@ are); other data sets' classes are matched to the stage's by name.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from torch.utils.data import Dataset
 
 from cascade.data import ImageFolderDataset, imagenet_label_indices
 
-__all__ = ["HELD_OUT_FRACTION", "SplitSubset", "ClassAligned", "class_alignment", "held_out_data", "shown_classes"]
+__all__ = [
+    "HELD_OUT_FRACTION",
+    "SplitSubset",
+    "ClassAligned",
+    "class_alignment",
+    "held_out_data",
+    "shown_classes",
+    "without_augmentation",
+]
 
 HELD_OUT_FRACTION = 0.1
 
@@ -158,3 +167,19 @@ def held_out_data(
             f"on the other {len(rest)}; the base itself trained on all of them"
         )
     return SplitSubset(full, rest), SplitSubset(full, held), note
+
+
+def without_augmentation(data: dict[str, Any]) -> dict[str, Any]:
+    """The data config with random augmentation off: ``flip=False`` for every split whose data set takes ``flip``.
+
+    Real images that metrics are computed on (FID's real features, held-out inputs) must be the images
+    themselves: a flip drawn from torch's global RNG would make them differ between runs and between
+    the ranks of ``torchrun`` (the default of ``ImageFolderDataset`` is ``flip=True`` even when the key is absent).
+    """
+    out: dict[str, Any] = {}
+    for split, entry in data.items():
+        if isinstance(entry, dict) and "_target_" in entry:
+            if "flip" in inspect.signature(get_class(entry["_target_"])).parameters:
+                entry = {**entry, "flip": False}
+        out[split] = entry
+    return out

@@ -12,6 +12,19 @@ Features of FID / IS / precision-recall are chosen explicitly: ``features=incept
 
 Writes ``metrics.json``, the plots and grids of :mod:`cascade.evaluation.evaluate`, and for an
 upsampler ``<ckpt>.tuned.json`` (:mod:`cascade.evaluation.tuned`).
+
+The same command runs on one process or under ``torchrun --nproc_per_node=K`` (NCCL on GPUs, gloo
+on CPUs; :func:`cascade.utils.distributed.init_distributed`): sampling, super-resolution, feature
+extraction and the classifier's noisy accuracy are split over ranks by fixed batches, every image's
+randomness is a function of (seed, image index), statistics are all-reduced (not images), and rank 0
+writes the files — the figures of K ranks equal one process's (counts exactly, float sums to
+rounding). The judges trained here (the reference classifier, CAS's classifier) train on rank 0
+alone; the other ranks load the reference rank 0 saved.
+
+The whole cascade's final-resolution FID is not a stage evaluation: sample the chain with
+``scripts/sample_shards.py`` and score its last ``.npz`` with ``scripts/score_samples.py`` against a
+reference at that resolution (README, "Sampling and evaluation at the papers' scale"); CAS of such a
+file: ``scripts/cas_score.py`` (:func:`cas_from_npz`).
 """
 
 from __future__ import annotations
@@ -43,10 +56,11 @@ from cascade.evaluation.evaluate import (
     select_level,
 )
 from cascade.evaluation.features import InceptionFeatures, NoisyClassifierFeatures, TimmFeatures, inception_weights
-from cascade.evaluation.held_out import held_out_data, shown_classes
+from cascade.evaluation.held_out import held_out_data, shown_classes, without_augmentation
 from cascade.evaluation.tuned import write_tuned
 from cascade.training.checkpoint import LoadedStage, open_stage
 from cascade.utils.device import resolve_device
+from cascade.utils.distributed import barrier, init_distributed, rank_world
 
 __all__ = [
     "ReferenceSettings",
@@ -107,6 +121,7 @@ class EvaluationConfig:
     crop: int = 256
     tiles_per_image: Optional[int] = 16
     pr_k: int = 3
+    pr_num: int = 10000  # precision/recall on the first pr_num images of each set (ADM: its 10k reference subset)
     is_splits: int = 10
     feature_batch_size: int = 100
     reference: ReferenceSettings = field(default_factory=ReferenceSettings)
@@ -224,7 +239,10 @@ def _judge(
     ref = cfg.reference
     name = f"reference_{ref.arch}" + (f"_crop{crop}" if crop else "") + ".pt"
     path = Path(ref.ckpt) if ref.ckpt else out_dir / name
-    return reference_classifier(
+    rank, _ = rank_world()
+    if rank != 0:  # rank 0 trains (or checks) and saves the judge first; the others load that file
+        barrier()
+    judged = reference_classifier(
         path,
         explicit=bool(ref.ckpt),
         arch=ref.arch,
@@ -238,8 +256,11 @@ def _judge(
         device=device,
         bf16=cfg.bf16,
         seed=cfg.seed,
-        progress=cfg.progress,
+        progress=cfg.progress and rank == 0,
     )
+    if rank == 0:
+        barrier()
+    return judged
 
 
 def _feature_space(
@@ -287,11 +308,12 @@ def _evaluate_generator(
     inception: Any,
     out_dir: Path,
     device: torch.device,
+    judge_train: Dataset,
 ) -> dict[str, Any]:
     run = cfg.generator()
-    reference, ref_report = _judge(cfg, loaded, train, val, out_dir, device)
+    reference, ref_report = _judge(cfg, loaded, judge_train, val, out_dir, device)
     features = _feature_space(cfg, kind, inception, reference, ref_report, loaded, device)
-    real = features.of_dataset(train, random_subset(len(train), run.num_real, cfg.seed), progress=cfg.progress)
+    real = features.of_dataset(train, random_subset(len(train), run.num_real, cfg.seed), pr_num=cfg.pr_num, progress=cfg.progress)
     classifier = open_stage(run.classifier_ckpt, device) if run.classifier_ckpt else None
     if classifier is not None and not classifier.is_classifier:
         raise ValueError(f"classifier_ckpt={run.classifier_ckpt} is a {classifier.name!r} checkpoint, not a noisy classifier")
@@ -313,14 +335,17 @@ def _evaluate_generator(
         sampler=run.sampler,
         steps=run.steps,
         pr_k=cfg.pr_k,
+        pr_num=cfg.pr_num,
         is_splits=cfg.is_splits,
         device=device,
         bf16=cfg.bf16,
         seed=cfg.seed,
         progress=cfg.progress,
+        keep_best=run.cas.enabled,
     )
     report = {"features": features.description, "reference": ref_report, **sweep}
-    if run.cas.enabled:  # on the samples of the lowest-FID setting
+    rank, _ = rank_world()
+    if run.cas.enabled and rank == 0:  # on the samples of the lowest-FID setting, gathered on rank 0
         best = min(sweep["guidance"], key=lambda r: r["fid"])
         cas = run.cas
         report["cas"] = {
@@ -330,7 +355,7 @@ def _evaluate_generator(
                 samples,
                 labels,
                 num_classes=len(loaded.class_names),
-                train_data=train,
+                train_data=judge_train,
                 val_data=val,
                 arch=cas.arch,
                 steps=cas.steps,
@@ -344,12 +369,14 @@ def _evaluate_generator(
                 progress=cfg.progress,
             ),
         }
-    for r in sweep["guidance"]:
+    if run.cas.enabled:
+        barrier()  # the other ranks wait while rank 0 trains CAS's classifier
+    for r in sweep["guidance"] if rank == 0 else []:
         print(
             f"s={r['classifier_scale']:g} w={r['cfg_scale']:g}: FID {r['fid']:.2f}  IS {r['is']:.2f}  precision "
             f"{r['precision']:.3f}  recall {r['recall']:.3f}  requested-class accuracy {r['requested_class_accuracy']:.3f}"
         )
-    if "cas" in report:
+    if "cas" in report and rank == 0:
         cas_report = report["cas"]
         print(
             f"CAS ({cas_report['arch']}, s={cas_report['classifier_scale']:g} w={cas_report['cfg_scale']:g}): top-1 "
@@ -368,11 +395,12 @@ def _evaluate_upsampler(
     inception: Any,
     out_dir: Path,
     device: torch.device,
+    judge_train: Dataset,
 ) -> dict[str, Any]:
     run = cfg.upsampler()
     reference, ref_report = None, None
     if kind == "classifier" and not cfg.features_path:
-        reference, ref_report = _judge(cfg, loaded, train, val, out_dir, device)
+        reference, ref_report = _judge(cfg, loaded, judge_train, val, out_dir, device)
     features = _feature_space(cfg, kind, inception, reference, ref_report, loaded, device)
     augmented = loaded.stage.noise_augmentation  # ADM's upsamplers have none: one pass, no level to choose
     sweep = aug_level_sweep(
@@ -388,21 +416,25 @@ def _evaluate_upsampler(
         sampler=run.sampler,
         steps=run.steps,
         pr_k=cfg.pr_k,
+        pr_num=cfg.pr_num,
         device=device,
         bf16=cfg.bf16,
         seed=cfg.seed,
         progress=cfg.progress,
     )
+    rank, _ = rank_world()
     if not augmented:
         (r,) = sweep["levels"]
-        print(
-            f"no noise augmentation: PSNR {r['psnr']:.2f} (bicubic {r['psnr_bicubic']:.2f})  SSIM {r['ssim']:.3f} (bicubic "
-            f"{r['ssim_bicubic']:.3f})  consistency {r['consistency_psnr']:.2f} dB  FID {r['fid']:.2f} "
-            f"(bicubic {sweep['bicubic']['fid']:.2f}); {loaded.name} has no aug level to choose, no tuned file written"
-        )
+        if rank == 0:
+            print(
+                f"no noise augmentation: PSNR {r['psnr']:.2f} (bicubic {r['psnr_bicubic']:.2f})  SSIM {r['ssim']:.3f} (bicubic "
+                f"{r['ssim_bicubic']:.3f})  consistency {r['consistency_psnr']:.2f} dB  FID {r['fid']:.2f} "
+                f"(bicubic {sweep['bicubic']['fid']:.2f}); {loaded.name} has no aug level to choose, no tuned file written"
+            )
         return {"features": features.description, "reference": ref_report, **sweep, "noise_augmentation": False}
     best = select_level(sweep["levels"], run.select_by)
-    plot_sr_sweep(sweep, best["aug_level"], run.select_by, out_dir / "sr_sweep.png")
+    if rank == 0:
+        plot_sr_sweep(sweep, best["aug_level"], run.select_by, out_dir / "sr_sweep.png")
     chosen_by = f"{'lowest' if run.select_by in LOWER_IS_BETTER else 'highest'} {run.select_by} over aug levels {run.aug_levels}"
     report = {
         "features": features.description,
@@ -413,7 +445,7 @@ def _evaluate_upsampler(
         "chosen_by": chosen_by,
         "tuned_file": None,
     }
-    if run.write_tuned:
+    if run.write_tuned and rank == 0:
         report["tuned_file"] = str(
             write_tuned(
                 cfg.ckpt,
@@ -423,12 +455,14 @@ def _evaluate_upsampler(
                 report=out_dir / "metrics.json",
             )
         )
-    for r in sweep["levels"]:
+    for r in sweep["levels"] if rank == 0 else []:
         print(
             f"s={r['aug_level']}: PSNR {r['psnr']:.2f} (bicubic {r['psnr_bicubic']:.2f})  SSIM {r['ssim']:.3f} "
             f"(bicubic {r['ssim_bicubic']:.3f})  consistency {r['consistency_psnr']:.2f} dB  FID {r['fid']:.2f} "
             f"(bicubic {sweep['bicubic']['fid']:.2f})"
         )
+    if rank != 0:
+        return report
     print(
         f"chosen aug level: {best['aug_level']} ({chosen_by})"
         + (
@@ -456,7 +490,8 @@ def _evaluate_classifier(
         seed=cfg.seed,
     )
     accuracy = report["accuracy_by_t"].items()
-    print("held-out accuracy by t: " + ", ".join(f"{k.removeprefix('acc_')} {v:.3f}" for k, v in accuracy))
+    if rank_world()[0] == 0:
+        print("held-out accuracy by t: " + ", ".join(f"{k.removeprefix('acc_')} {v:.3f}" for k, v in accuracy))
     return report
 
 
@@ -487,16 +522,31 @@ def evaluation_data(cfg: EvaluationConfig, loaded: LoadedStage) -> dict[str, Any
 
 
 def evaluate_checkpoint(cfg: EvaluationConfig) -> tuple[dict[str, Any], Path]:
-    """Evaluate the stage in ``cfg.ckpt`` by its role; write ``metrics.json`` and the plots. Returns (report, out_dir)."""
-    device = resolve_device(cfg.device)
+    """Evaluate the stage in ``cfg.ckpt`` by its role; write ``metrics.json`` and the plots. Returns (report, out_dir).
+
+    Under ``torchrun`` (a process group already joined, or joined here from the environment) every
+    rank returns the same report and rank 0 writes the files.
+    """
+    rank, world, device = init_distributed(str(resolve_device(cfg.device)))
+    if device.type == "cuda":  # the same kernels for the same batch on every run
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     loaded = open_stage(cfg.ckpt, device)
     data = evaluation_data(cfg, loaded)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt).resolve().parents[1] / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
     resolution = loaded.stage.resolution
     role = "classifier" if loaded.is_classifier else "upsampler" if loaded.is_upsampler else "base"
-    # never the training images; labels in the stage's class order
-    train, val, held_out = held_out_data(data, resolution, role, class_names=loaded.class_names, named=cfg.data is not None)
+    # Never the training images, labels in the stage's class order; metrics see the images themselves (no random
+    # flip), the judges train with the augmentation.
+    named = cfg.data is not None
+    train, val, held_out = held_out_data(
+        without_augmentation(data), resolution, role, class_names=loaded.class_names, named=named
+    )
+    judge_train = (
+        held_out_data(data, resolution, role, class_names=loaded.class_names, named=named)[0] if role == "base" else train
+    )
     report: dict[str, Any] = {
         "ckpt": str(cfg.ckpt),
         "stage": loaded.name,
@@ -512,6 +562,9 @@ def evaluate_checkpoint(cfg: EvaluationConfig) -> tuple[dict[str, Any], Path]:
         kind = feature_kind(cfg.features, data)
         inception = InceptionFeatures(inception_weights(cfg.features_path), device) if kind == "inception" else None
         evaluate = _evaluate_upsampler if loaded.is_upsampler else _evaluate_generator
-        report |= evaluate(cfg, kind, loaded, train, val, inception, out_dir, device)
-    (out_dir / "metrics.json").write_text(json.dumps(json_ready(report), indent=2))
+        report |= evaluate(cfg, kind, loaded, train, val, inception, out_dir, device, judge_train)
+    report["world_size"] = world
+    if rank == 0:
+        (out_dir / "metrics.json").write_text(json.dumps(json_ready(report), indent=2))
+    barrier()
     return report, out_dir

@@ -6,10 +6,12 @@ Protocol (ADM's evaluator, openai/guided-diffusion ``evaluations/evaluator.py``;
 * **Features, streamed and sharded.** Each rank extracts features of its blocks of images
   (:mod:`cascade.evaluation.sources`) and accumulates :class:`~cascade.evaluation.stats.FeatureStats`
   (and the Inception Score's per-split sums); ranks all-reduce statistics, never images. Only the
-  features that precision/recall needs (at most ``pr_num`` per set) are gathered.
+  features that precision/recall needs (``pr_num`` reference and ``pr_samples`` sample rows) are gathered.
 * **FID / FD_DINOv2**: Fréchet distance between the Gaussians (:func:`cascade.evaluation.fid.frechet_distance`).
 * **IS**: 10 splits of the class probabilities of the FID network, mean (and std) of the split scores.
-* **Precision / recall**: Kynkäänniemi et al. 2019, k = 3, on the first ``pr_num`` sample and reference features.
+* **Precision / recall**: Kynkäänniemi et al. 2019, k = 3, as ADM's evaluator computes them: the first
+  ``pr_num`` reference images (its reference batches hold 10,000) against every sample (``pr_samples``,
+  default all; a smaller number bounds the O(N²) k-NN work).
 * **sFID** (Nash et al. 2021; ADM): the Fréchet distance of the first 7 channels of Inception's
   ``mixed_6/conv`` (7×17×17 = 2023-d). torch-fidelity's ``FeatureExtractorInceptionV3`` does not
   expose that layer, so sFID is reported as unavailable (``None`` with a note), never approximated.
@@ -210,7 +212,7 @@ def score_samples(
     extractors: dict[str, FeatureExtractor],
     *,
     pr_k: int = 3,
-    pr_num: int = 10_000,
+    pr_samples: int | None = None,
     is_splits: int = 10,
     batch_size: int = 100,
     progress: bool = True,
@@ -225,7 +227,7 @@ def score_samples(
         samples,
         extractors,
         batch_size=batch_size,
-        pr_num=pr_num if "fid" in extractors else 0,
+        pr_num=(samples.num if pr_samples is None else pr_samples) if "fid" in extractors else 0,
         is_splits=is_splits,
         inception_score_of="fid",
         progress=progress,

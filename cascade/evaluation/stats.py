@@ -22,24 +22,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from cascade.utils.distributed import all_reduce_sum, collective_device
+
 __all__ = ["FeatureStats", "ScoreStats", "all_reduce_sum", "gather_rows"]
-
-
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum of ``tensor`` over ranks (itself without a process group). NCCL needs it on the rank's GPU; gloo on CPU."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tensor
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    out = tensor.to(backend_device).clone()
-    dist.all_reduce(out)
-    return out.to(tensor.device)
 
 
 def gather_rows(rows: Tensor, indices: Tensor) -> Tensor:
     """Every rank's ``rows`` (n_r, D) with their global ``indices`` (n_r,) → all rows (N, D) in index order, on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return rows[indices.argsort()]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = collective_device()
     count = torch.tensor([len(rows)], device=device)
     counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, count)

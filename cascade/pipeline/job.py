@@ -48,7 +48,19 @@ from cascade.training.checkpoint import CheckpointError, LoadedStage, open_stage
 from cascade.utils.cli import OneLineParser
 from cascade.utils.device import resolve_device
 
-__all__ = ["build_parser", "settings_from_argv", "run_cascade", "main", "file_sha256", "strip"]
+__all__ = [
+    "build_parser",
+    "add_stage_flags",
+    "stage_flag_overrides",
+    "stage_pairs",
+    "select_stages",
+    "stage_settings",
+    "settings_from_argv",
+    "run_cascade",
+    "main",
+    "file_sha256",
+    "strip",
+]
 
 STRIP_PANEL = 512  # side of each panel of a sample's side-by-side strip
 STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -86,7 +98,7 @@ def _pre_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _stage_pairs(values: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+def stage_pairs(values: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
     pairs = []
     for value in values:
         name, sep, path = value.partition("=")
@@ -97,6 +109,38 @@ def _stage_pairs(values: list[str], parser: argparse.ArgumentParser) -> list[tup
             )
         pairs.append((name, path))
     return pairs
+
+
+def add_stage_flags(p: argparse.ArgumentParser, upsamplers: Sequence[str]) -> None:
+    """``--<name>-ckpt/-steps/-sampler/-batch-size/-spacing`` (and ``-aug-level`` for upsamplers) for the base and ``upsamplers``."""
+    for name in ("base", *upsamplers):
+        group = p.add_argument_group(f"stage {name}", "the generator" if name == "base" else "an upsampler")
+        for option, (_, kind, what) in STAGE_OPTIONS.items():
+            extra = {"choices": list(SAMPLERS)} if option == "sampler" else {"metavar": METAVARS[option]}
+            group.add_argument(f"--{name}-{option}", dest=f"{name}:{option}", type=kind, help=f"{name} {what}", **extra)
+        if name != "base":
+            group.add_argument(
+                f"--{name}-aug-level",
+                dest=f"{name}:aug-level",
+                type=int,
+                metavar="S",
+                help=f"noise-augmentation level s of {name}'s low-res input",
+            )
+
+
+def stage_flag_overrides(args: dict[str, Any], names: Sequence[str]) -> list[Override]:
+    """The :class:`Override` of every per-stage flag given (``args``: ``vars`` of a parser with :func:`add_stage_flags`)."""
+    overrides = []
+    for name in ("base", *names):
+        prefix = "base" if name == "base" else f"upsamplers.{name}"
+        options = {
+            **{k: v[0] for k, v in STAGE_OPTIONS.items()},
+            **({"aug-level": "settings.aug_level"} if name != "base" else {}),
+        }
+        for option, key in options.items():
+            if args.get(f"{name}:{option}") is not None:
+                overrides.append(Override(f"{prefix}.{key}", args[f"{name}:{option}"], f"--{name}-{option}"))
+    return overrides
 
 
 def build_parser(upsamplers: Sequence[str], description: str | None = None) -> argparse.ArgumentParser:
@@ -118,19 +162,7 @@ def build_parser(upsamplers: Sequence[str], description: str | None = None) -> a
     p.add_argument("--fp32", action="store_true", default=None, help="no bf16 autocast")
     p.add_argument("--stop-at", type=int, help="last resolution to produce, e.g. 64 or 256")
     p.add_argument("--classifier-ckpt", help="noisy classifier checkpoint ('none': no classifier guidance)")
-    for name in ("base", *upsamplers):
-        group = p.add_argument_group(f"stage {name}", "the generator" if name == "base" else "an upsampler")
-        for option, (_, kind, what) in STAGE_OPTIONS.items():
-            extra = {"choices": list(SAMPLERS)} if option == "sampler" else {"metavar": METAVARS[option]}
-            group.add_argument(f"--{name}-{option}", dest=f"{name}:{option}", type=kind, help=f"{name} {what}", **extra)
-        if name != "base":
-            group.add_argument(
-                f"--{name}-aug-level",
-                dest=f"{name}:aug-level",
-                type=int,
-                metavar="S",
-                help=f"noise-augmentation level s of {name}'s low-res input",
-            )
+    add_stage_flags(p, upsamplers)
     return p
 
 
@@ -142,8 +174,8 @@ def settings_from_argv(argv: Sequence[str], config: str | Path, *, description: 
         raise FileNotFoundError(f"--config {config_path} does not exist")
     file_layer = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
     replay_names = read_replay(pre.replay)[1] if pre.replay and Path(pre.replay).is_file() else None
-    stage_pairs = _stage_pairs(pre.stage, _pre_parser())
-    chain = chain_names(file_layer, replay_names, [name for name, _ in stage_pairs])
+    pairs = stage_pairs(pre.stage, _pre_parser())
+    chain = chain_names(file_layer, replay_names, [name for name, _ in pairs])
     known = list(dict.fromkeys([*chain, *(file_layer.get("upsamplers") or {}), *(replay_names or [])]))
     args = vars(build_parser(known, description).parse_args(argv))
 
@@ -166,17 +198,9 @@ def settings_from_argv(argv: Sequence[str], config: str | Path, *, description: 
     if args["classifier_ckpt"] is not None:
         none = args["classifier_ckpt"].lower() == "none"
         overrides.append(Override("classifier", None if none else args["classifier_ckpt"], "--classifier-ckpt"))
-    for name, path in stage_pairs:
+    for name, path in pairs:
         overrides.append(Override(f"upsamplers.{name}.ckpt", path, f"--stage {name}={path}"))
-    for name in ("base", *known):
-        prefix = "base" if name == "base" else f"upsamplers.{name}"
-        options = {
-            **{k: v[0] for k, v in STAGE_OPTIONS.items()},
-            **({"aug-level": "settings.aug_level"} if name != "base" else {}),
-        }
-        for option, key in options.items():
-            if args.get(f"{name}:{option}") is not None:
-                overrides.append(Override(f"{prefix}.{key}", args[f"{name}:{option}"], f"--{name}-{option}"))
+    overrides += stage_flag_overrides(args, known)
     label = CONFIG_SOURCE if pre.config is None else str(config_path)
     resolved = merge_settings(file_layer, overrides, replay=pre.replay, chain=chain, config_source=label)
     cfg = resolved.config
@@ -189,7 +213,7 @@ def settings_from_argv(argv: Sequence[str], config: str | Path, *, description: 
     return resolved
 
 
-def _stage_settings(settings: GeneratorSettings | UpsamplerSettings) -> StageSettings:
+def stage_settings(settings: GeneratorSettings | UpsamplerSettings) -> StageSettings:
     """The orchestrator's settings of one stage (fields a role does not have keep their neutral defaults)."""
     return StageSettings(**asdict(settings))
 
@@ -215,7 +239,7 @@ def strip(images: list[torch.Tensor], panel: int = STRIP_PANEL) -> torch.Tensor:
     return torch.cat(panels, dim=-1)  # (3, P, len·P)
 
 
-def _select_stages(
+def select_stages(
     resolved: ResolvedSettings, device: torch.device, notes: list[str]
 ) -> tuple[LoadedStage, list[tuple[str, LoadedStage]], LoadedStage | None]:
     cfg = resolved.config
@@ -269,13 +293,13 @@ def run_cascade(
     """Load, check and sample the cascade; write PNGs per sample and stage, strips and ``cascade.json``. Returns the record."""
     cfg = resolved.config
     notes: list[str] = []
-    base, upsamplers, classifier = _select_stages(resolved, device, notes)
+    base, upsamplers, classifier = select_stages(resolved, device, notes)
     cascade = Cascade(base, [up for _, up in upsamplers], classifier, device=device, bf16=cfg.bf16)
     label = class_index(cascade.class_names, cfg.class_query)
     class_name = cascade.class_names[label]
     names = ["base", *[name for name, _ in upsamplers]]
     typed = [cfg.base.settings, *[cfg.upsamplers[name].settings for name in names[1:]]]
-    settings = [_stage_settings(s) for s in typed]
+    settings = [stage_settings(s) for s in typed]
     cascade.check(settings)
     for name, loaded, slot_settings in zip(names, cascade.stages, typed):
         record = resolved.tuned.get(name)

@@ -23,14 +23,14 @@ The papers' numbers are computed on 50,000 samples (ADM: ``image_sample.py`` the
   :func:`cascade.utils.npz.write_npz`, byte-identical for identical images), and/or PNGs
   ``png/{R}px/{i:06d}.png``.
 
-Pixels are quantised by rounding, (x + 1)·127.5 rounded to uint8, as torchvision's ``save_image``
-does; ADM's ``image_sample.py`` truncates instead (``.to(uint8)`` after clamping), which darkens
-every pixel by half a level on average.
+Pixels are quantised as ADM's ``image_sample.py`` does, ``((x + 1) · 127.5).clamp(0, 255).to(uint8)``:
+truncation, not rounding (torchvision's ``save_image`` rounds), so a file of ours and one of ADM's
+from the same floating-point samples hold the same bytes; truncation darkens every pixel by half a
+level on average, as it does in every published ADM batch.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
@@ -48,6 +48,8 @@ from tqdm.auto import tqdm
 
 from cascade.pipeline.orchestrator import Cascade, LoadedStage, StageSettings
 from cascade.utils.device import bf16_autocast, native_bf16
+from cascade.utils.distributed import barrier as _barrier
+from cascade.utils.distributed import init_distributed
 from cascade.utils.npz import ArraySpec, NpzError, npz_keys, read_array, write_npz
 from cascade.utils.rng import ImageGenerators, derive_seed
 
@@ -111,8 +113,8 @@ def image_generators(seed: int, stage_index: int, indices: Sequence[int], device
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
-    """Images (B, 3, H, W) in [−1, 1] → uint8 (B, H, W, 3), rounded."""
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, H, W)
+    """Images (B, 3, H, W) in [−1, 1] → uint8 (B, H, W, 3), truncated as ADM's ``image_sample.py`` (module docstring)."""
+    pixels = ((images.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)
     return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, H, W, 3)
 
 
@@ -195,26 +197,6 @@ def sample_images(
 
 
 # --- the job -----------------------------------------------------------------------------------------------------
-
-
-def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) — joining the process group (NCCL on CUDA, gloo on CPU) when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        # Ranks wait for each other only at the start and the end; a long shard on one rank must not time the others out.
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 @dataclass
@@ -356,10 +338,13 @@ def run_shards(
     progress: bool = True,
     command: list[str] | None = None,
     on_shard: Callable[[int], None] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Sample the job's missing shards on this rank, then (rank 0) write the final files and the manifest.
 
     Returns the manifest. ``on_shard(s)`` is called after shard s is written (tests use it to stop mid-way).
+    ``provenance`` (where each setting came from, tuned files applied, notes) is recorded in the manifest
+    beside the settings; it does not decide the images, so a rerun may differ in it.
     """
     job.check()
     cascade.check(settings)
@@ -403,6 +388,7 @@ def run_shards(
                     "done": [],
                     "complete": False,
                     "files": {},
+                    **(provenance or {}),
                 },
             )
     if world > 1:  # every rank learns rank 0's verdict
@@ -458,6 +444,7 @@ def run_shards(
     if rank == 0:
         done = _finished(out, job)
         manifest = json.loads(manifest_path.read_text())
+        manifest |= provenance or {}
         manifest["done"] = _index_ranges(shards, done)
         manifest["last_run"] = {
             "world_size": world,
