@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import runpy
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import STAGES, train
+from tests.helpers import ROOT, STAGES, Ran, train
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +20,24 @@ def smoke_runs(tmp_path_factory) -> Path:
         result = train(root, stage)
         assert result.returncode == 0, f"{stage}: {result.stderr[-2000:]}"
     return root
+
+
+@pytest.fixture
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Callable[..., Ran]:
+    """``python scripts/<script> args…`` in ``cwd``, run in this process: a fresh interpreter costs ~10 s of imports
+    per call on CI's 2 cores. For scripts that only parse, check and exit; anything that trains or installs signal
+    handlers runs as a real child process (``helpers.run_script``). An uncaught exception fails the test outright."""
+
+    def run(script: str, *args: str, cwd: Path) -> Ran:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        capsys.readouterr()
+        code = 0
+        try:
+            runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        out, err = capsys.readouterr()
+        return Ran(code, out, err)
+
+    return run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -67,3 +68,12 @@ def train(root: Path, stage: str, *extra: str) -> subprocess.CompletedProcess:
     return run_script(
         "train_stage.py", f"stage={stage}", f"run_dir={root / stage}", *SMOKE, *STAGE_SMOKE[stage], *extra, cwd=root
     )
+
+
+@dataclass
+class Ran:
+    """What a script run in this process (the ``run_main`` fixture) returned and printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str

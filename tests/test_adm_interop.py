@@ -14,11 +14,8 @@ import copy
 import json
 import math
 import os
-import runpy
 import shutil
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,7 +33,7 @@ from cascade.diffusion.samplers import sample_ddim, sample_ddpm  # noqa: E402
 from cascade.diffusion.schedules import NoiseSchedule, adm_respacing, cosine_schedule, linear_schedule, respace  # noqa: E402
 from cascade.interop.guided_diffusion import RELEASES, ConversionError, build_network, convert, recognise, stage_config  # noqa: E402
 from cascade.training.checkpoint import load_checkpoint  # noqa: E402
-from tests.helpers import ROOT, run_script  # noqa: E402
+from tests.helpers import Ran, run_script  # noqa: E402
 
 # --- guided-diffusion's models with each release's flags, at a given width and depth -----------------------
 
@@ -348,33 +345,6 @@ def test_one_sampler_step_matches_guided_diffusion(spec: str, guided: bool, fold
 
 
 # --- the command line -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Callable[..., Ran]:
-    """``python scripts/<script> args…`` in ``cwd``, run in this process: a fresh interpreter costs seconds of imports
-    per call on our CI's 2 cores (test_convert_command runs the converter as a real child process)."""
-
-    def run(script: str, *args: str, cwd: Path) -> Ran:
-        monkeypatch.chdir(cwd)
-        monkeypatch.setattr(sys, "argv", [script, *args])
-        capsys.readouterr()
-        code = 0
-        try:
-            runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
-        out, err = capsys.readouterr()
-        return Ran(code, out, err)
-
-    return run
 
 
 def test_convert_command(tmp_path: Path, folder: Path, run_main: Callable[..., Ran]) -> None:

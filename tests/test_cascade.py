@@ -258,8 +258,9 @@ def test_cascade_stops_early_when_later_stages_are_absent(smoke_runs, tmp_path):
         (["--class", "1", "--sampler-typo"], "unrecognized arguments"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_code_2(workdir, args, message):
-    result = sample(workdir, "--stop-at", "256", *args)
+def test_bad_input_is_one_line_and_exit_code_2(workdir, run_main, args, message):
+    common = ["--device", "cpu", "--base-steps", "2", "--sr256-steps", "2", "--stop-at", "256"]
+    result = run_main("cascade_sample.py", *common, *args, cwd=workdir)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0

@@ -466,11 +466,11 @@ def test_train_stage_bad_input_is_one_line_and_exit_code_2(tmp_path, case, messa
         (["--ckpt", "CORRUPT"], "cannot be read"),
     ],
 )
-def test_super_resolve_bad_input_is_one_line_and_exit_code_2(smoke_runs, tmp_path, args, message):
+def test_super_resolve_bad_input_is_one_line_and_exit_code_2(smoke_runs, tmp_path, run_main, args, message):
     Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
     where = {"BASE": str(smoke_runs / "base" / "checkpoints" / "last.pt"), "CORRUPT": str(tmp_path / "corrupt.pt")}
     args = [where.get(a, a) for a in args]
     ckpt = [] if "--ckpt" in args else ["--ckpt", str(smoke_runs / "sr256" / "checkpoints" / "last.pt")]
-    result = run_script("super_resolve.py", "--device", "cpu", "--input", "in.png", *ckpt, *args, cwd=tmp_path)
+    result = run_main("super_resolve.py", "--device", "cpu", "--input", "in.png", *ckpt, *args, cwd=tmp_path)
     one_line_exit_2(result, message)

@@ -4,7 +4,6 @@ against torch-fidelity on the same features, the reference-batch path of score_s
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -223,17 +222,7 @@ def test_reference_batch_with_and_without_precomputed_statistics(tmp_path: Path)
     assert 1.0 <= a["is"] <= 10.0
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "score_samples.py"), *args, "--no-progress", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-    )
-
-
-def test_bad_input_is_one_error_line(tmp_path: Path) -> None:
+def test_bad_input_is_one_error_line(tmp_path: Path, run_main) -> None:
     samples = _npz(tmp_path / "s.npz", _images(20, 32, 0))
     ref64 = _npz(tmp_path / "r64.npz", _images(20, 64, 1))
     floats = write_npz(
@@ -249,7 +238,7 @@ def test_bad_input_is_one_error_line(tmp_path: Path) -> None:
         ((str(samples), "--ref", str(ref64)), "fewer than the 50000 asked"),
     ]
     for args, message in cases:
-        result = _cli(*args, cwd=tmp_path)
+        result = run_main("score_samples.py", *args, "--no-progress", "--device", "cpu", cwd=tmp_path)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr, result.stderr
