@@ -188,7 +188,7 @@ def test_cas_from_a_samples_file_is_the_cas_of_its_images(tiny_base: Path, tmp_p
 
 
 @pytest.mark.slow
-def test_cas_script_bad_input_is_one_error_line(tiny_base: Path, tmp_path: Path) -> None:
+def test_cas_script_bad_input_is_one_error_line(tiny_base: Path, tmp_path: Path, run_main) -> None:
     from cascade.utils.npz import ArraySpec, write_npz
 
     unlabelled = tmp_path / "u.npz"
@@ -203,7 +203,7 @@ def test_cas_script_bad_input_is_one_error_line(tiny_base: Path, tmp_path: Path)
         },
     )
     for path, message in ((unlabelled, "has no labels (arr_1)"), (wrong, "knows 10 classes")):
-        result = run_python([str(ROOT / "scripts" / "cas_score.py"), str(path), "--ckpt", str(tiny_base)], tmp_path)
+        result = run_main("cas_score.py", str(path), "--ckpt", str(tiny_base), cwd=tmp_path)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr
 
