@@ -338,3 +338,32 @@ def test_adm_parameter_counts(build, target: float) -> None:
     with torch.device("meta"):
         model = build()
     assert abs(num_params(model) - target) / target < 0.01, num_params(model)
+
+
+def test_patched_unet_sees_each_patch_and_returns_full_resolution() -> None:
+    # patch_size p: the network is a U-Net on the pixel-unshuffled image (C·p² channels at H/p): its input conv
+    # sees every pixel of a patch, attention levels follow the patched resolution, the output is (B, C, H, W).
+    torch.manual_seed(0)
+    net = UNet(
+        resolution=32,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        head_channels=32,
+        num_classes=3,
+        patch_size=2,
+    )
+    assert net.encoder.input_conv.in_channels == 12 and net.out[-1].out_channels == 12
+    assert isinstance(net.encoder.blocks[-1][-1], AttentionBlock)  # 32 / 2 / 2 = 8: level 1 has attention
+    nn.init.normal_(net.out[-1].weight, std=0.1)  # not zero, so the output depends on the input
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([10, 500]), torch.tensor([0, 2])
+    out = net(x, t, class_labels=y)
+    assert out.shape == (2, 3, 32, 32)
+    moved = x.clone()
+    moved[:, :, 0, 1] += 1.0  # a pixel inside the first 2×2 patch, not its corner
+    assert not torch.equal(net(moved, t, class_labels=y), out)
+    with pytest.raises(ValueError, match="divisible by patch_size 2"):
+        net(torch.randn(1, 3, 33, 33), t[:1], class_labels=y[:1])
+    with pytest.raises(ValueError, match="patch_size must be a positive divisor"):
+        UNet(resolution=30, patch_size=4)

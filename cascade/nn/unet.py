@@ -195,9 +195,13 @@ class UNet(nn.Module):
         grad_checkpointing: bool = False,  # recompute res/attention blocks in backward
         middle_attention: bool = True,  # attention in the middle block; False for attention-free SR
         norm_groups: int = 32,  # group-norm groups (ADM: 32); fewer keep more channels per group in narrow nets
+        patch_size: int = 1,  # > 1: the network runs on non-overlapping p×p patches (pixel-unshuffled input)
     ) -> None:
         super().__init__()
         options = EncoderOptions.pick(locals())
+        if patch_size < 1 or resolution % patch_size:
+            raise ValueError(f"patch_size must be a positive divisor of resolution {resolution}, got {patch_size}")
+        self.patch_size = patch_size
         self.lowres_channels = lowres_channels
         self.num_classes = num_classes
         self.null_class = null_class and num_classes is not None
@@ -205,13 +209,17 @@ class UNet(nn.Module):
         self.time_embed = TimestepEmbedding(model_channels, emb_channels)
         self.class_embed = nn.Embedding(num_classes + int(null_class), emb_channels) if num_classes is not None else None
         self.aug_embed = TimestepEmbedding(model_channels, emb_channels) if aug_level_embedding else None
+        p2 = patch_size * patch_size
         self.encoder = UNetEncoder(
-            options, resolution=resolution, in_channels=in_channels + lowres_channels, emb_channels=emb_channels
+            options,
+            resolution=resolution // patch_size,
+            in_channels=(in_channels + lowres_channels) * p2,
+            emb_channels=emb_channels,
         )
 
         levels = len(channel_mult)
         blocks = per_level(num_res_blocks, levels)
-        attention = attention_levels(resolution, attention_resolutions, levels)
+        attention = attention_levels(resolution // patch_size, attention_resolutions, levels)
         res, attn = options.resblock(emb_channels), options.attention()
         skips = list(self.encoder.skip_channels)
         ch = self.encoder.out_channels
@@ -226,7 +234,9 @@ class UNet(nn.Module):
                 if level > 0 and i == blocks[level]:
                     layers.append(res(ch, up=True) if resblock_updown else Upsample(ch))
                 self.decoder.append(EmbedSequential(*layers, grad_checkpointing=grad_checkpointing))
-        self.out = nn.Sequential(GroupNorm32(ch, norm_groups), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(
+            GroupNorm32(ch, norm_groups), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels * p2, 3, padding=1))
+        )
 
     def embed(self, t: Tensor, batch: int, class_labels: Tensor | None, aug_level: Tensor | None) -> Tensor:
         """The (B, 4·model_channels) conditioning embedding; checks which conditioning is given."""
@@ -264,10 +274,16 @@ class UNet(nn.Module):
                 expected = (x_t.shape[0], self.lowres_channels, *x_t.shape[-2:])
                 raise ValueError(f"lowres must have shape {expected}, got {tuple(lowres.shape)}")
             x_t = torch.cat([x_t, lowres.to(x_t.dtype)], dim=1)  # (B, in + lowres, H, W)
-        h, skips = self.encoder(x_t, emb)  # (B, C_mid, H / 2^(L-1), W / 2^(L-1))
+        p = self.patch_size
+        if p > 1:
+            if x_t.shape[-2] % p or x_t.shape[-1] % p:
+                raise ValueError(f"spatial size {tuple(x_t.shape[-2:])} must be divisible by patch_size {p}")
+            x_t = F.pixel_unshuffle(x_t, p)  # (B, C·p², H / p, W / p)
+        h, skips = self.encoder(x_t, emb)  # (B, C_mid, H / (p·2^(L-1)), W / (p·2^(L-1)))
         for block in self.decoder:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_level, H_level, W_level)
-        return self.out(h)  # (B, out_channels, H, W)
+        out = self.out(h)  # (B, out_channels·p², H / p, W / p)
+        return F.pixel_shuffle(out, p) if p > 1 else out  # (B, out_channels, H, W)
 
 
 def _expect(name: str, value: Tensor | None, required: bool) -> None:
