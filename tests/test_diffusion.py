@@ -207,6 +207,29 @@ def test_simple_loss_is_zero_for_the_exact_prediction(parameterization):
     torch.testing.assert_close(DiffusionLoss("eps")(wrong, schedule, x0, k, eps), torch.ones(8))
 
 
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
+def test_min_snr_weighting_is_the_x0_error_times_min_snr_gamma(parameterization):
+    # Hang et al. 2023, eq. 8: whatever the network predicts, the weighted loss is min(SNR_t, γ)·‖x_0 − x̂_0‖².
+    schedule = SCHEDULES["cosine"]
+    x0, eps = torch.randn(16, 3, 4, 4), torch.randn(16, 3, 4, 4)
+    k = torch.linspace(0, 999, 16).long()
+    out = torch.randn(16, 3, 4, 4)  # any prediction
+
+    def net(x_t, t, **cond):
+        return out
+
+    weighted = DiffusionLoss(parameterization, min_snr_gamma=5.0)(net, schedule, x0, k, eps)
+    alpha_bar = schedule.alphas_cumprod[k].view(-1, 1, 1, 1).float()
+    x_t = q_sample(schedule, x0, k, eps)
+    x0_hat, _ = x0_eps_from_prediction(out, parameterization, x_t, alpha_bar)
+    snr = (alpha_bar / (1 - alpha_bar)).flatten()
+    expected = ((x0 - x0_hat) ** 2).mean(dim=(1, 2, 3)) * snr.clamp(max=5.0)
+    torch.testing.assert_close(weighted, expected.float(), rtol=1e-4, atol=1e-6)
+    assert snr.min() < 5.0 < snr.max()  # both sides of γ are tested
+    with pytest.raises(ValueError, match="min_snr_gamma must be positive"):
+        DiffusionLoss(parameterization, min_snr_gamma=0.0)
+
+
 def test_hybrid_loss_vlb_trains_variance_only():
     schedule = SCHEDULES["linear"]
     x0 = torch.randn(8, 3, 4, 4).clamp(-1, 1)

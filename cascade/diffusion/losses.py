@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from cascade.diffusion.denoiser import split_learned_variance
@@ -34,6 +35,12 @@ class DiffusionLoss:
     "learned range" variance, and the loss is L_simple + λ·T·L_t (Nichol & Dhariwal 2021,
     eq. 16): L_t in bits/dim with a stop-gradient on the mean, so the variance alone learns
     from the bound. λ·T is ADM's weighting (λ = 0.001 gives 1 at T = 1000).
+
+    ``min_snr_gamma`` γ: Min-SNR-γ weighting (Hang et al. 2023, eq. 8): every timestep's
+    L_simple is rescaled so that, in x_0 terms, it weighs min(SNR_t, γ) — ε-, v- and x_0-errors
+    are SNR, SNR + 1 and 1 times the x_0-error, so the factor is min(SNR, γ) / that. It stops the
+    near-noiseless timesteps (huge SNR, nothing left to learn about the image's layout) from
+    dominating the gradient; the paper measures ≈ 3× faster convergence with γ = 5.
     """
 
     def __init__(
@@ -41,10 +48,14 @@ class DiffusionLoss:
         parameterization: Parameterization = "eps",  # what the network predicts
         learned_variance: bool = False,  # second half of the output channels sets Σ
         vb_weight: float = 0.001,  # λ of the hybrid loss
+        min_snr_gamma: float | None = None,  # γ of Min-SNR-γ weighting of L_simple; None: unweighted
     ) -> None:
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be positive (the paper uses 5), got {min_snr_gamma}")
         self.parameterization = parameterization
         self.learned_variance = learned_variance
         self.vb_weight = vb_weight
+        self.min_snr_gamma = min_snr_gamma
 
     def __call__(
         self,
@@ -64,6 +75,10 @@ class DiffusionLoss:
         alpha_bar = at(schedule.alphas_cumprod, k, x0)  # (B, 1, 1, 1)
         target = prediction_target(self.parameterization, x0, noise, alpha_bar)
         loss = mean_flat((target - out) ** 2)  # (B,)
+        if self.min_snr_gamma is not None:
+            snr = (alpha_bar / (1 - alpha_bar)).flatten()  # (B,)
+            per_x0 = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.parameterization]  # (B,)
+            loss = loss * snr.clamp(max=self.min_snr_gamma) / per_x0  # (B,)
         if self.learned_variance:
             # Stop-gradient on the mean: L_vlb trains the variance only (Nichol & Dhariwal §3.1).
             x0_hat, _ = x0_eps_from_prediction(out.detach(), self.parameterization, x_t, alpha_bar)
@@ -76,5 +91,5 @@ class DiffusionLoss:
     def __repr__(self) -> str:
         return (
             f"DiffusionLoss(parameterization={self.parameterization!r}, "
-            f"learned_variance={self.learned_variance}, vb_weight={self.vb_weight})"
+            f"learned_variance={self.learned_variance}, vb_weight={self.vb_weight}, min_snr_gamma={self.min_snr_gamma})"
         )
