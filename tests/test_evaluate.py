@@ -17,7 +17,7 @@ from cascade.evaluation import features as features_module
 from cascade.evaluation.evaluate import classification_accuracy_score, json_ready, reference_classifier, select_level
 from cascade.evaluation.features import FeatureError, InceptionFeatures, inception_weights, tiles
 from cascade.evaluation.fid import fid, frechet_distance, inception_score, knn_radii, precision_recall
-from cascade.evaluation.metrics import psnr, ssim, super_resolution_metrics, topk_accuracy
+from cascade.evaluation.metrics import ShapeJudge, colour_blind, luminance, psnr, ssim, super_resolution_metrics, topk_accuracy
 from cascade.evaluation.run import evaluation_config, feature_kind
 from cascade.evaluation.tuned import read_tuned, tuned_path, write_tuned
 from cascade.pipeline.job import settings_from_argv
@@ -217,6 +217,69 @@ class _Colours(torch.utils.data.Dataset):
         return self.colours[self.labels[i], :, None, None] + self.noise[i], int(self.labels[i])
 
 
+class _Stripes(torch.utils.data.Dataset):
+    """Class 0: horizontal stripes, class 1: vertical ones, in a random colour pair each: geometry is the class."""
+
+    num_classes = 2
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % 2
+        self.colours = torch.rand(n, 2, 3, 1, 1, generator=g) * 2 - 1  # (n, 2, 3, 1, 1): stripe and gap colour
+        self.phase = torch.randint(0, 4, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        bands = ((torch.arange(16) + self.phase[i]) // 2 % 2).float()  # (16,) 2px stripes
+        mask = bands[:, None].expand(16, 16) if self.labels[i] == 0 else bands[None, :].expand(16, 16)  # (16, 16)
+        return self.colours[i, 0] * mask + self.colours[i, 1] * (1 - mask), int(self.labels[i])
+
+
+@pytest.mark.parametrize("data, shape_top1", [(_Stripes, (0.9, 1.0)), (_Colours, (0.0, 0.6))])
+def test_shape_judge_names_geometry_and_cannot_name_colours(data, shape_top1, tmp_path):
+    # The colour-blind judge sees luminance only, trained with random polarity, contrast and brightness: it learns
+    # stripes' orientation whatever their colours, and cannot tell flat colours apart (chance 0.25), which the
+    # ordinary reference learns at once.
+    kwargs = dict(
+        explicit=False,
+        arch="test_resnet",
+        crop=None,
+        train_data=data(256, seed=0),
+        val_data=data(64, seed=1),
+        steps=40,
+        batch_size=32,
+        lr=2e-3,
+        eval_images=64,
+        device=CPU,
+        bf16=False,
+        seed=0,
+        progress=False,
+    )
+    shape, report = reference_classifier(tmp_path / "shape.pt", view="shape", **kwargs)
+    assert isinstance(shape, ShapeJudge) and report["view"] == "shape"
+    assert shape_top1[0] <= report["held_out"]["top1"] <= shape_top1[1]
+    _, colour = reference_classifier(tmp_path / "colour.pt", **kwargs)
+    assert colour["held_out"]["top1"] >= 0.9
+    images = torch.stack([data(4, seed=2)[i][0] for i in range(4)])
+    recoloured = luminance(images)  # the same geometry in gray: the shape judge's view is unchanged
+    torch.testing.assert_close(shape(recoloured), shape(images))
+    again, _ = reference_classifier(tmp_path / "shape.pt", view="shape", **kwargs)  # loaded, not retrained
+    torch.testing.assert_close(again(images), shape(images))
+
+
+def test_colour_blind_views_are_luminance_with_random_polarity():
+    images = torch.rand(64, 3, 8, 8) * 2 - 1
+    view = colour_blind(images, torch.Generator().manual_seed(0))
+    assert view.shape == images.shape and torch.equal(view[:, 0], view[:, 1]) and torch.equal(view[:, 0], view[:, 2])
+    corr = torch.stack(
+        [torch.corrcoef(torch.stack([v[0].flatten(), luminance(x[None])[0, 0].flatten()]))[0, 1] for v, x in zip(view, images)]
+    )  # (64,)
+    assert (corr > 0.99).sum() > 16 and (corr < -0.99).sum() > 16  # both polarities, each an affine map of luma
+    assert torch.equal(view, colour_blind(images, torch.Generator().manual_seed(0)))
+
+
 def test_cas_is_high_for_faithful_samples_and_zero_for_samples_of_the_wrong_class():
     real, held_out = _Colours(64, seed=0), _Colours(32, seed=1)
     images = torch.stack([real[i][0] for i in range(len(real))])
@@ -385,7 +448,9 @@ def test_base_evaluation_reports_fid_is_precision_recall_accuracy_and_cas(smoke_
     assert settings == [(0, 1), (0, 2), (1, 1), (1, 2)]
     for g in report["guidance"]:
         assert g["fid"] >= 0 and 1 <= g["is"] <= 10 and 0 <= g["precision"] <= 1 and 0 <= g["recall"] <= 1
-        assert 0 <= g["requested_class_accuracy"] <= 1
+        assert 0 <= g["requested_class_accuracy"] <= 1 and 0 <= g["shape_accuracy"] <= 1
+        assert len(g["per_class_shape_accuracy"]) == len(g["per_class_accuracy"])
+    assert report["shape_judge"]["view"] == "shape" and (tmp_path / "ev" / "reference_shape_resnet18.pt").is_file()
     cas = report["cas"]
     assert cas["arch"] == "resnet18" and cas["train_images"] == 8 and 0 <= cas["top1"] <= cas["top5"] <= 1
     assert set(cas["real_data"]) == {"top1", "top5"}

@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib.pyplot as plt  # Agg backend: set by cascade.utils.plots, imported below
 import timm
@@ -44,7 +44,9 @@ from cascade.diffusion.schedules import NoiseSchedule
 from cascade.evaluation.features import FeatureExtractor, extract, tiles
 from cascade.evaluation.fid import frechet_distance, precision_recall
 from cascade.evaluation.metrics import (
+    ShapeJudge,
     classify,
+    colour_blind,
     random_crops,
     super_resolution_metrics,
     topk_accuracy,
@@ -233,18 +235,30 @@ def reference_classifier(
     bf16: bool,
     seed: int,
     progress: bool,
+    view: Literal["colour", "shape"] = "colour",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The clean-image judge: loaded from ``path`` if it was trained with this recipe, else trained and saved there.
 
     ``explicit``: ``path`` was given by the user, so a mismatch is an error rather than a reason to retrain.
+    ``view``: ``colour`` sees the images as they are; ``shape`` sees only their luminance and trains on
+    :func:`~cascade.evaluation.metrics.colour_blind` views (a :class:`~cascade.evaluation.metrics.ShapeJudge`).
     Returns the network and its report (recipe, path, held-out top-1/top-5 on ``crop`` crops).
     """
     num_classes = int(train_data.num_classes)
-    recipe = {"arch": arch, "crop": crop, "num_classes": num_classes, "steps": steps, "batch_size": batch_size, "lr": lr}
+    recipe = {
+        "arch": arch,
+        "crop": crop,
+        "num_classes": num_classes,
+        "view": view,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+    }
     net = None
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        identity = ("arch", "crop", "num_classes")
+        saved.setdefault("view", "colour")  # judges saved before the shape judge existed
+        identity = ("arch", "crop", "num_classes", "view")
         if all(saved.get(k) == recipe[k] for k in (recipe if not explicit else identity)):
             net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
             net.load_state_dict(saved["model"])
@@ -268,10 +282,13 @@ def reference_classifier(
             bf16=bf16,
             seed=seed,
             progress=progress,
-            desc=f"reference {arch}",
+            desc=f"reference {arch}" + (" (shape judge)" if view == "shape" else ""),
+            view=colour_blind if view == "shape" else None,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({**recipe, "model": net.state_dict()}, path)
+    if view == "shape":
+        net = ShapeJudge(net).eval()
     images, labels = _images(val_data, random_subset(len(val_data), eval_images, seed))
     accuracy = topk_accuracy(classify(net, random_crops(images, crop, torch.Generator().manual_seed(seed))), labels)
     return net, {**recipe, "path": str(path), "held_out": accuracy, "held_out_images": len(labels)}
@@ -357,6 +374,7 @@ def guidance_sweep(
     net: nn.Module,
     *,
     reference: nn.Module,
+    shape_judge: nn.Module | None = None,
     features: FeatureSpace,
     real_features: FeatureSet,
     class_names: list[str],
@@ -380,6 +398,9 @@ def guidance_sweep(
     classes: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], Tensor, Tensor]:
     """For every (classifier scale s, CFG scale w): FID / IS / precision / recall and requested-class accuracy.
+
+    Requested-class accuracy is judged by ``reference`` and, if given, by ``shape_judge`` (a
+    :class:`~cascade.evaluation.metrics.ShapeJudge`: geometry only), overall and per class.
 
     Classes are requested round-robin so every class is equally represented: all of them, or
     ``classes`` (the ones the real images show, e.g. a few ImageNet synsets); image i's noise
@@ -409,6 +430,7 @@ def guidance_sweep(
     for setting in tqdm(settings, desc="guidance sweep", unit="setting", disable=not (progress and rank == 0)):
         collect = FeatureCollector(pr_num=pr_num, num_images=num_samples, is_splits=is_splits)
         correct = torch.zeros(num_classes, dtype=torch.float64)  # (C,) requested class predicted
+        shape_correct = torch.zeros(num_classes, dtype=torch.float64)  # (C,) the same by the shape judge
         kept: list[Tensor] = []
         shown: list[Tensor] = []
         shown_at: list[int] = []
@@ -418,6 +440,9 @@ def guidance_sweep(
             collect.add(f, p, batch)
             hit = (classify(reference, images).argmax(1) == labels[batch.start : batch.stop]).double()  # (b,)
             correct.index_add_(0, labels[batch.start : batch.stop], hit)
+            if shape_judge is not None:
+                hit = (classify(shape_judge, images).argmax(1) == labels[batch.start : batch.stop]).double()  # (b,)
+                shape_correct.index_add_(0, labels[batch.start : batch.stop], hit)
             if keep_best:
                 kept.append(_to_uint8(images))
             for i, image in zip(batch, images):
@@ -453,6 +478,10 @@ def guidance_sweep(
                 "per_class_accuracy": [float(correct[c] / per_class[c]) for c in requested],
             }
         )
+        if shape_judge is not None:
+            shape_correct = all_reduce_sum(shape_correct)  # (C,)
+            results[-1]["shape_accuracy"] = float(shape_correct.sum() / num_samples)
+            results[-1]["per_class_shape_accuracy"] = [float(shape_correct[c] / per_class[c]) for c in requested]
         if keep_best and (len(results) == 1 or metrics["fid"] < min(r["fid"] for r in results[:-1])):  # ties: the first
             mine_positions = [i for batch in mine for i in batch]
             pixels = torch.cat(kept) if kept else torch.zeros(0, 3, stage.resolution, stage.resolution, dtype=torch.uint8)
@@ -464,11 +493,14 @@ def guidance_sweep(
             _grid(grid[sorted(range(len(at)), key=lambda j: (at[j] % period, at[j]))], 8, out_dir / f"samples_{tag}.png")
     names = [f"s={r['classifier_scale']:g}, w={r['cfg_scale']:g}" for r in results]
     if rank == 0:
+        accuracy = {"reference classifier": [r["requested_class_accuracy"] for r in results]}
+        if shape_judge is not None:
+            accuracy["shape judge (luminance only)"] = [r["shape_accuracy"] for r in results]
         plot_bars(
             names,
-            [r["requested_class_accuracy"] for r in results],
+            accuracy,
             out_dir / "guidance_accuracy.png",
-            title="samples showing the requested class (reference classifier)",
+            title="samples showing the requested class",
             ylabel="fraction",
             chance=1 / num_classes,
         )

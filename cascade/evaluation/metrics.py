@@ -15,7 +15,7 @@ ground truth, and consistency — the PSNR of the downsampled output against the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import kornia
 import timm
@@ -32,6 +32,9 @@ from cascade.utils.device import bf16_autocast
 
 __all__ = [
     "random_crops",
+    "luminance",
+    "colour_blind",
+    "ShapeJudge",
     "train_reference_classifier",
     "classify",
     "topk_accuracy",
@@ -56,6 +59,43 @@ def random_crops(images: Tensor, crop: int | None, generator: torch.Generator | 
     return torch.stack([im[:, y : y + crop, x : x + crop] for im, y, x in zip(images, top, left)])  # (B, 3, c, c)
 
 
+def luminance(images: Tensor) -> Tensor:
+    """Rec. 601 luma of images (B, 3, H, W) in [−1, 1], repeated on 3 channels (B, 3, H, W): colour removed."""
+    weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)  # (B, 3, H, W)
+
+
+def colour_blind(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Training view of the shape judge: luminance, then per image a random polarity, contrast and brightness.
+
+    ``y = clamp(sign · gain · L + offset)`` with sign ±1, gain ∈ [0.5, 1.2], offset ∈ [−0.3, 0.3]:
+    neither colour nor brightness nor which of object and background is darker says the
+    class, so what is left to learn is geometry (outline, corners, holes, symmetry).
+    """
+    b = len(images)
+    sign = torch.randint(0, 2, (b,), generator=generator).float().mul_(2).sub_(1)  # (B,) ±1
+    gain = 0.5 + 0.7 * torch.rand(b, generator=generator)  # (B,)
+    offset = 0.6 * torch.rand(b, generator=generator) - 0.3  # (B,)
+    scale, shift = (sign * gain).view(b, 1, 1, 1), offset.view(b, 1, 1, 1)
+    return (luminance(images) * scale.to(images) + shift.to(images)).clamp(-1, 1)  # (B, 3, H, W)
+
+
+class ShapeJudge(nn.Module):
+    """A reference classifier that sees only the luminance of its input (trained on :func:`colour_blind` views).
+
+    Where classes differ in colour as well as in shape (the built-in data set), the ordinary
+    reference classifier can name a colour blob's class; this one cannot, so its accuracy on
+    samples says whether a generator draws the class's *geometry*.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(luminance(images))  # (B, classes)
+
+
 def train_reference_classifier(
     data: Dataset,
     *,
@@ -70,8 +110,11 @@ def train_reference_classifier(
     seed: int = 0,
     progress: bool = True,
     desc: str | None = None,
+    view: Callable[[Tensor, torch.Generator], Tensor] | None = None,
 ) -> nn.Module:
     """A timm ``arch`` trained from scratch (AdamW, one-cycle schedule) on clean (image, label) pairs in [−1, 1].
+
+    ``view``: a random transform of every training batch (e.g. :func:`colour_blind`), drawn from the same generator.
 
     With ``crop`` each step sees one random ``crop``×``crop`` window of every image (so the
     network judges crops of large images). The initial weights and every draw come from
@@ -91,6 +134,8 @@ def train_reference_classifier(
     while step < steps:
         for images, labels in loader:
             images = random_crops(images, crop, generator)  # (B, 3, c, c)
+            if view is not None:
+                images = view(images, generator)  # (B, 3, c, c)
             with bf16_autocast(device, bf16):
                 logits = net(images.to(device))  # (B, classes)
             loss = F.cross_entropy(logits.float(), labels.to(device))

@@ -91,6 +91,13 @@ class ReferenceSettings:
 
 
 @dataclass
+class ShapeJudgeSettings(ReferenceSettings):
+    """The base's colour-blind judge: a reference classifier that sees luminance only (geometry, not colour)."""
+
+    enabled: bool = True
+
+
+@dataclass
 class CasSettings:
     """Classification Accuracy Score (CDM §4.1) of the base's best setting."""
 
@@ -125,6 +132,7 @@ class EvaluationConfig:
     is_splits: int = 10
     feature_batch_size: int = 100
     reference: ReferenceSettings = field(default_factory=ReferenceSettings)
+    shape_judge: ShapeJudgeSettings = field(default_factory=ShapeJudgeSettings)
     # generator
     sampler: str = "dpmpp_2m"
     steps: int = 25
@@ -232,12 +240,21 @@ def feature_kind(features: str, data: dict[str, Any]) -> FeatureKind:
 
 
 def _judge(
-    cfg: EvaluationConfig, loaded: LoadedStage, train: Dataset, val: Dataset, out_dir: Path, device: torch.device
+    cfg: EvaluationConfig,
+    loaded: LoadedStage,
+    train: Dataset,
+    val: Dataset,
+    out_dir: Path,
+    device: torch.device,
+    view: Literal["colour", "shape"] = "colour",
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The reference classifier (trained on random ``crop`` crops of images larger than ``crop``) and its report."""
+    """The reference classifier (trained on random ``crop`` crops of images larger than ``crop``) and its report.
+
+    ``view="shape"``: the colour-blind judge (``cfg.shape_judge``: luminance only), saved as ``reference_shape_<arch>.pt``.
+    """
     crop = cfg.crop if cfg.crop < loaded.stage.resolution else None
-    ref = cfg.reference
-    name = f"reference_{ref.arch}" + (f"_crop{crop}" if crop else "") + ".pt"
+    ref = cfg.shape_judge if view == "shape" else cfg.reference
+    name = "reference_" + ("shape_" if view == "shape" else "") + ref.arch + (f"_crop{crop}" if crop else "") + ".pt"
     path = Path(ref.ckpt) if ref.ckpt else out_dir / name
     rank, _ = rank_world()
     if rank != 0:  # rank 0 trains (or checks) and saves the judge first; the others load that file
@@ -245,6 +262,7 @@ def _judge(
     judged = reference_classifier(
         path,
         explicit=bool(ref.ckpt),
+        view=view,
         arch=ref.arch,
         crop=crop,
         train_data=train,
@@ -312,6 +330,9 @@ def _evaluate_generator(
 ) -> dict[str, Any]:
     run = cfg.generator()
     reference, ref_report = _judge(cfg, loaded, judge_train, val, out_dir, device)
+    shape_judge, shape_report = (
+        _judge(cfg, loaded, judge_train, val, out_dir, device, view="shape") if cfg.shape_judge.enabled else (None, None)
+    )
     features = _feature_space(cfg, kind, inception, reference, ref_report, loaded, device)
     real = features.of_dataset(train, random_subset(len(train), run.num_real, cfg.seed), pr_num=cfg.pr_num, progress=cfg.progress)
     classifier = open_stage(run.classifier_ckpt, device) if run.classifier_ckpt else None
@@ -321,6 +342,7 @@ def _evaluate_generator(
         loaded.stage,
         loaded.net,
         reference=reference,
+        shape_judge=shape_judge,
         features=features,
         real_features=real,
         class_names=loaded.class_names,
@@ -343,7 +365,7 @@ def _evaluate_generator(
         progress=cfg.progress,
         keep_best=run.cas.enabled,
     )
-    report = {"features": features.description, "reference": ref_report, **sweep}
+    report = {"features": features.description, "reference": ref_report, "shape_judge": shape_report, **sweep}
     rank, _ = rank_world()
     if run.cas.enabled and rank == 0:  # on the samples of the lowest-FID setting, gathered on rank 0
         best = min(sweep["guidance"], key=lambda r: r["fid"])
@@ -375,7 +397,14 @@ def _evaluate_generator(
         print(
             f"s={r['classifier_scale']:g} w={r['cfg_scale']:g}: FID {r['fid']:.2f}  IS {r['is']:.2f}  precision "
             f"{r['precision']:.3f}  recall {r['recall']:.3f}  requested-class accuracy {r['requested_class_accuracy']:.3f}"
+            + (f" (shape judge {r['shape_accuracy']:.3f})" if "shape_accuracy" in r else "")
         )
+        if "shape_accuracy" in r:
+            classes = sweep["requested_classes"] or range(len(loaded.class_names))
+            pairs = zip(classes, r["per_class_accuracy"], r["per_class_shape_accuracy"])
+            print(
+                "  per class, colour / shape judge: " + ", ".join(f"{loaded.class_names[c]} {a:.2f}/{b:.2f}" for c, a, b in pairs)
+            )
     if "cas" in report and rank == 0:
         cas_report = report["cas"]
         print(

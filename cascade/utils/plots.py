@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -53,13 +53,26 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path, title: str =
 
 
 def plot_bars(
-    labels: Sequence[str], values: Sequence[float], out_path: str | Path, *, title: str, ylabel: str, chance: float | None = None
+    labels: Sequence[str],
+    values: Sequence[float] | Mapping[str, Sequence[float]],
+    out_path: str | Path,
+    *,
+    title: str,
+    ylabel: str,
+    chance: float | None = None,
 ) -> None:
-    """A bar chart, e.g. accuracy per noise bucket, with an optional chance line."""
+    """A bar chart, e.g. accuracy per noise bucket, with an optional chance line; ``values`` as a mapping
+    of series name → values draws the series side by side in every group, with a legend."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.bar(list(labels), list(values))
+    series = dict(values) if isinstance(values, Mapping) else {None: values}
+    width = 0.8 / len(series)
+    for i, (name, ys) in enumerate(series.items()):
+        offsets = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(offsets, list(ys), width=width, label=name)
+    ax.set_xticks(range(len(labels)), list(labels))
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle="--", label="chance")
+    if chance is not None or len(series) > 1:
         ax.legend()
     ax.set_ylim(0, 1)
     ax.set_ylabel(ylabel)
