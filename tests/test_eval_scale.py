@@ -208,6 +208,34 @@ def test_cas_script_bad_input_is_one_error_line(tiny_base: Path, tmp_path: Path,
         assert message in result.stderr
 
 
+@pytest.mark.slow
+def test_cas_script_takes_real_images_from_a_folder_when_the_checkpoint_has_no_data(
+    tiny_base: Path, tmp_path: Path, run_main
+) -> None:
+    """A checkpoint converted from guided-diffusion carries no data config: --data-root names the real images."""
+    from PIL import Image
+
+    from cascade.training.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(tiny_base)
+    payload["config"] = {k: v for k, v in payload["config"].items() if k != "data"}
+    bare = save_checkpoint(payload, tmp_path / "converted.pt")
+    npz = tmp_path / "samples_20x64x64x3.npz"
+    _samples_npz(npz, tiny_base, 20)
+    result = run_main("cas_score.py", str(npz), "--ckpt", str(bare), cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "pass --data-root FOLDER" in result.stderr
+    rng = np.random.default_rng(0)
+    for name in payload["class_names"]:  # class folders named like the checkpoint's classes
+        (tmp_path / "real" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "real" / name / f"{i}.png")
+    args = ["--data-root", str(tmp_path / "real"), "--arch", "test_convnext", "--steps", "2", "--batch-size", "8"]
+    result = run_main("cas_score.py", str(npz), "--ckpt", str(bare), *args, "--eval-images", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / (npz.name + ".cas.json")).read_text())
+    assert report["train_images"] == 20 and report["test_images"] == 4 and "real" in report["held_out"]
+
+
 def test_metrics_read_real_images_without_the_random_flip() -> None:
     """A flip drawn from torch's global RNG made FID's real features differ between runs and ranks."""
     from cascade.evaluation.held_out import without_augmentation

@@ -41,6 +41,7 @@ def cas_from_npz(
     cas: CasSettings,
     *,
     num_samples: int | None = None,
+    data_root: str | Path | None = None,
     device: torch.device = torch.device("cpu"),
     bf16: bool = True,
     seed: int = 0,
@@ -48,8 +49,11 @@ def cas_from_npz(
 ) -> dict[str, Any]:
     """CAS of the images in ``samples`` (their labels ``arr_1``), tested on held-out images of ``ckpt``'s data set.
 
-    ``num_samples``: train on the first N images only (default: all). SourceError (one line) for a
-    file that cannot serve: no labels, labels outside the checkpoint's classes, fewer images than asked.
+    ``num_samples``: train on the first N images only (default: all). ``data_root``: a class-folder tree
+    of real images instead of the checkpoint's data set (a checkpoint converted from guided-diffusion has
+    none); a fixed 10 % of it is held out, as ``evaluate_stage.py data=imagefolder`` does. SourceError
+    (one line) for a file that cannot serve: no labels, labels outside the checkpoint's classes, fewer
+    images than asked; ValueError when there is no real data to test on.
     """
     source = NpzImages(samples)
     if num_samples is not None:
@@ -66,7 +70,19 @@ def cas_from_npz(
             f"{samples} has labels {int(labels.min())}..{int(labels.max())} but {ckpt} knows {num_classes} classes; "
             "pass the checkpoint the samples were drawn from"
         )
-    train, val, held_out = held_out_data(payload["config"]["data"], source.resolution, "base")
+    if data_root is not None:
+        if not Path(data_root).is_dir():
+            raise FileNotFoundError(f"--data-root {data_root} is not a folder; pass a tree of class folders of real images")
+        data = {"train": {"_target_": "cascade.data.ImageFolderDataset", "root": str(data_root), "flip": False}}
+        train, val, held_out = held_out_data(data, source.resolution, "base", class_names=payload["class_names"], named=True)
+    else:
+        data = (payload.get("config") or {}).get("data")
+        if not data:
+            raise ValueError(
+                f"{ckpt} carries no data config (e.g. converted from guided-diffusion); pass --data-root FOLDER, "
+                "a tree of class folders of real images (ImageNet's val/ in its synset folders)"
+            )
+        train, val, held_out = held_out_data(data, source.resolution, "base")
     images = torch.cat([pixels for _, pixels in source.batches(1000)])  # (N, 3, R, R) uint8
     report = classification_accuracy_score(
         images,
@@ -107,6 +123,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ckpt", required=True, help="a checkpoint of the stages the samples came from: its data set is the real data"
     )
+    p.add_argument(
+        "--data-root",
+        help="real images: a tree of class folders (default: the checkpoint's data set; needed for converted checkpoints)",
+    )
     p.add_argument("--arch", default=defaults.arch, help="timm architecture trained from scratch")
     p.add_argument("--steps", type=int, default=defaults.steps, help="training steps")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -144,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             args.ckpt,
             cas,
             num_samples=args.num_samples,
+            data_root=args.data_root,
             device=resolve_device(args.device),
             bf16=not args.fp32,
             seed=args.seed,
