@@ -342,6 +342,8 @@ def diffusers_twin(kw: dict[str, Any], target_params: int) -> tuple[DiffusersTwi
         from diffusers import UNet2DModel
     except ImportError as error:
         raise ImportError("the diffusers comparison needs diffusers: pip install -e '.[dev]'") from error
+    if kw.get("patch_size", 1) != 1:  # UNet2DModel has no patch input: its full-resolution twin would not be the same design
+        raise ValueError(f"no UNet2DModel twin of a patched U-Net (patch_size {kw['patch_size']}); run with --no-diffusers")
     blocks = (
         [kw["num_res_blocks"]] * len(kw["channel_mult"]) if isinstance(kw["num_res_blocks"], int) else list(kw["num_res_blocks"])
     )
