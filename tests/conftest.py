@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, STAGES, Ran, train
+from tests.helpers import ROOT, STAGES, Ran, train_all
 
 
 @pytest.fixture(scope="session")
 def smoke_runs(tmp_path_factory) -> Path:
     """``root/<stage>`` for every stage, trained for 2 steps with the real configs shrunk (``helpers.SMOKE``)."""
     root = tmp_path_factory.mktemp("runs")
-    for stage in STAGES:
-        result = train(root, stage)
+    for stage, result in train_all(root, STAGES).items():
         assert result.returncode == 0, f"{stage}: {result.stderr[-2000:]}"
     return root
 

@@ -423,6 +423,7 @@ def test_converted_trio_evaluates_through_evaluate_stage_cli(trio: Path, tmp_pat
         "base": [
             f"classifier_ckpt={clf}", "steps=1", "num_samples=3", "batch_size=3", "num_real=13", "classifier_scales=[0,1]",
             "reference.steps=1", "reference.batch_size=4", "reference.eval_images=1", "cas.steps=1", "cas.batch_size=4",
+            "shape_judge.steps=1", "shape_judge.batch_size=4",
             "cas.real_baseline=false", *features,
         ],
         "sr256": ["num_images=2", "sr_steps=1", "sr_batch_size=2", "sr_crop=64", *features],

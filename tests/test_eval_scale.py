@@ -41,6 +41,8 @@ def _evaluate(ckpt: Path, out: Path, *extra: str) -> list[str]:
         "reference.steps=2",
         "reference.batch_size=8",
         "reference.eval_images=8",
+        "shape_judge.steps=2",
+        "shape_judge.batch_size=8",
         "steps=1",
         "num_samples=20",
         "num_real=24",
@@ -59,8 +61,9 @@ def _evaluate(ckpt: Path, out: Path, *extra: str) -> list[str]:
 def test_guidance_sweep_on_two_ranks_equals_one_process(tiny_base: Path, tmp_path: Path) -> None:
     one = run_python(_evaluate(tiny_base, tmp_path / "one"), tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    judge = tmp_path / "one" / "reference_test_convnext.pt"
-    two = run_python([*TORCHRUN_2, *_evaluate(tiny_base, tmp_path / "two", f"reference.ckpt={judge}")], tmp_path)
+    judge, shape = (tmp_path / "one" / f"reference_{kind}test_convnext.pt" for kind in ("", "shape_"))
+    shared = (f"reference.ckpt={judge}", f"shape_judge.ckpt={shape}")
+    two = run_python([*TORCHRUN_2, *_evaluate(tiny_base, tmp_path / "two", *shared)], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert a["world_size"] == 1 and b["world_size"] == 2 and b["guidance"] and len(a["guidance"]) == 2
@@ -70,7 +73,8 @@ def test_guidance_sweep_on_two_ranks_equals_one_process(tiny_base: Path, tmp_pat
     for ra, rb in zip(a["guidance"], b["guidance"]):
         # counts and k-NN coverage: exact; IS: float64 sums in another order; FID: a function of float64 sums
         # (covariance by Σxxᵀ − nμμᵀ, then eigendecompositions), which amplifies their last-bit differences.
-        for key in ("classifier_scale", "cfg_scale", "precision", "recall", "requested_class_accuracy", "per_class_accuracy"):
+        exact = ("classifier_scale", "cfg_scale", "precision", "recall", "requested_class_accuracy", "per_class_accuracy")
+        for key in (*exact, "shape_accuracy", "per_class_shape_accuracy"):
             assert ra[key] == rb[key], key
         assert math.isclose(ra["is"], rb["is"], rel_tol=0, abs_tol=1e-12)
         assert math.isclose(ra["is_std"], rb["is_std"], rel_tol=0, abs_tol=1e-12)

@@ -438,6 +438,8 @@ def test_base_evaluation_reports_fid_is_precision_recall_accuracy_and_cas(smoke_
         "reference.steps=2",
         "reference.batch_size=8",
         "reference.eval_images=8",
+        "shape_judge.steps=2",
+        "shape_judge.batch_size=8",
         "cas.steps=2",
         "is_splits=2",
     )

@@ -6,6 +6,11 @@ Layout: input conv → per level ``num_res_blocks`` ResBlocks (+ attention) and 
 ResBlock between levels → middle ResBlock–Attention–ResBlock → decoder with one more block
 per level than the encoder, consuming the encoder's skip connections, and an up-sampling
 ResBlock at the end of every level but the last → GroupNorm–SiLU–zero conv.
+
+``patch_size`` p > 1 runs all of it on non-overlapping p×p patches: the input (x_t and any
+low-res conditioning) is pixel-unshuffled to C·p² channels at H/p × W/p and the output
+pixel-shuffled back (the patching of Hoogeboom et al. 2023, "simple diffusion", and of DiT), so
+width is spent where the image's layout is decided rather than on full-resolution convolutions.
 """
 
 from __future__ import annotations
