@@ -344,16 +344,7 @@ def test_patched_unet_sees_each_patch_and_returns_full_resolution() -> None:
     # patch_size p: the network is a U-Net on the pixel-unshuffled image (C·p² channels at H/p): its input conv
     # sees every pixel of a patch, attention levels follow the patched resolution, the output is (B, C, H, W).
     torch.manual_seed(0)
-    net = UNet(
-        resolution=32,
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        head_channels=32,
-        num_classes=3,
-        patch_size=2,
-    )
+    net = UNet(**{**TINY, "attention_resolutions": (8,), "num_classes": 3, "patch_size": 2})
     assert net.encoder.input_conv.in_channels == 12 and net.out[-1].out_channels == 12
     assert isinstance(net.encoder.blocks[-1][-1], AttentionBlock)  # 32 / 2 / 2 = 8: level 1 has attention
     nn.init.normal_(net.out[-1].weight, std=0.1)  # not zero, so the output depends on the input
