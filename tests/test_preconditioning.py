@@ -104,9 +104,12 @@ def test_stage_wraps_its_network_and_requires_v():
     wrapped = stage.build(num_classes=3)
     assert isinstance(wrapped, LowresPrior)
     assert set(wrapped.state_dict()) == {f"net.{k}" for k in wrapped.net.state_dict()}  # schedules are not saved
-    out = stage.sample(wrapped, torch.zeros(2, 3, 4, 4), torch.tensor([0, 2]), aug_level=0, steps=2, progress=False)
+    g = torch.Generator().manual_seed(0)  # not the global RNG: its state depends on which tests ran before
+    out = stage.sample(wrapped, torch.zeros(2, 3, 4, 4), torch.tensor([0, 2]), aug_level=0, steps=2, progress=False, generator=g)
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
     # An untrained (zero-output) network samples the Gaussian prior N(bicubic image, τ_0²): here τ_0 = 0.01 around 0.
-    assert float(out.abs().max()) < 0.05
+    # Two solver steps follow the prior's flow only approximately (std 0.0107–0.0120 over seeds 0–7), and the largest
+    # of 1536 draws lies near 4σ; 6σ bounds it.
+    assert 0.008 < float(out.std()) < 0.0125 and float(out.abs().max()) < 0.06
     with pytest.raises(ValueError, match="parameterization=v"):
         UpsamplerStage(objective=DiffusionLoss(parameterization="eps"), **kwargs)
