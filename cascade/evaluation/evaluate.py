@@ -427,10 +427,10 @@ def guidance_sweep(
     mine = index_batches(num_samples, batch_size)[rank::world]
     results: list[dict[str, Any]] = []
     best_images = torch.empty(0, dtype=torch.uint8)
+    judges = {"reference": reference, "shape": shape_judge} if shape_judge is not None else {"reference": reference}
     for setting in tqdm(settings, desc="guidance sweep", unit="setting", disable=not (progress and rank == 0)):
         collect = FeatureCollector(pr_num=pr_num, num_images=num_samples, is_splits=is_splits)
-        correct = torch.zeros(num_classes, dtype=torch.float64)  # (C,) requested class predicted
-        shape_correct = torch.zeros(num_classes, dtype=torch.float64)  # (C,) the same by the shape judge
+        hits = {name: torch.zeros(num_classes, dtype=torch.float64) for name in judges}  # (C,) requested class predicted
         kept: list[Tensor] = []
         shown: list[Tensor] = []
         shown_at: list[int] = []
@@ -438,11 +438,9 @@ def guidance_sweep(
         def on_batch(images: Tensor, batch: range) -> None:
             f, p = features(images)
             collect.add(f, p, batch)
-            hit = (classify(reference, images).argmax(1) == labels[batch.start : batch.stop]).double()  # (b,)
-            correct.index_add_(0, labels[batch.start : batch.stop], hit)
-            if shape_judge is not None:
-                hit = (classify(shape_judge, images).argmax(1) == labels[batch.start : batch.stop]).double()  # (b,)
-                shape_correct.index_add_(0, labels[batch.start : batch.stop], hit)
+            requested_here = labels[batch.start : batch.stop]  # (b,)
+            for name, judge in judges.items():
+                hits[name].index_add_(0, requested_here, (classify(judge, images).argmax(1) == requested_here).double())
             if keep_best:
                 kept.append(_to_uint8(images))
             for i, image in zip(batch, images):
@@ -466,7 +464,8 @@ def guidance_sweep(
             desc=f"sampling s={setting[0]:g} w={setting[1]:g}",
         )
         fake = collect.gather()
-        correct = all_reduce_sum(correct)  # (C,) exact: integer counts in float64
+        hits = {name: all_reduce_sum(count) for name, count in hits.items()}  # (C,) each, exact: integer counts in float64
+        correct = hits["reference"]
         per_class = torch.bincount(labels, minlength=num_classes).double()  # (C,)
         metrics = distribution_metrics(real_features, fake, k=pr_k)
         results.append(
@@ -478,8 +477,8 @@ def guidance_sweep(
                 "per_class_accuracy": [float(correct[c] / per_class[c]) for c in requested],
             }
         )
-        if shape_judge is not None:
-            shape_correct = all_reduce_sum(shape_correct)  # (C,)
+        if "shape" in hits:
+            shape_correct = hits["shape"]
             results[-1]["shape_accuracy"] = float(shape_correct.sum() / num_samples)
             results[-1]["per_class_shape_accuracy"] = [float(shape_correct[c] / per_class[c]) for c in requested]
         if keep_best and (len(results) == 1 or metrics["fid"] < min(r["fid"] for r in results[:-1])):  # ties: the first
