@@ -6,6 +6,11 @@ Runs, and prints, the very commands a user would type:
 ``scripts/train_stage.py stage=<base|classifier|sr256|sr1024> preset=tiny`` (into runs/<stage>),
 then ``scripts/cascade_sample.py``. A stage already trained to its last step is reused, not
 retrained, so running the demo again only samples. README (Quickstart) gives its measured duration.
+
+First it prints, on one line, what the training runs will choose on this machine and why
+(:func:`cascade.utils.device.choose_compute` on the tiny preset's trainer settings): bf16 autocast only
+where the hardware has it natively, the memory format by what is built here. Nothing else depends on the
+machine: a slower one trains the same stages for the same steps and draws the same pictures, later.
 """
 
 from __future__ import annotations
@@ -17,9 +22,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from hydra import compose, initialize_config_dir
+
+from cascade.nn.native import group_norm_kernels
 from cascade.utils.cli import OneLineParser
+from cascade.utils.device import choose_compute, resolve_device
 
 SCRIPTS = Path(__file__).resolve().parent
+CONFIGS = SCRIPTS.parent / "configs"
 STAGES = ("base", "classifier", "sr256", "sr1024")
 
 
@@ -36,6 +47,24 @@ def run(command: list[str]) -> None:
         sys.exit(code)
 
 
+def machine_line(device_name: str) -> str:
+    """One line: the device, and the precision and memory format every tiny stage will train in there, with the reason."""
+    device = resolve_device(device_name)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        trainer = compose(config_name="train", overrides=["stage=base", "preset=tiny"]).trainer
+    choice = choose_compute(
+        device,
+        bf16=trainer.bf16,
+        channels_last=trainer.channels_last,
+        norm_kernel=lambda: group_norm_kernels() is not None,
+    )
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return (
+        f"demo on {device}{threads}: {choice.line()}. The same stages, steps and pictures on every machine; "
+        "a slower one only takes longer"
+    )
+
+
 def main() -> None:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--class", dest="class_", default="blue star with concentric rings", help="class index or name")
@@ -44,6 +73,11 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
+    try:
+        print(machine_line(args.device), flush=True)
+    except ValueError as error:  # an unknown or absent device: one line, as the training steps would say it
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     for stage in STAGES:
         run([sys.executable, str(SCRIPTS / "train_stage.py"), f"stage={stage}", "preset=tiny", f"device={args.device}"])
     # 10 solver steps at 1024px: a full-size step of the tiny sr1024 is the costliest part of the demo on a CPU.

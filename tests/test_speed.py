@@ -417,3 +417,26 @@ def test_compute_choice_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> 
     assert not choose_compute(cpu, bf16=False, channels_last="auto", norm_kernel=lambda: True).bf16
     with pytest.raises(ValueError, match="true, false or auto"):
         choose_compute(cpu, bf16=True, channels_last="yes", norm_kernel=lambda: True)  # type: ignore[arg-type]
+
+
+def test_demo_prints_what_the_tiny_stages_will_choose_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/demo.py's first line reads the tiny preset's trainer settings through choose_compute: float32 where bf16
+    would be emulated, bf16 autocast where native, and says the work does not depend on the machine."""
+    import runpy
+
+    from cascade.utils import device as device_module
+
+    machine_line = runpy.run_path(str(ROOT / "scripts" / "demo.py"))["machine_line"]
+    monkeypatch.setattr(device_module, "native_bf16", lambda device: False)
+    emulated = machine_line("cpu")
+    assert emulated.startswith("demo on cpu, ") and "compute: float32" in emulated and "bf16 would be emulated" in emulated
+    assert "same stages, steps and pictures on every machine" in emulated and "\n" not in emulated
+    monkeypatch.setattr(device_module, "native_bf16", lambda device: True)
+    assert "compute: bf16 autocast" in machine_line("cpu")
+
+
+def test_demo_bad_device_is_one_line_and_exit_code_2() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--device", "tpu"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and result.stderr == "error: unknown device 'tpu'; use auto, cpu or cuda\n"
