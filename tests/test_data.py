@@ -115,6 +115,23 @@ def test_shapes_fine_detail_only_at_high_resolution() -> None:
         assert _high_freq_energy(r1024) > 10 * _high_freq_energy(_upsample(r256, 1024))
 
 
+def test_redrawn_detail_is_exactly_what_the_low_res_image_cannot_show() -> None:
+    """redraw_unresolved keeps every low-res pixel and changes the high-res ones: at 64 px the texture's phase
+    and the hatching are invisible (64 renders equal, 256 renders differ); at 256 px the texture is visible and kept
+    (256 renders equal), the hatching is not (1024 renders differ). Deterministic in its generator."""
+    for i in (0, 5, 9):
+        for low, high in ((64, 256), (256, 1024)):
+            data, truth_low = ShapesDataset(resolution=high, split="test"), ShapesDataset(resolution=low, split="test")[i][0]
+            redrawn = data.redrawn(i, low, torch.Generator().manual_seed(i))  # (3, high, high)
+            assert torch.equal(redrawn, data.redrawn(i, low, torch.Generator().manual_seed(i)))
+            assert torch.equal(
+                ShapesDataset(resolution=low, split="test").redrawn(i, low, torch.Generator().manual_seed(i)), truth_low
+            )
+            assert (redrawn - data[i][0]).abs().mean() > 0.005  # the invented detail differs from the truth's
+            assert (_downsample(redrawn, low) - truth_low).abs().mean() < 0.03  # and is consistent with the low-res
+            assert _high_freq_energy(redrawn) == pytest.approx(_high_freq_energy(data[i][0]), rel=0.25)  # same kind of detail
+
+
 def test_shapes_classes_visible_at_64() -> None:
     """All classes appear, with distinct names; a nearest-class-mean classifier beats chance."""
     train, test = ShapesDataset(resolution=64), ShapesDataset(resolution=64, split="test")

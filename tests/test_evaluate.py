@@ -384,6 +384,9 @@ def test_upsampler_sweep_writes_a_level_that_cascade_sample_uses(smoke_runs, tmp
     assert [r["aug_level"] for r in report["levels"]] == [7, 30] and report["features"].startswith("classifier:")
     for key in ["psnr", "psnr_bicubic", "ssim", "ssim_bicubic", "consistency_psnr", "fid", "precision", "recall"]:
         assert key in report["levels"][0]
+    bound = report["realistic_bound"]  # the held-out truth with its unresolvable detail redrawn: true to the input, as sharp
+    assert bound["consistency_psnr"] > 35 and 0.8 < bound["hf_ratio"] < 1.25 and bound["psnr"] < 60
+    assert "psnr_bicubic" not in bound and "realistic bound" in result.stdout
     chosen = report["chosen_aug_level"]
     assert chosen == select_level(report["levels"], "fid")["aug_level"]
     assert read_tuned(sr256)["settings"] == {"aug_level": chosen}

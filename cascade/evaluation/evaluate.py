@@ -65,6 +65,7 @@ __all__ = [
     "LOWER_IS_BETTER",
     "GUIDANCE_STREAM",
     "SR_STREAM",
+    "REDRAW_STREAM",
     "index_batches",
     "random_subset",
     "reference_classifier",
@@ -119,6 +120,7 @@ class FeatureSpace:
 GUIDANCE_STREAM = 0  # derive_seed stream of the guidance sweep's images (the one sample_shards.py gives the base)
 SR_STREAM = 1  # derive_seed stream of the aug-level sweep's outputs
 NOISE_ACCURACY_STREAM = 2  # derive_seed stream of the noisy classifier's (t, noise) draws
+REDRAW_STREAM = 3  # derive_seed stream of the realistic bound's redrawn detail (aug-level sweep)
 
 
 def index_batches(n: int, batch_size: int) -> list[range]:
@@ -611,6 +613,7 @@ def aug_level_sweep(
     bf16: bool = True,
     seed: int = 0,
     progress: bool = True,
+    redraw: Callable[[int, torch.Generator], Tensor] | None = None,
 ) -> dict[str, Any]:
     """Super-resolve ``num_images`` held-out images of ``data`` (at the stage resolution) at every augmentation level s.
 
@@ -624,6 +627,12 @@ def aug_level_sweep(
 
     A stage without noise augmentation (ADM's upsamplers) has no level to sweep: ``aug_levels``
     is ``[None]``, one pass with the low-res input only resized up.
+
+    ``redraw(i, generator)``, where the data set can say it: item ``i`` with the detail its low-res input cannot
+    show drawn afresh (:meth:`~cascade.data.ShapesDataset.redrawn`). Those images, measured like an output,
+    are the ``realistic_bound``: what a perfect model that invents detail (rather than averaging it away)
+    scores, the reference for how much PSNR realism costs on this data. Image j's draws come from
+    ``derive_seed(seed, REDRAW_STREAM, j)``.
     """
     if not stage.noise_augmentation and list(aug_levels) != [None]:
         raise ValueError(f"{stage.name} was trained without noise conditioning augmentation: it has no aug levels to sweep")
@@ -637,6 +646,7 @@ def aug_level_sweep(
     f = stage.factor
     mine = index_batches(len(indices), batch_size)[rank::world]
     truth, bicubic_feats = FeatureCollector(pr_num=pr_num), FeatureCollector(pr_num=pr_num)
+    bound_feats, bound_sums = FeatureCollector(pr_num=pr_num), None  # the realistic bound (with redraw)
     shown: dict[Any, list[Tensor]] = {}
     shown_at: list[int] = []
     results = []
@@ -672,6 +682,12 @@ def aug_level_sweep(
             if level_index == 0:
                 truth.add(features(hi)[0], None, batch)
                 bicubic_feats.add(features(upsample(lowres, f, "bicubic").clamp(-1, 1))[0], None, batch)
+                if redraw is not None:
+                    bound = _redrawn(redraw, [indices[i] for i in batch], batch, seed, crop, f)  # (b, 3, crop, crop)
+                    values = super_resolution_metrics(bound, hi, lowres, f)
+                    batch_sums = torch.tensor([values[key] * len(batch) for key in keys], dtype=torch.float64)
+                    bound_sums = batch_sums if bound_sums is None else bound_sums + batch_sums
+                    bound_feats.add(features(bound)[0], None, batch)
             for i, image, low, high in zip(batch, out, lowres, hi):
                 if i < 4:  # the first 4 outputs of each level for the grid
                     shown.setdefault(s, []).append(image)
@@ -686,6 +702,11 @@ def aug_level_sweep(
         dist_metrics = distribution_metrics(truth_set, collect.gather(), k=pr_k)
         results.append({"aug_level": None if s is None else int(s), **metrics, **dist_metrics})
     bicubic = distribution_metrics(truth_set, bicubic_set, k=pr_k)
+    realistic_bound = None
+    if redraw is not None:
+        sums = all_reduce_sum(bound_sums if bound_sums is not None else torch.zeros(len(keys), dtype=torch.float64))
+        bound_metrics = {key: float(value) / len(indices) for key, value in zip(keys, sums) if not key.endswith("_bicubic")}
+        realistic_bound = {**bound_metrics, **distribution_metrics(truth_set, bound_feats.gather(), k=pr_k)}
     grid = {key: gather_images(shown.get(key, []), shown_at) for key in dict.fromkeys([*aug_levels, "inputs"])}
     if rank == 0:
         _sr_grid(grid, list(aug_levels), out_dir / "sr_samples.png")
@@ -700,7 +721,25 @@ def aug_level_sweep(
         "world_size": world,
         "levels": results,
         "bicubic": {"fid": bicubic["fid"], "precision": bicubic["precision"], "recall": bicubic["recall"]},
+        "realistic_bound": realistic_bound,
     }
+
+
+def _redrawn(
+    redraw: Callable[[int, torch.Generator], Tensor],
+    items: Sequence[int],
+    positions: Sequence[int],
+    seed: int,
+    crop: int | None,
+    f: int,
+) -> Tensor:
+    """The realistic bound's images (b, 3, H, W) of data items ``items`` (output positions ``positions``), cropped as the truth."""
+    images = torch.stack(
+        [redraw(item, torch.Generator().manual_seed(derive_seed(seed, REDRAW_STREAM, j))) for item, j in zip(items, positions)]
+    )  # (b, 3, R, R)
+    if crop is not None and crop < images.shape[-1]:
+        images = central_crop(images, crop, align=f)  # (b, 3, crop, crop)
+    return images
 
 
 def _sr_grid(shown: dict, levels: list[int], path: Path, panel: int = 256) -> None:
