@@ -646,13 +646,14 @@ def aug_level_sweep(
     f = stage.factor
     mine = index_batches(len(indices), batch_size)[rank::world]
     truth, bicubic_feats = FeatureCollector(pr_num=pr_num), FeatureCollector(pr_num=pr_num)
-    bound_feats, bound_sums = FeatureCollector(pr_num=pr_num), None  # the realistic bound (with redraw)
+    bound_feats = FeatureCollector(pr_num=pr_num)  # the realistic bound (with redraw)
     shown: dict[Any, list[Tensor]] = {}
     shown_at: list[int] = []
     results = []
     keys = list(
         super_resolution_metrics(torch.zeros(1, 3, 2 * f, 2 * f), torch.zeros(1, 3, 2 * f, 2 * f), torch.zeros(1, 3, 2, 2), f)
     )
+    bound_sums = torch.zeros(len(keys), dtype=torch.float64)  # (M,) its metric × batch size, summed over batches
     for level_index, s in enumerate(
         tqdm(list(aug_levels), desc="aug-level sweep", unit="level", disable=not (progress and rank == 0))
     ):
@@ -676,17 +677,14 @@ def aug_level_sweep(
                     progress=False,
                 )
             out = out.float().cpu()  # (b, 3, crop, crop)
-            values = super_resolution_metrics(out, hi, lowres, f)
-            sums += torch.tensor([values[key] * len(batch) for key in keys], dtype=torch.float64)
+            sums += _weighted(super_resolution_metrics(out, hi, lowres, f), keys, len(batch))
             collect.add(features(out)[0], None, batch)
             if level_index == 0:
                 truth.add(features(hi)[0], None, batch)
                 bicubic_feats.add(features(upsample(lowres, f, "bicubic").clamp(-1, 1))[0], None, batch)
                 if redraw is not None:
                     bound = _redrawn(redraw, [indices[i] for i in batch], batch, seed, crop, f)  # (b, 3, crop, crop)
-                    values = super_resolution_metrics(bound, hi, lowres, f)
-                    batch_sums = torch.tensor([values[key] * len(batch) for key in keys], dtype=torch.float64)
-                    bound_sums = batch_sums if bound_sums is None else bound_sums + batch_sums
+                    bound_sums += _weighted(super_resolution_metrics(bound, hi, lowres, f), keys, len(batch))
                     bound_feats.add(features(bound)[0], None, batch)
             for i, image, low, high in zip(batch, out, lowres, hi):
                 if i < 4:  # the first 4 outputs of each level for the grid
@@ -704,7 +702,7 @@ def aug_level_sweep(
     bicubic = distribution_metrics(truth_set, bicubic_set, k=pr_k)
     realistic_bound = None
     if redraw is not None:
-        sums = all_reduce_sum(bound_sums if bound_sums is not None else torch.zeros(len(keys), dtype=torch.float64))
+        sums = all_reduce_sum(bound_sums)
         bound_metrics = {key: float(value) / len(indices) for key, value in zip(keys, sums) if not key.endswith("_bicubic")}
         realistic_bound = {**bound_metrics, **distribution_metrics(truth_set, bound_feats.gather(), k=pr_k)}
     grid = {key: gather_images(shown.get(key, []), shown_at) for key in dict.fromkeys([*aug_levels, "inputs"])}
@@ -723,6 +721,11 @@ def aug_level_sweep(
         "bicubic": {"fid": bicubic["fid"], "precision": bicubic["precision"], "recall": bicubic["recall"]},
         "realistic_bound": realistic_bound,
     }
+
+
+def _weighted(values: dict[str, float], keys: Sequence[str], n: int) -> Tensor:
+    """(M,) float64: the metrics ``keys`` of one batch of ``n`` images, times ``n`` (summed, then divided by the total)."""
+    return torch.tensor([values[key] * n for key in keys], dtype=torch.float64)
 
 
 def _redrawn(
