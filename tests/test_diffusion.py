@@ -37,6 +37,7 @@ SCHEDULES = {
     "linear": linear_schedule(1000),
     "cosine": cosine_schedule(1000),
     "cosine-respaced": respace(cosine_schedule(1000), 50),
+    "cosine-shifted": cosine_schedule(1000, shift=4.0),
 }
 
 
@@ -56,6 +57,18 @@ def test_cosine_schedule_matches_formula():
         assert betas[t - 1] < 0.999
         assert schedule.alphas_cumprod[t - 1].item() == pytest.approx(f(t) / f(0), rel=1e-9)
     assert betas.max().item() == pytest.approx(0.999)  # clipped at the end
+
+
+def test_shifted_cosine_schedule_lowers_every_log_snr_by_two_log_shift():
+    """Hoogeboom et al. 2023, §3.1: log-SNR_shift(t) = log-SNR(t) − 2·log(shift), at every step."""
+    plain, shifted = cosine_schedule(1000), cosine_schedule(1000, shift=4.0)
+    log_snr = lambda ab: (ab / (1 - ab)).log()  # noqa: E731
+    torch.testing.assert_close(
+        log_snr(shifted.alphas_cumprod), log_snr(plain.alphas_cumprod) - 2 * math.log(4.0), rtol=0, atol=1e-9
+    )
+    assert cosine_schedule(1000, shift=1.0).alphas_cumprod.equal(plain.alphas_cumprod)  # ADM's, bit for bit
+    with pytest.raises(ValueError, match="shift must be positive"):
+        cosine_schedule(1000, shift=0.0)
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))

@@ -123,16 +123,28 @@ def linear_schedule(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: f
     return schedule_from_betas(torch.linspace(scale * beta_start, scale * beta_end, num_steps, dtype=torch.float64))
 
 
-def cosine_schedule(num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
+def cosine_schedule(num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999, shift: float = 1.0) -> NoiseSchedule:
     """Cosine schedule (Nichol & Dhariwal 2021, eq. 17): ᾱ_t = f(t)/f(0), f(t) = cos²(((t/T)+s)/(1+s)·π/2).
 
     β_t = 1 − ᾱ_t/ᾱ_{t−1} is clipped at ``max_beta`` to avoid the singularity at t = T.
     Index 0 here is the paper's t = 1.
+
+    ``shift`` > 1 divides every step's signal-to-noise ratio ᾱ/(1−ᾱ) by shift², i.e. lowers its
+    log-SNR by 2·log(shift) (Hoogeboom et al. 2023, "simple diffusion", §3.1: the shifted cosine
+    schedule). An image whose pixels are redundant (large flat regions, or a high resolution) keeps
+    its layout readable at noise levels where the plain schedule spends few of its steps; shifting
+    moves training and sampling steps to the noise levels that decide the layout. 1: ADM's schedule.
     """
+    if shift <= 0:
+        raise ValueError(f"shift must be positive (1: the plain cosine schedule), got {shift}")
     steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps  # (T+1,) t/T
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     betas = (1.0 - f[1:] / f[:-1]).clamp(max=max_beta)  # (T,)
-    return schedule_from_betas(betas)
+    schedule = schedule_from_betas(betas)
+    if shift == 1.0:
+        return schedule
+    logit = schedule.alphas_cumprod.logit() - 2.0 * math.log(shift)  # (T,) log-SNR, shifted
+    return NoiseSchedule(schedule.timesteps, torch.sigmoid(logit))
 
 
 def spaced_timesteps(num_train_steps: int, num_steps: int) -> Tensor:
