@@ -100,7 +100,8 @@ def main() -> None:
     minutes = (time.perf_counter() - start) / 60
     print(
         f"\ndemo finished in {minutes:.1f} min. Pictures: {args.out}/000_strip.png (64 → 256 → 1024 side by side), "
-        f"{args.out}/000_1024px.png; training curves and sample grids: runs/<stage>/loss.png, runs/<stage>/samples/"
+        f"{args.out}/000_1024px.png; the base's samples beside held-out images, one row per class: "
+        "runs/base/samples/latest.png; training curves and previews: runs/<stage>/loss.png, runs/<stage>/samples/"
     )
 
 

@@ -3,6 +3,8 @@ the sampler registry, and checkpoints written before the roles were explicit."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -195,6 +197,39 @@ def test_previews_are_chosen_by_role_and_refuse_another_role():
         previews.bind(generator(), previews.UpsamplerPreview())
     with pytest.raises(ValueError, match="crop=6 must be a multiple of 4"):
         previews.bind(upsampler(), previews.UpsamplerPreview(crop=6))
+
+
+def test_generator_preview_puts_held_out_images_of_each_class_before_its_samples(tmp_path):
+    """Row c of the grid: ``real_per_class`` held-out images labelled c (in data order), a white gap, the samples."""
+    import numpy as np
+    from PIL import Image
+
+    from cascade.training.trainer import ReportContext
+
+    # Held-out images whose pixels name their label and position: image i is constant (i mod 5)/5 - 0.9 in
+    # channel 0 and label i mod 3, so class c's first images are i = c and i = c + 3.
+    data = [(torch.full((3, 8, 8), (i % 5) / 5 - 0.9).index_fill_(0, torch.tensor([1, 2]), 0.0), i % 3) for i in range(12)]
+    stage = generator()
+    net = stage.build(num_classes=3)
+    context = ReportContext(
+        step=1, out_dir=tmp_path, class_names=["a", "b", "c"], val_data=data, device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    previews.GeneratorPreview(steps=2, per_class=2, real_per_class=2)(stage, net, context)
+    grid = (
+        torch.from_numpy(np.asarray(Image.open(tmp_path / "latest.png").convert("RGB"))).permute(2, 0, 1) / 255
+    )  # (3, 2 + 3·10, 2 + 5·10): 8px tiles, 2px gaps
+    assert grid.shape == (3, 32, 52)
+    tile = lambda r, c: grid[:, 2 + 10 * r : 10 + 10 * r, 2 + 10 * c : 10 + 10 * c]  # noqa: E731
+    for row in range(3):
+        for column, index in enumerate((row, row + 3)):
+            expected = ((index % 5) / 5 - 0.9 + 1) / 2
+            assert tile(row, column)[0].sub(expected).abs().max() < 1 / 255 + 1e-6
+        assert tile(row, 2).min() == 1.0  # the white gap
+    # No held-out split: the plain grid of samples.
+    context = dataclasses.replace(context, val_data=None)
+    previews.GeneratorPreview(steps=2, per_class=2, real_per_class=2)(stage, net, context)
+    assert Image.open(tmp_path / "latest.png").size == (22, 32)
 
 
 # --- the sampler registry ----------------------------------------------------------------------------

@@ -30,12 +30,25 @@ __all__ = ["GeneratorPreview", "UpsamplerPreview", "ClassifierPreview", "Preview
 
 
 class GeneratorPreview:
-    """A grid with one row per class (the first ``max_classes``), ``per_class`` samples each."""
+    """A grid with one row per class (the first ``max_classes``), ``per_class`` samples each.
+
+    With ``real_per_class`` > 0 and a held-out split, each row starts with that many held-out
+    images of its class and a white gap, so the data and the samples compare at a glance.
+    """
 
     role = Generator
 
-    def __init__(self, *, sampler: SamplerName = "dpmpp_2m", steps: int = 25, per_class: int = 8, max_classes: int = 10) -> None:
+    def __init__(
+        self,
+        *,
+        sampler: SamplerName = "dpmpp_2m",
+        steps: int = 25,
+        per_class: int = 8,
+        max_classes: int = 10,
+        real_per_class: int = 0,
+    ) -> None:
         self.sampler, self.steps, self.per_class, self.max_classes = sampler, steps, per_class, max_classes
+        self.real_per_class = real_per_class
 
     def check(self, stage: Generator) -> None:
         pass
@@ -44,8 +57,34 @@ class GeneratorPreview:
         rows = min(len(context.class_names), self.max_classes)
         labels = torch.arange(rows, device=context.device).repeat_interleave(self.per_class)  # (rows·cols,)
         images = stage.sample(net, labels, sampler=self.sampler, steps=self.steps, generator=context.generator, progress=False)
-        save_grid(images, self.per_class, context.out_dir / f"step_{context.step:07d}.png", context.out_dir / "latest.png")
+        columns = self.per_class
+        real = held_out_by_class(context.val_data, rows, self.real_per_class)  # (rows, n, 3, H, W) or None
+        if real is not None:
+            gap = torch.ones_like(real[:, :1])  # (rows, 1, 3, H, W): white
+            samples = images.float().cpu().view(rows, self.per_class, *images.shape[1:])
+            images = torch.cat([real, gap, samples], dim=1).flatten(0, 1)  # (rows·(n+1+per_class), 3, H, W)
+            columns = self.real_per_class + 1 + self.per_class
+        save_grid(images, columns, context.out_dir / f"step_{context.step:07d}.png", context.out_dir / "latest.png")
         return {}
+
+
+def held_out_by_class(data, classes: int, per_class: int, max_scan: int = 2000) -> torch.Tensor | None:
+    """The first ``per_class`` images (classes, per_class, C, H, W) of each of the first ``classes`` classes in ``data``.
+
+    ``data`` yields (image, label). None when ``per_class`` is 0, there is no data, or the first
+    ``max_scan`` items do not hold that many of every class (a rare class in a folder data set).
+    """
+    if per_class <= 0 or data is None:
+        return None
+    found: dict[int, list[torch.Tensor]] = {c: [] for c in range(classes)}
+    for index in range(min(len(data), max_scan)):
+        image, label = data[index][:2]
+        label = int(label)
+        if label < classes and len(found[label]) < per_class:
+            found[label].append(torch.as_tensor(image).float())
+        if all(len(v) == per_class for v in found.values()):
+            return torch.stack([torch.stack(found[c]) for c in range(classes)])
+    return None
 
 
 class UpsamplerPreview:
