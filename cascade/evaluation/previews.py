@@ -49,6 +49,7 @@ class GeneratorPreview:
     ) -> None:
         self.sampler, self.steps, self.per_class, self.max_classes = sampler, steps, per_class, max_classes
         self.real_per_class = real_per_class
+        self._real: tuple[int, torch.Tensor | None] | None = None  # (rows, held-out images): found once, reused every report
 
     def check(self, stage: Generator) -> None:
         pass
@@ -58,7 +59,9 @@ class GeneratorPreview:
         labels = torch.arange(rows, device=context.device).repeat_interleave(self.per_class)  # (rows·cols,)
         images = stage.sample(net, labels, sampler=self.sampler, steps=self.steps, generator=context.generator, progress=False)
         columns = self.per_class
-        real = held_out_by_class(context.val_data, rows, self.real_per_class)  # (rows, n, 3, H, W) or None
+        if self._real is None or self._real[0] != rows:
+            self._real = rows, held_out_by_class(context.val_data, rows, self.real_per_class)
+        real = self._real[1]  # (rows, n, 3, H, W) or None
         if real is not None:
             gap = torch.ones_like(real[:, :1])  # (rows, 1, 3, H, W): white
             samples = images.float().cpu().view(rows, self.per_class, *images.shape[1:])
