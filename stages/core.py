@@ -147,16 +147,29 @@ class DiffusionStage:
             return labels
         return torch.where(drop, torch.full_like(labels, self.null_label(net)), labels)
 
-    def diffusion_loss(self, net: nn.Module, x0: Tensor, labels: Tensor, generator: torch.Generator, **cond: Tensor) -> Tensor:
+    def diffusion_loss(
+        self,
+        net: nn.Module,
+        x0: Tensor,
+        labels: Tensor,
+        generator: torch.Generator,
+        loss_weight: Callable[[Tensor], Tensor] | None = None,
+        **cond: Tensor,
+    ) -> Tensor:
         """Per-example loss (B,) of the objective at uniformly drawn t, given the conditioning ``cond`` and the classes.
 
+        ``loss_weight``: maps the drawn timesteps t (B,) to a factor (B,) of each example's loss
+        (an upsampler's detail weighting, :meth:`LowresPrior.loss_weight`); None: unweighted.
         Random draws, in order: t, ε, then the label dropout (class-conditional stages only).
         """
         k = torch.randint(0, len(self.schedule), (x0.shape[0],), generator=generator, device=x0.device)  # (B,)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)  # (B, 3, H, W)
         if self.class_conditional:
             cond["class_labels"] = self.drop_labels(net, labels, generator)  # (B,)
-        return self.objective(net, self.schedule, x0, k, noise, **cond)
+        loss = self.objective(net, self.schedule, x0, k, noise, **cond)  # (B,)
+        if loss_weight is not None:
+            loss = loss * loss_weight(self.schedule.timesteps.to(k.device)[k])
+        return loss
 
     # --- sampling ---
 

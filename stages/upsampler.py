@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,6 +43,7 @@ from cascade.data.imagefolder import image_to_tensor
 from cascade.data.resize import UpsampleMode, central_crop, downsample, upsample  # re-exported: the stage's low-res making
 from cascade.diffusion.denoiser import VarianceType
 from cascade.diffusion.losses import DiffusionLoss
+from cascade.diffusion.preconditioning import LowresPrior
 from cascade.diffusion.process import q_sample
 from cascade.diffusion.samplers import SamplerName
 from cascade.diffusion.schedules import NoiseSchedule, Spacing
@@ -296,7 +298,12 @@ class UpsamplerStage(DiffusionStage, Upsampler):
     def loss(self, net: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
         """Per-example diffusion loss of the hi-res (crop) at uniformly drawn t, given the augmented low-res."""
         inputs = self.training_inputs(images, generator)
-        return self.diffusion_loss(net, inputs.images, labels, generator, **self._cond(inputs.lowres, inputs.aug_level))
+        weight = None
+        prior = next((m for m in net.modules() if isinstance(m, LowresPrior)), None)  # through DDP / torch.compile
+        if prior is not None and prior.detail_weighting:
+            weight = partial(prior.loss_weight, aug_level=inputs.aug_level)
+        cond = self._cond(inputs.lowres, inputs.aug_level)
+        return self.diffusion_loss(net, inputs.images, labels, generator, loss_weight=weight, **cond)
 
     # --- sampling ---
 

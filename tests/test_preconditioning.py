@@ -113,3 +113,63 @@ def test_stage_wraps_its_network_and_requires_v():
     assert 0.008 < float(out.std()) < 0.0125 and float(out.abs().max()) < 0.06
     with pytest.raises(ValueError, match="parameterization=v"):
         UpsamplerStage(objective=DiffusionLoss(parameterization="eps"), **kwargs)
+
+
+@pytest.mark.parametrize("k", [0, 30, 300, 999])
+def test_detail_weighting_makes_the_v_loss_the_error_of_f(k):
+    """Weighted v-loss = ‖F − F*‖², F* = (x_0 − E_prior[x_0 | x_t]) / c_out, the target F has under the prior (EDM's 1/c_out²)."""
+    schedule, aug = linear_schedule(1000), linear_schedule(1000)
+    f_value = 0.7
+    prior = LowresPrior(Zero(value=f_value), schedule=schedule, aug_schedule=aug, residual_std=0.05, detail_weighting=True)
+    g = torch.Generator().manual_seed(k)
+    x0, lowres, noise = (torch.randn(4, 3, 8, 8, generator=g) * 0.5 for _ in range(3))
+    kk, s = torch.full((4,), k), aug.timesteps[[0, 50, 200, 499]]
+    v_loss = DiffusionLoss(parameterization="v")(prior, schedule, x0, kk, noise, lowres=lowres, aug_level=s)  # (4,)
+    t = schedule.timesteps[kk]
+    ab = schedule.alphas_cumprod[kk].view(-1, 1, 1, 1).float()
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    mean, tau2 = prior.prior(lowres, s)
+    posterior_mean = prior.denoise(x_t, t, mean, tau2, torch.zeros_like(x0))
+    c_out = prior.denoise(x_t, t, mean, tau2, torch.ones_like(x0)) - posterior_mean
+    f_star = (x0 - posterior_mean) / c_out
+    expected = ((f_value - f_star) ** 2).mean(dim=(1, 2, 3))  # (4,)
+    assert torch.allclose(v_loss * prior.loss_weight(t, s), expected, rtol=1e-4)
+    unweighted = LowresPrior(Zero(), schedule=schedule, aug_schedule=aug, residual_std=0.05)
+    assert torch.equal(unweighted.loss_weight(t, s), torch.ones(4))
+
+
+class Recording(Zero):
+    """A constant-F network that remembers the timesteps and conditioning levels it was called at."""
+
+    def forward(self, x_t, t, *, lowres, aug_level, **cond):
+        self.seen = (t, aug_level)
+        return super().forward(x_t, t, lowres=lowres, aug_level=aug_level, **cond)
+
+
+def test_upsampler_stage_applies_the_detail_weighting():
+    kwargs = dict(
+        net=lambda **_: Recording(value=0.3),
+        schedule=linear_schedule(1000),
+        aug_schedule=linear_schedule(1000),
+        objective=DiffusionLoss(parameterization="v"),
+        name="sr16",
+        resolution=16,
+        lowres_resolution=4,
+        class_conditional=False,
+    )
+    images, labels = torch.rand(6, 3, 16, 16) * 2 - 1, torch.zeros(6, dtype=torch.long)
+    losses = {}
+    for weighting in (False, True):
+        prior = instantiate(
+            {
+                "_target_": "cascade.diffusion.preconditioning.LowresPrior",
+                "_partial_": True,
+                "residual_std": 0.05,
+                "detail_weighting": weighting,
+            }
+        )
+        net = UpsamplerStage(lowres_prior=prior, **kwargs).build(num_classes=1)
+        losses[weighting] = UpsamplerStage(lowres_prior=prior, **kwargs).loss(net, images, labels, torch.Generator().manual_seed(0))
+    t, s = net.net.seen
+    weight = net.loss_weight(t, s)  # (6,)
+    assert torch.allclose(losses[True], losses[False] * weight, rtol=1e-5) and bool((weight > 1).any())

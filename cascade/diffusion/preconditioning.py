@@ -25,6 +25,14 @@ image lacks.
 
 The wrapped network returns v = (α x_t − x̂_0) / σ (Salimans & Ho 2022), so the stage trains
 and samples it as a v-prediction network with the usual losses and samplers.
+
+Loss weighting. An error δF of the network is an error c_out δF of x̂_0 and (c_out/σ) δF of v,
+so the plain v-loss weighs F's errors by c_out²/σ² = τ² / (α² τ² + σ²): 1 at low noise, but
+only τ² (0.0025 at τ = 0.05) once σ ≫ τ — exactly the levels where F has to say which
+detail the low-res image implies (an edge's sharp profile, a stripe's phase), since x_t no
+longer shows it. EDM's λ(σ) = 1/c_out² (Karras et al. 2022, §5, Table 1) gives F's error unit
+weight at every level; ``detail_weighting`` does that by multiplying the v-loss by
+(α² τ² + σ²)/τ² (:meth:`LowresPrior.loss_weight`), which leaves the low-noise weight at 1.
 """
 
 from __future__ import annotations
@@ -74,12 +82,14 @@ class LowresPrior(nn.Module):
         residual_std: float = 0.1,  # τ_0: std of the hi-res detail around the clean low-res image, [−1, 1] units (built-in data: 0.10 at 256px)
         data_std: float = 0.5,  # σ_d: std of images in [−1, 1] (EDM's σ_data)
         channels: int = 3,  # image channels (the rest of the output passes through)
+        detail_weighting: bool = False,  # training: weigh F's error alike at every noise level (loss_weight)
     ) -> None:
         super().__init__()
         if residual_std <= 0 or data_std <= 0:
             raise ValueError(f"residual_std and data_std must be > 0, got {residual_std} and {data_std}")
         self.net, self.channels = net, channels
         self.residual_std, self.data_std = residual_std, data_std
+        self.detail_weighting = detail_weighting
         self.schedule, self.aug_schedule = schedule, aug_schedule
         # Rebuilt from the config, so not part of the state dict.
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.clone().float(), persistent=False)
@@ -94,12 +104,30 @@ class LowresPrior(nn.Module):
     def prior(self, lowres: Tensor, aug_level: Tensor) -> tuple[Tensor, Tensor]:
         """Centre m (B, C, H, W) and variance τ² (B, 1, 1, 1) of the Gaussian prior of x_0, from the conditioning."""
         ab_s = self.aug_alphas_cumprod[self.aug_schedule.positions(aug_level)].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        mean, var = gaussian_lowres_estimate(lowres.float(), ab_s, self.data_std)
-        return mean, self.residual_std**2 + var
+        mean, _ = gaussian_lowres_estimate(lowres.float(), ab_s, self.data_std)
+        return mean, self.prior_variance(aug_level).view(-1, 1, 1, 1)
+
+    def prior_variance(self, aug_level: Tensor) -> Tensor:
+        """τ² (B,) of the prior at the conditioning levels ``aug_level`` (B,) (what :meth:`prior` returns, alone)."""
+        ab_s = self.aug_alphas_cumprod[self.aug_schedule.positions(aug_level)]  # (B,)
+        _, var = gaussian_lowres_estimate(torch.zeros_like(ab_s), ab_s, self.data_std)  # the estimate's variance needs no z
+        return self.residual_std**2 + var
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """ᾱ_t (B, 1, 1, 1) of the training timesteps ``t`` (B,)."""
         return self.alphas_cumprod[self.schedule.positions(t)].view(-1, 1, 1, 1)
+
+    def loss_weight(self, t: Tensor, aug_level: Tensor) -> Tensor:
+        """Per-example factor (B,) of the v-loss: (α² τ² + σ²)/τ² with ``detail_weighting``, else 1.
+
+        With it, the weighted v-loss is ‖F − F*‖² at every noise level (module docstring, "Loss
+        weighting"). ``t`` (B,): training timesteps; ``aug_level`` (B,): the conditioning's levels.
+        """
+        if not self.detail_weighting:
+            return torch.ones(t.shape, device=t.device)
+        tau2 = self.prior_variance(aug_level)  # (B,)
+        alpha_bar = self.alphas_cumprod[self.schedule.positions(t)]  # (B,)
+        return (alpha_bar * tau2 + 1.0 - alpha_bar) / tau2
 
     def denoise(self, x_t: Tensor, t: Tensor, mean: Tensor, tau2: Tensor, f: Tensor) -> Tensor:
         """x̂_0 = m + c (x_t − α m) + c_out F; all (B, C, H, W) but t (B,) and τ² (B, 1, 1, 1)."""
