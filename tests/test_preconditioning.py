@@ -169,7 +169,9 @@ def test_upsampler_stage_applies_the_detail_weighting():
             }
         )
         net = UpsamplerStage(lowres_prior=prior, **kwargs).build(num_classes=1)
-        losses[weighting] = UpsamplerStage(lowres_prior=prior, **kwargs).loss(net, images, labels, torch.Generator().manual_seed(0))
+        losses[weighting] = UpsamplerStage(lowres_prior=prior, **kwargs).loss(
+            net, images, labels, torch.Generator().manual_seed(0)
+        )
     t, s = net.net.seen
     weight = net.loss_weight(t, s)  # (6,)
     assert torch.allclose(losses[True], losses[False] * weight, rtol=1e-5) and bool((weight > 1).any())
