@@ -299,9 +299,11 @@ class UpsamplerStage(DiffusionStage, Upsampler):
         """Per-example diffusion loss of the hi-res (crop) at uniformly drawn t, given the augmented low-res."""
         inputs = self.training_inputs(images, generator)
         weight = None
-        if self.lowres_prior is not None:  # the network holds it, possibly inside DDP / torch.compile wrappers
-            prior = next(m for m in net.modules() if isinstance(m, LowresPrior))
-            if prior.detail_weighting:
+        if self.lowres_prior is not None and isinstance(net, nn.Module):
+            # The built network holds the prior, possibly inside DDP / torch.compile wrappers; a bare network
+            # (a benchmark's twin) or model function trains unweighted.
+            prior = next((m for m in net.modules() if isinstance(m, LowresPrior)), None)
+            if prior is not None and prior.detail_weighting:
                 weight = partial(prior.loss_weight, aug_level=inputs.aug_level)
         cond = self._cond(inputs.lowres, inputs.aug_level)
         return self.diffusion_loss(net, inputs.images, labels, generator, loss_weight=weight, **cond)
