@@ -104,8 +104,8 @@ class LowresPrior(nn.Module):
     def prior(self, lowres: Tensor, aug_level: Tensor) -> tuple[Tensor, Tensor]:
         """Centre m (B, C, H, W) and variance τ² (B, 1, 1, 1) of the Gaussian prior of x_0, from the conditioning."""
         ab_s = self.aug_alphas_cumprod[self.aug_schedule.positions(aug_level)].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        mean, _ = gaussian_lowres_estimate(lowres.float(), ab_s, self.data_std)
-        return mean, self.prior_variance(aug_level).view(-1, 1, 1, 1)
+        mean, var = gaussian_lowres_estimate(lowres.float(), ab_s, self.data_std)
+        return mean, self.residual_std**2 + var
 
     def prior_variance(self, aug_level: Tensor) -> Tensor:
         """τ² (B,) of the prior at the conditioning levels ``aug_level`` (B,) (what :meth:`prior` returns, alone)."""
@@ -126,7 +126,7 @@ class LowresPrior(nn.Module):
         if not self.detail_weighting:
             return torch.ones(t.shape, device=t.device)
         tau2 = self.prior_variance(aug_level)  # (B,)
-        alpha_bar = self.alphas_cumprod[self.schedule.positions(t)]  # (B,)
+        alpha_bar = self.alpha_bar(t).flatten()  # (B,)
         return (alpha_bar * tau2 + 1.0 - alpha_bar) / tau2
 
     def denoise(self, x_t: Tensor, t: Tensor, mean: Tensor, tau2: Tensor, f: Tensor) -> Tensor:
