@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import signal
@@ -35,7 +36,7 @@ from cascade.training.checkpoint import (
     save_checkpoint,
 )
 from cascade.training.faults import TrainingDiverged
-from cascade.training.trainer import ReportContext, Trainer
+from cascade.training.trainer import ReportContext, Trainer, lr_factor
 from tests.helpers import ROOT, run_script
 
 # --- a one-layer stage for in-process runs -----------------------------------------------------------
@@ -474,3 +475,26 @@ def test_super_resolve_bad_input_is_one_line_and_exit_code_2(smoke_runs, tmp_pat
     ckpt = [] if "--ckpt" in args else ["--ckpt", str(smoke_runs / "sr256" / "checkpoints" / "last.pt")]
     result = run_main("super_resolve.py", "--device", "cpu", "--input", "in.png", *ckpt, *args, cwd=tmp_path)
     one_line_exit_2(result, message)
+
+
+# --- learning-rate schedule --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_lr_decays_after_warmup_to_near_zero_at_the_last_step(tmp_path, decay):
+    factors = [lr_factor(k, warmup_steps=3, max_steps=12, decay=decay) for k in range(12)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])  # linear warm-up
+    assert all(a > b > 0 for a, b in zip(factors[2:], factors[3:]))  # then strictly down, never 0 while training
+    assert factors[-1] < 0.1
+    if decay == "cosine":  # half-way through the decay: half the peak
+        assert lr_factor(3 + 4, warmup_steps=3, max_steps=12, decay=decay) == pytest.approx(
+            0.5 * (1 + math.cos(math.pi * 5 / 10))
+        )
+    fit(tmp_path / "whole", steps=12, warmup_steps=3, lr_decay=decay)
+    logged = [r["lr"] for r in metrics(tmp_path / "whole") if "lr" in r]  # after each step: the rate of the next update
+    assert logged[:-1] == pytest.approx([1e-2 * f for f in factors[1:]])
+
+
+def test_unknown_lr_decay_is_refused():
+    with pytest.raises(ValueError, match="lr_decay must be none, cosine or linear"):
+        Trainer(lr_decay="exponential")

@@ -43,7 +43,7 @@ from cascade.utils.device import bf16_autocast, choose_compute
 from cascade.utils.plots import plot_loss_curve, read_metrics
 from cascade.utils.rng import keyed_seed
 
-__all__ = ["Stage", "Trainer", "Reporter", "ReportContext", "count_parameters", "StepBatchSampler"]
+__all__ = ["Stage", "Trainer", "Reporter", "ReportContext", "count_parameters", "StepBatchSampler", "LrDecay", "lr_factor"]
 
 
 Stage = Trainable  # what the trainer needs from a stage (cascade.roles.Trainable)
@@ -65,6 +65,23 @@ class Reporter(Protocol):
     """The periodic preview of a run (e.g. :func:`cascade.evaluation.previews.bind`); returns metrics for ``metrics.jsonl``."""
 
     def __call__(self, net: nn.Module, context: ReportContext) -> dict[str, float]: ...
+
+
+LrDecay = Literal["none", "cosine", "linear"]
+
+
+def lr_factor(step: int, *, warmup_steps: int, max_steps: int, decay: LrDecay) -> float:
+    """The learning rate at optimisation step ``step`` (0-based) as a fraction of the peak: linear warm-up, then ``decay``.
+
+    ``none``: constant after warm-up (ADM). ``cosine`` (Loshchilov & Hutter 2017, SGDR without restarts) and
+    ``linear`` fall from the peak at the end of warm-up to 0 one step after the last, so a run of a fixed, short
+    budget ends on small steps instead of relying on the EMA alone to average the noise of large ones.
+    """
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    if decay == "none" or step < warmup_steps:
+        return warm
+    progress = min(1.0, (step - warmup_steps + 1) / (max_steps - warmup_steps + 1))  # < 1 up to the last step
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
 
 
 def count_parameters(net: nn.Module) -> int:
@@ -92,6 +109,7 @@ class Trainer:
         batch_size: int = 64,  # global batch, split across ranks
         lr: float = 1e-4,  # peak learning rate (after warm-up)
         warmup_steps: int = 1000,  # linear warm-up from 0 to lr
+        lr_decay: LrDecay = "none",  # after warm-up: none (constant, ADM), cosine or linear to 0 at max_steps
         grad_clip: float = 1.0,  # max global grad norm; 0 disables
         ema_decay: float = 0.9999,  # EMA decay (ADM: 0.9999)
         ema_warmup: bool = True,  # timm warm-up of the EMA decay, so short runs have a usable EMA
@@ -118,7 +136,10 @@ class Trainer:
         faults.NonFiniteSteps(max_nonfinite_steps)  # validates the limit now: bad config fails before any work
         self.max_nonfinite_steps = max_nonfinite_steps
         self.optimizer = optimizer
+        if lr_decay not in ("none", "cosine", "linear"):
+            raise ValueError(f"trainer.lr_decay must be none, cosine or linear, got {lr_decay!r}")
         self.max_steps, self.batch_size, self.lr, self.warmup_steps = max_steps, batch_size, lr, warmup_steps
+        self.lr_decay = lr_decay
         self.grad_clip, self.ema_decay, self.ema_warmup = grad_clip, ema_decay, ema_warmup
         self.ckpt_every, self.keep_ckpts, self.sample_every, self.log_every = ckpt_every, keep_ckpts, sample_every, log_every
         self.num_workers, self.bf16, self.channels_last, self.progress = num_workers, bf16, channels_last, progress
@@ -214,7 +235,9 @@ class Trainer:
             net=net,
             ema=ModelEmaV3(net, decay=self.ema_decay, use_warmup=self.ema_warmup),
             optimizer=optimizer,
-            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, self.warmup_steps))),
+            scheduler=torch.optim.lr_scheduler.LambdaLR(
+                optimizer, partial(lr_factor, warmup_steps=self.warmup_steps, max_steps=self.max_steps, decay=self.lr_decay)
+            ),
             generator=torch.Generator(device).manual_seed(seed * 7919 + rank),  # reseeded per micro-batch by accumulate_gradients
             nonfinite=faults.NonFiniteSteps(self.max_nonfinite_steps),
             device=device,
