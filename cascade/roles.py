@@ -79,6 +79,8 @@ class Generator(_DiffusionRole):
         classifier: nn.Module | None = None,
         classifier_schedule: NoiseSchedule | None = None,
         classifier_scale: float = 0.0,
+        guide: nn.Module | None = None,
+        guide_scale: float = 1.0,
         cfg_scale: float = 1.0,
         generator: RandomSource = None,
         progress: bool = True,

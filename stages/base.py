@@ -69,11 +69,16 @@ class GeneratorStage(DiffusionStage, Generator):
         classifier: nn.Module | None = None,
         classifier_schedule: NoiseSchedule | None = None,
         classifier_scale: float = 0.0,
+        guide: nn.Module | None = None,
+        guide_scale: float = 1.0,
         cfg_scale: float = 1.0,
         generator: rng.Generator = None,
         progress: bool = True,
     ) -> Tensor:
         """Images (B, 3, R, R) in [−1, 1] of the classes ``class_labels`` (B,).
+
+        ``guide``, ``guide_scale``: autoguidance by a weaker network of this stage (an earlier checkpoint),
+        :func:`cascade.diffusion.guidance.autoguidance`.
 
         Random draws: x_T (through :func:`cascade.utils.rng.randn`: per image with
         :class:`~cascade.utils.rng.ImageGenerators`), then the sampler's.
@@ -86,6 +91,8 @@ class GeneratorStage(DiffusionStage, Generator):
             classifier=classifier,
             classifier_schedule=classifier_schedule,
             classifier_scale=classifier_scale,
+            guide=guide,
+            guide_scale=guide_scale,
             progress=progress,
         )
         shape = (len(class_labels), 3, self.resolution, self.resolution)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from cascade.diffusion.denoiser import ModelFn, ModelOutput, VarianceType, network_model_fn
-from cascade.diffusion.guidance import classifier_free_guidance, classifier_guidance, classifier_log_prob
+from cascade.diffusion.guidance import autoguidance, classifier_free_guidance, classifier_guidance, classifier_log_prob
 from cascade.diffusion.losses import DiffusionLoss
 from cascade.diffusion.samplers import SamplerName, sampler_spec
 from cascade.diffusion.schedules import NoiseSchedule, Spacing, check_same_schedule, respace
@@ -46,6 +46,8 @@ class SamplingOptions:
     classifier: nn.Module | None = None  # noisy classifier for classifier guidance
     classifier_schedule: NoiseSchedule | None = None  # its training process (checked against the stage's)
     classifier_scale: float = 0.0  # classifier guidance s
+    guide: nn.Module | None = None  # a weaker network of this stage (e.g. an earlier checkpoint) for autoguidance
+    guide_scale: float = 1.0  # autoguidance w (1: the model alone)
     progress: bool = True  # the sampler's progress bar
 
 
@@ -174,15 +176,28 @@ class DiffusionStage:
     # --- sampling ---
 
     def model_fn(self, net: nn.Module, sampling_schedule: NoiseSchedule, options: SamplingOptions) -> ModelFn:
-        """The network as a model function, with classifier-free and/or classifier guidance wrapped on.
+        """The network as a model function, with autoguidance, classifier-free and/or classifier guidance wrapped on.
 
+        Autoguidance is innermost: classifier-free guidance then mixes the autoguided conditional and
+        unconditional predictions (the guide network must have the same classes, null class included).
         Classifier guidance takes its mode from the sampler registry (ADM's mean shift for the
         ancestral sampler, the ε-correction for DDIM / DPM-Solver).
         """
         variance: VarianceType = "learned" if self.objective.learned_variance else self.fixed_variance
-        fn = network_model_fn(
-            net, self.schedule, parameterization=self.objective.parameterization, variance=variance, clip_x0=True
-        )
+
+        def as_model_fn(network: nn.Module) -> ModelFn:
+            return network_model_fn(
+                network, self.schedule, parameterization=self.objective.parameterization, variance=variance, clip_x0=True
+            )
+
+        fn = as_model_fn(net)
+        if options.guide is not None and options.guide_scale != 1.0:
+            if network_classes(options.guide) != network_classes(net):
+                raise ValueError(
+                    f"the autoguidance guide has {network_classes(options.guide)} class rows, this stage's network "
+                    f"{network_classes(net)}: guide with an earlier checkpoint of the same stage"
+                )
+            fn = autoguidance(fn, as_model_fn(options.guide), options.guide_scale)
         if not self.class_conditional:
             fn = _hide_labels(fn)
         if options.cfg_scale != 1.0:

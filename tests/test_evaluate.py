@@ -464,6 +464,25 @@ def test_base_evaluation_reports_fid_is_precision_recall_accuracy_and_cas(smoke_
 
 
 @pytest.mark.slow
+def test_autoguidance_by_the_model_itself_changes_nothing_and_a_foreign_guide_is_one_line(smoke_runs, tmp_path):
+    base = smoke_runs / "base" / "checkpoints" / "last.pt"
+    small = ("num_samples=8", "num_real=16", "batch_size=8", "steps=2", "classifier_scales=[0]", "reference.steps=2")
+    small += ("reference.batch_size=8", "reference.eval_images=8", "shape_judge.enabled=false", "cas.enabled=false")
+    result = evaluate(tmp_path, f"ckpt={base}", f"guide_ckpt={base}", "guide_scales=[1,2]", "out_dir=ev", *small)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    plain, guided = sorted(report["guidance"], key=lambda g: g["guide_scale"])
+    assert (plain["guide_scale"], guided["guide_scale"]) == (1, 2) and report["guide"]["path"] == str(base)
+    for key in ("fid", "precision", "recall", "requested_class_accuracy"):  # ε_guide + w (ε − ε_guide) = ε when the two agree
+        assert guided[key] == plain[key], key
+    assert (tmp_path / "ev" / "samples_cls0_cfg1_ag2.png").is_file()
+    clf = smoke_runs / "classifier" / "checkpoints" / "last.pt"
+    result = evaluate(tmp_path, f"ckpt={base}", f"guide_ckpt={clf}", "guide_scales=[2]", "out_dir=ev2", *small)
+    assert result.returncode != 0 and "autoguidance needs an earlier checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "ev2" / "metrics.json").exists()
+
+
+@pytest.mark.slow
 def test_missing_inception_file_is_one_line(smoke_runs, tmp_path):
     result = evaluate(
         tmp_path,

@@ -6,6 +6,9 @@
   ``mode="mean"`` (ancestral sampling): μ ← μ + s Σ ∇_{x_t} log p(y | x_t, t), realised as the
   equivalent shift of ε (μ is affine in ε) for the step Σ that ``schedule`` gives.
 - Classifier-free guidance (Ho & Salimans 2022): ε̃ = ε(x_t, ∅) + w (ε(x_t, y) − ε(x_t, ∅)).
+- Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself", eq. 1 with
+  the conditional guide D_0): ε̃ = ε_guide(x_t, y) + w (ε(x_t, y) − ε_guide(x_t, y)), the guide being a
+  weaker model of the same task (e.g. an earlier checkpoint of the same run).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = [
     "log_prob_gradient",
     "classifier_guidance",
     "classifier_free_guidance",
+    "autoguidance",
 ]
 
 LogProbFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, y) -> log p(y | x_t, t), (B,)
@@ -131,5 +135,26 @@ def classifier_free_guidance(model_fn: ModelFn, scale: float, null_label: int, *
         eps_cond, eps_uncond = out.eps.chunk(2)  # (B, C, H, W) each
         var_frac = None if out.var_frac is None else out.var_frac[:batch]
         return ModelOutput(eps=eps_uncond + scale * (eps_cond - eps_uncond), var_frac=var_frac)
+
+    return guided
+
+
+def autoguidance(model_fn: ModelFn, guide_fn: ModelFn, scale: float) -> ModelFn:
+    """ε̃ = ε_guide + w (ε − ε_guide) (Karras et al. 2024, eq. 1 with a weaker model as D_0), both under the same ``cond``.
+
+    The guide has the same task and conditioning but larger errors (less training or capacity); extrapolating
+    away from it removes the errors the two share, where classifier-free guidance would also narrow the
+    distribution towards the class. The denoiser is affine in ε at fixed x_t, so mixing ε's is mixing the
+    denoisers of the paper. w = 1 is the model alone (the guide is not called); the variance is the model's.
+    """
+    if scale < 0:
+        raise ValueError(f"autoguidance scale must be >= 0, got {scale}")
+
+    def guided(x_t: Tensor, t: Tensor, **cond: Tensor) -> ModelOutput:
+        out = model_fn(x_t, t, **cond)
+        if scale == 1.0:
+            return out
+        guide = guide_fn(x_t, t, **cond)
+        return out._replace(eps=guide.eps + scale * (out.eps - guide.eps))
 
     return guided

@@ -342,7 +342,7 @@ def _sample_base(
     labels: Tensor,
     batches: Sequence[range],
     *,
-    setting: tuple[float, float],
+    setting: tuple[float, float, float],
     sample_kwargs: dict[str, Any],
     seed: int,
     device: torch.device,
@@ -355,7 +355,7 @@ def _sample_base(
 
     ``on_batch(images, positions)`` per batch. The same seeds for every setting: the settings differ only by their guidance.
     """
-    classifier_scale, cfg_scale = setting
+    classifier_scale, cfg_scale, guide_scale = setting
     rank, _ = rank_world()
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not (progress and rank == 0)):
         with bf16_autocast(device, bf16):
@@ -364,11 +364,18 @@ def _sample_base(
                 labels[batch.start : batch.stop].to(device),
                 classifier_scale=classifier_scale,
                 cfg_scale=cfg_scale,
+                guide_scale=guide_scale,
                 generator=image_generators(seed, GUIDANCE_STREAM, batch, device),
                 progress=False,
                 **sample_kwargs,
             )
         on_batch(images.float().cpu(), batch)
+
+
+def setting_name(classifier_scale: float, cfg_scale: float, guide_scale: float = 1.0, sep: str = " ") -> str:
+    """``s=… w=…`` of a guidance setting, with ``g=…`` when it is autoguided."""
+    parts = [f"s={classifier_scale:g}", f"w={cfg_scale:g}"] + ([f"g={guide_scale:g}"] if guide_scale != 1 else [])
+    return sep.join(parts)
 
 
 def guidance_sweep(
@@ -385,6 +392,8 @@ def guidance_sweep(
     classifier_schedule: NoiseSchedule | None = None,
     classifier_scales: Sequence[float] = (0.0,),
     cfg_scales: Sequence[float] = (1.0,),
+    guide: nn.Module | None = None,
+    guide_scales: Sequence[float] = (1.0,),
     num_samples: int = 200,
     batch_size: int = 50,
     sampler: str = "dpmpp_2m",
@@ -399,7 +408,9 @@ def guidance_sweep(
     keep_best: bool = True,
     classes: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], Tensor, Tensor]:
-    """For every (classifier scale s, CFG scale w): FID / IS / precision / recall and requested-class accuracy.
+    """For every (classifier scale s, CFG scale w, autoguidance scale g): FID / IS / precision / recall and requested-class accuracy.
+
+    Autoguidance (g ≠ 1) extrapolates away from ``guide``, a weaker network of the same stage (an earlier checkpoint).
 
     Requested-class accuracy is judged by ``reference`` and, if given, by ``shape_judge`` (a
     :class:`~cascade.evaluation.metrics.ShapeJudge`: geometry only), overall and per class.
@@ -420,10 +431,18 @@ def guidance_sweep(
     if not requested or not all(0 <= c < num_classes for c in requested):
         raise ValueError(f"classes must be indices 0..{num_classes - 1} of the stage's classes, got {requested}")
     labels = torch.tensor(requested)[torch.arange(num_samples) % len(requested)]  # (N,)
-    settings = [(float(cs), float(ws)) for ws in cfg_scales for cs in classifier_scales]
-    if any(cs > 0 for cs, _ in settings) and classifier is None:
+    settings = [(float(cs), float(ws), float(gs)) for gs in guide_scales for ws in cfg_scales for cs in classifier_scales]
+    if any(cs > 0 for cs, _, _ in settings) and classifier is None:
         raise ValueError("classifier scales > 0 need a noisy classifier: pass classifier_ckpt=PATH (or classifier_scales=[0])")
-    sample_kwargs = {"sampler": sampler, "steps": steps, "classifier": classifier, "classifier_schedule": classifier_schedule}
+    if any(gs != 1 for _, _, gs in settings) and guide is None:
+        raise ValueError("autoguidance scales other than 1 need a guide: pass guide_ckpt=PATH (or guide_scales=[1])")
+    sample_kwargs = {
+        "sampler": sampler,
+        "steps": steps,
+        "classifier": classifier,
+        "classifier_schedule": classifier_schedule,
+        "guide": guide,
+    }
     period, rows = len(requested), min(len(requested), 10)  # position i requests requested[i % period]; grids show `rows`
     shown_positions = {j + period * m for j in range(rows) for m in range(8) if j + period * m < num_samples}
     mine = index_batches(num_samples, batch_size)[rank::world]
@@ -450,7 +469,7 @@ def guidance_sweep(
                     shown.append(image)
                     shown_at.append(i)
 
-        tag = f"cls{setting[0]:g}_cfg{setting[1]:g}"
+        tag = f"cls{setting[0]:g}_cfg{setting[1]:g}" + (f"_ag{setting[2]:g}" if setting[2] != 1 else "")
         _sample_base(
             stage,
             net,
@@ -463,7 +482,7 @@ def guidance_sweep(
             bf16=bf16,
             on_batch=on_batch,
             progress=progress,
-            desc=f"sampling s={setting[0]:g} w={setting[1]:g}",
+            desc=f"sampling {setting_name(*setting)}",
         )
         fake = collect.gather()
         hits = {name: all_reduce_sum(count) for name, count in hits.items()}  # (C,) each, exact: integer counts in float64
@@ -474,6 +493,7 @@ def guidance_sweep(
             {
                 "classifier_scale": setting[0],
                 "cfg_scale": setting[1],
+                "guide_scale": setting[2],
                 **metrics,
                 "requested_class_accuracy": float(correct.sum() / num_samples),
                 "per_class_accuracy": [float(correct[c] / per_class[c]) for c in requested],
@@ -492,7 +512,7 @@ def guidance_sweep(
         if rank == 0:
             at = sorted(shown_positions)
             _grid(grid[sorted(range(len(at)), key=lambda j: (at[j] % period, at[j]))], 8, out_dir / f"samples_{tag}.png")
-    names = [f"s={r['classifier_scale']:g}, w={r['cfg_scale']:g}" for r in results]
+    names = [setting_name(r["classifier_scale"], r["cfg_scale"], r["guide_scale"], sep=", ") for r in results]
     if rank == 0:
         accuracy = {"reference classifier": [r["requested_class_accuracy"] for r in results]}
         if shape_judge is not None:

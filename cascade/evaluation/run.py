@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cascade.data import ShapesDataset, image_domain
+from cascade.diffusion.schedules import check_same_schedule
 from cascade.evaluation.evaluate import (
     LOWER_IS_BETTER,
     FeatureSpace,
@@ -54,6 +55,7 @@ from cascade.evaluation.evaluate import (
     random_subset,
     reference_classifier,
     select_level,
+    setting_name,
 )
 from cascade.evaluation.features import InceptionFeatures, NoisyClassifierFeatures, TimmFeatures, inception_weights
 from cascade.evaluation.held_out import held_out_data, shown_classes, without_augmentation
@@ -116,6 +118,7 @@ class EvaluationConfig:
 
     ckpt: str = MISSING
     classifier_ckpt: Optional[str] = None
+    guide_ckpt: Optional[str] = None  # base: an earlier checkpoint of the same run, for autoguidance (guide_scales ≠ 1)
     data: Optional[Dict[str, Any]] = None  # evaluation images named on the command line (default: the checkpoint's data)
     out_dir: Optional[str] = None
     device: str = "auto"
@@ -141,6 +144,7 @@ class EvaluationConfig:
     batch_size: int = 50
     classifier_scales: List[float] = field(default_factory=lambda: [0.0, 1.0, 3.0])
     cfg_scales: List[float] = field(default_factory=lambda: [1.0])
+    guide_scales: List[float] = field(default_factory=lambda: [1.0])
     cas: CasSettings = field(default_factory=CasSettings)
     # upsampler
     aug_levels: List[int] = field(default_factory=lambda: [0, 25, 50, 100, 200, 300])
@@ -164,7 +168,9 @@ class EvaluationConfig:
             num_real=self.num_real,
             classifier_scales=list(self.classifier_scales),
             cfg_scales=list(self.cfg_scales),
+            guide_scales=list(self.guide_scales),
             classifier_ckpt=self.classifier_ckpt,
+            guide_ckpt=self.guide_ckpt,
             cas=self.cas,
         )
 
@@ -186,7 +192,7 @@ class EvaluationConfig:
 
 @dataclass
 class GeneratorEvaluation:
-    """A generator's guidance sweep: every (classifier scale, CFG scale) from the same seed."""
+    """A generator's guidance sweep: every (classifier scale, CFG scale, autoguidance scale) from the same seed."""
 
     sampler: str
     steps: int
@@ -195,7 +201,9 @@ class GeneratorEvaluation:
     num_real: int  # real training images compared with
     classifier_scales: list[float]
     cfg_scales: list[float]
+    guide_scales: list[float]
     classifier_ckpt: str | None
+    guide_ckpt: str | None
     cas: CasSettings
 
 
@@ -317,6 +325,27 @@ def _feature_space(
     return FeatureSpace(extractor, crop=crop, tiles_per_image=cfg.tiles_per_image, batch_size=cfg.feature_batch_size)
 
 
+def open_guide(path: str, loaded: LoadedStage, device: torch.device) -> LoadedStage:
+    """The autoguidance guide at ``path``: a checkpoint of the same generator (stage, resolution, classes, objective, noise process)."""
+    guide = open_stage(path, device)
+    same = (
+        guide.is_generator
+        and guide.name == loaded.name
+        and guide.stage.resolution == loaded.stage.resolution
+        and guide.class_names == loaded.class_names
+        and guide.stage.objective.parameterization == loaded.stage.objective.parameterization
+        and guide.stage.objective.learned_variance == loaded.stage.objective.learned_variance
+    )
+    if not same:
+        raise ValueError(
+            f"guide_ckpt={path} is a {guide.name!r} checkpoint at {guide.stage.resolution}px with "
+            f"{len(guide.class_names)} classes; autoguidance needs an earlier checkpoint of {loaded.path} "
+            f"({loaded.name!r}, {loaded.stage.resolution}px, {len(loaded.class_names)} classes)"
+        )
+    check_same_schedule(loaded.stage.schedule, guide.stage.schedule, "the guide")
+    return guide
+
+
 def _evaluate_generator(
     cfg: EvaluationConfig,
     kind: FeatureKind,
@@ -329,6 +358,7 @@ def _evaluate_generator(
     judge_train: Dataset,
 ) -> dict[str, Any]:
     run = cfg.generator()
+    guide = open_guide(run.guide_ckpt, loaded, device) if run.guide_ckpt else None  # before any work: a wrong path fails at once
     reference, ref_report = _judge(cfg, loaded, judge_train, val, out_dir, device)
     shape_judge, shape_report = (
         _judge(cfg, loaded, judge_train, val, out_dir, device, view="shape") if cfg.shape_judge.enabled else (None, None)
@@ -352,6 +382,8 @@ def _evaluate_generator(
         classifier_schedule=classifier.stage.schedule if classifier else None,
         classifier_scales=run.classifier_scales,
         cfg_scales=run.cfg_scales,
+        guide=guide.net if guide else None,
+        guide_scales=run.guide_scales,
         num_samples=run.num_samples,
         batch_size=run.batch_size,
         sampler=run.sampler,
@@ -366,6 +398,8 @@ def _evaluate_generator(
         keep_best=run.cas.enabled,
     )
     report = {"features": features.description, "reference": ref_report, "shape_judge": shape_report, **sweep}
+    if guide is not None:
+        report["guide"] = guide.describe()
     rank, _ = rank_world()
     if run.cas.enabled and rank == 0:  # on the samples of the lowest-FID setting, gathered on rank 0
         best = min(sweep["guidance"], key=lambda r: r["fid"])
@@ -373,6 +407,7 @@ def _evaluate_generator(
         report["cas"] = {
             "classifier_scale": best["classifier_scale"],
             "cfg_scale": best["cfg_scale"],
+            "guide_scale": best["guide_scale"],
             **classification_accuracy_score(
                 samples,
                 labels,
@@ -395,7 +430,7 @@ def _evaluate_generator(
         barrier()  # the other ranks wait while rank 0 trains CAS's classifier
     for r in sweep["guidance"] if rank == 0 else []:
         print(
-            f"s={r['classifier_scale']:g} w={r['cfg_scale']:g}: FID {r['fid']:.2f}  IS {r['is']:.2f}  precision "
+            f"{setting_name(r['classifier_scale'], r['cfg_scale'], r['guide_scale'])}: FID {r['fid']:.2f}  IS {r['is']:.2f}  precision "
             f"{r['precision']:.3f}  recall {r['recall']:.3f}  requested-class accuracy {r['requested_class_accuracy']:.3f}"
             + (f" (shape judge {r['shape_accuracy']:.3f})" if "shape_accuracy" in r else "")
         )
@@ -408,7 +443,7 @@ def _evaluate_generator(
     if "cas" in report and rank == 0:
         cas_report = report["cas"]
         print(
-            f"CAS ({cas_report['arch']}, s={cas_report['classifier_scale']:g} w={cas_report['cfg_scale']:g}): top-1 "
+            f"CAS ({cas_report['arch']}, {setting_name(cas_report['classifier_scale'], cas_report['cfg_scale'], cas_report['guide_scale'])}): top-1 "
             f"{cas_report['top1']:.3f} top-5 {cas_report['top5']:.3f}"
             + (f"; real data: top-1 {cas_report['real_data']['top1']:.3f}" if "real_data" in cas_report else "")
         )
