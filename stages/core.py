@@ -191,7 +191,9 @@ class DiffusionStage:
             )
 
         fn = as_model_fn(net)
-        if options.guide is not None and options.guide_scale != 1.0:
+        if options.guide_scale != 1.0:
+            if options.guide is None:
+                raise ValueError(f"autoguidance scale {options.guide_scale:g} needs a guide network (an earlier checkpoint)")
             if network_classes(options.guide) != network_classes(net):
                 raise ValueError(
                     f"the autoguidance guide has {network_classes(options.guide)} class rows, this stage's network "

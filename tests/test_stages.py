@@ -162,6 +162,22 @@ def test_guided_base_sampling_runs_every_sampler(sampler):
     assert torch.isfinite(run(0.0, cfg_scale=3.0)).all()
 
 
+def test_autoguided_base_needs_its_guide_and_moves_the_sample():
+    base, base_net, _, _ = tiny_base_and_classifier()
+    guide = base.build(num_classes=10).eval()  # the same stage; its output layer starts at zero, as the model's
+    with torch.no_grad():  # so perturb every weight: a different model of the same stage
+        g = torch.Generator().manual_seed(1)
+        for p in guide.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    run = lambda **guidance: base.sample(  # noqa: E731
+        base_net, torch.tensor([0, 3]), steps=3, generator=torch.Generator().manual_seed(0), progress=False, **guidance
+    )
+    assert torch.equal(run(), run(guide=guide, guide_scale=1.0))  # w = 1: the model alone
+    assert not torch.equal(run(), run(guide=guide, guide_scale=2.0))
+    with pytest.raises(ValueError, match="needs a guide network"):
+        run(guide_scale=2.0)
+
+
 def test_classifier_on_another_schedule_is_refused():
     with pytest.raises(ValueError, match="another noise schedule"):
         check_same_schedule(cosine_schedule(1000), linear_schedule(1000), "the classifier")

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 import torch.distributed as dist
@@ -136,7 +136,7 @@ class Trainer:
         faults.NonFiniteSteps(max_nonfinite_steps)  # validates the limit now: bad config fails before any work
         self.max_nonfinite_steps = max_nonfinite_steps
         self.optimizer = optimizer
-        if lr_decay not in ("none", "cosine", "linear"):
+        if lr_decay not in get_args(LrDecay):
             raise ValueError(f"trainer.lr_decay must be none, cosine or linear, got {lr_decay!r}")
         self.max_steps, self.batch_size, self.lr, self.warmup_steps = max_steps, batch_size, lr, warmup_steps
         self.lr_decay = lr_decay
