@@ -158,13 +158,13 @@ class DiffusionStage:
         loss_weight: Callable[[Tensor], Tensor] | None = None,
         **cond: Tensor,
     ) -> Tensor:
-        """Per-example loss (B,) of the objective at uniformly drawn t, given the conditioning ``cond`` and the classes.
+        """Per-example loss (B,) of the objective at t drawn by the objective (uniform by default), given the conditioning ``cond`` and the classes.
 
         ``loss_weight``: maps the drawn timesteps t (B,) to a factor (B,) of each example's loss
         (an upsampler's detail weighting, :meth:`LowresPrior.loss_weight`); None: unweighted.
         Random draws, in order: t, ε, then the label dropout (class-conditional stages only).
         """
-        k = torch.randint(0, len(self.schedule), (x0.shape[0],), generator=generator, device=x0.device)  # (B,)
+        k = self.objective.draw_positions(self.schedule, x0.shape[0], generator, x0.device)  # (B,)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)  # (B, 3, H, W)
         if self.class_conditional:
             cond["class_labels"] = self.drop_labels(net, labels, generator)  # (B,)

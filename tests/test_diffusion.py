@@ -243,6 +243,38 @@ def test_min_snr_weighting_is_the_x0_error_times_min_snr_gamma(parameterization)
         DiffusionLoss(parameterization, min_snr_gamma=0.0)
 
 
+def test_uniform_timesteps_are_torch_randint_draws():
+    # The default keeps the draws every earlier run made (resume and old configs reproduce bit for bit).
+    schedule = SCHEDULES["cosine"]
+    k = DiffusionLoss("v").draw_positions(schedule, 64, torch.Generator().manual_seed(3), torch.device("cpu"))
+    torch.testing.assert_close(k, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("mean, std", [(1.0, 2.4), (-2.0, 1.0)])
+def test_lognormal_timesteps_put_logsnr_on_its_normal(mean, std):
+    # EDM's noise distribution (Karras et al. 2022, Table 1) in log-SNR: the drawn λ_t follow N(mean, std²), compared
+    # with the closed-form CDF at its quartiles and ±1.5 std (the schedule spans λ ∈ [−20, 13], so truncation is nil).
+    schedule = SCHEDULES["cosine"]
+    loss = DiffusionLoss("v", logsnr_mean=mean, logsnr_std=std)
+    k = loss.draw_positions(schedule, 100_000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    ab = schedule.alphas_cumprod[k]
+    lam = torch.log(ab / (1 - ab))
+    normal = Normal(torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64))
+    for z in (-1.5, -0.6745, 0.0, 0.6745, 1.5):
+        x = torch.tensor(mean + z * std, dtype=torch.float64)
+        assert abs(float((lam < x).double().mean() - normal.cdf(x))) < 0.01  # one step of λ is ≤ 0.1 wide here
+    uniform = torch.log(schedule.alphas_cumprod / (1 - schedule.alphas_cumprod))
+    assert lam.std() < uniform[torch.randint(0, 1000, (100_000,), generator=torch.Generator().manual_seed(1))].std()  # narrower than the uniform draw's sech law
+
+
+def test_lognormal_timesteps_refuse_bad_settings():
+    with pytest.raises(ValueError, match="logsnr_std must be positive"):
+        DiffusionLoss("v", logsnr_mean=1.0, logsnr_std=0.0)
+    far = DiffusionLoss("v", logsnr_mean=500.0, logsnr_std=1.0)
+    with pytest.raises(ValueError, match="no mass on this schedule's range"):
+        far.draw_positions(SCHEDULES["cosine"], 4, torch.Generator().manual_seed(0), torch.device("cpu"))
+
+
 def test_hybrid_loss_vlb_trains_variance_only():
     schedule = SCHEDULES["linear"]
     x0 = torch.randn(8, 3, 4, 4).clamp(-1, 1)
