@@ -97,9 +97,39 @@ def test_settings_that_cannot_run_are_refused(loaded):
         ([StageSettings(classifier_scale=1), StageSettings()], "needs a noisy classifier"),
         ([StageSettings(), StageSettings(aug_level=10_000)], "aug level must be in 0..500"),
         ([StageSettings(), StageSettings(sampler="euler")], "unknown sampler"),
+        ([StageSettings(guide_scale=2), StageSettings()], "needs a guide network"),
     ]:
         with pytest.raises(ValueError, match=match):
             cascade.check(bad)
+
+
+def test_the_guide_must_be_a_checkpoint_of_the_same_generator(loaded):
+    check_chain(loaded("base"), None, [], guide=loaded("base"))
+    with pytest.raises(ChainError, match="the guide .* is a 'sr256' checkpoint .* autoguidance needs an earlier checkpoint"):
+        check_chain(loaded("base"), None, [], guide=loaded("sr256"))
+    other = loaded("base")
+    other.stage.schedule = linear_schedule(1000)
+    with pytest.raises(ChainError, match="the guide .* another noise schedule"):
+        check_chain(loaded("base"), None, [], guide=other)
+    guided = Cascade(loaded("base"), [], None, guide=loaded("base"))
+    with pytest.raises(ValueError, match="autoguidance scale must be >= 0"):
+        guided.check([StageSettings(guide_scale=-1)])
+
+
+def test_autoguidance_by_the_model_itself_changes_nothing_and_a_weaker_guide_does(loaded):
+    # ε̃ = ε_guide + w (ε − ε_guide) is ε exactly when the guide is the model (Karras et al. 2024, eq. 1), whatever w.
+    labels = torch.tensor([0, 5])
+    plain = Cascade(loaded("base"), [], None).sample(labels, [StageSettings(steps=3)], seed=2, progress=False)[0]
+    guided = StageSettings(steps=3, guide_scale=2.5)
+    itself = Cascade(loaded("base"), [], None, guide=loaded("base")).sample(labels, [guided], seed=2, progress=False)[0]
+    assert torch.equal(plain, itself)
+    weaker = loaded("base")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in weaker.net.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))  # another model of the same stage
+    steered = Cascade(loaded("base"), [], None, guide=weaker).sample(labels, [guided], seed=2, progress=False)[0]
+    assert (steered - plain).abs().max() > 1e-3
 
 
 def test_stage_outputs_do_not_depend_on_later_stages_or_batching(loaded):
@@ -229,6 +259,22 @@ def test_same_command_twice_and_replay_give_identical_images(workdir):
 
 
 @pytest.mark.slow
+def test_autoguidance_from_the_command_line_is_recorded_and_replayed(workdir):
+    guide = "runs/base/checkpoints/last.pt"
+    args = ["--class", "5", "--num", "1", "--stop-at", "64", "--guide-ckpt", guide, "--guide-scale", "2", "--out", "g"]
+    result = sample(workdir, *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"autoguidance w=2 by {guide}" in result.stdout
+    record = json.loads((workdir / "g" / "cascade.json").read_text())
+    assert record["stages"][0]["guide_scale"] == 2.0
+    assert record["guide"]["path"] == guide and len(record["guide"]["sha256"]) == 64
+    replay = run_script("cascade_sample.py", "--replay", "g/cascade.json", "--out", "g2", cwd=workdir)
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    assert np.array_equal(pixels(workdir / "g" / "000_64px.png"), pixels(workdir / "g2" / "000_64px.png"))
+    assert json.loads((workdir / "g2" / "cascade.json").read_text())["guide"] == record["guide"]
+
+
+@pytest.mark.slow
 def test_cascade_stops_early_when_later_stages_are_absent(smoke_runs, tmp_path):
     (tmp_path / "runs").mkdir()
     for stage in ["base", "classifier"]:
@@ -255,6 +301,12 @@ def test_cascade_stops_early_when_later_stages_are_absent(smoke_runs, tmp_path):
             "sr1024 upsamples 256px images but base makes 64px",
         ),
         (["--num", "1"], "give the class to sample"),
+        (["--class", "1", "--guide-scale", "2"], "needs a guide network, but no guide checkpoint was given"),
+        (["--class", "1", "--guide-scale", "2", "--guide-ckpt", "nope.pt"], "needs a guide network, but nope.pt does not exist"),
+        (
+            ["--class", "1", "--guide-scale", "2", "--guide-ckpt", "runs/sr256/checkpoints/last.pt"],
+            "autoguidance needs an earlier checkpoint",
+        ),
         (["--class", "1", "--sampler-typo"], "unrecognized arguments"),
     ],
 )

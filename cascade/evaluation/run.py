@@ -42,7 +42,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cascade.data import ShapesDataset, image_domain
-from cascade.diffusion.schedules import check_same_schedule
 from cascade.evaluation.evaluate import (
     LOWER_IS_BETTER,
     FeatureSpace,
@@ -60,7 +59,7 @@ from cascade.evaluation.evaluate import (
 from cascade.evaluation.features import InceptionFeatures, NoisyClassifierFeatures, TimmFeatures, inception_weights
 from cascade.evaluation.held_out import held_out_data, shown_classes, without_augmentation
 from cascade.evaluation.tuned import write_tuned
-from cascade.training.checkpoint import LoadedStage, open_stage
+from cascade.training.checkpoint import LoadedStage, guide_problem, open_stage
 from cascade.utils.device import resolve_device
 from cascade.utils.distributed import barrier, init_distributed, rank_world
 
@@ -326,23 +325,11 @@ def _feature_space(
 
 
 def open_guide(path: str, loaded: LoadedStage, device: torch.device) -> LoadedStage:
-    """The autoguidance guide at ``path``: a checkpoint of the same generator (stage, resolution, classes, objective, noise process)."""
+    """The autoguidance guide at ``path``: a checkpoint of the same generator (:func:`guide_problem` says what must match)."""
     guide = open_stage(path, device)
-    same = (
-        guide.is_generator
-        and guide.name == loaded.name
-        and guide.stage.resolution == loaded.stage.resolution
-        and guide.class_names == loaded.class_names
-        and guide.stage.objective.parameterization == loaded.stage.objective.parameterization
-        and guide.stage.objective.learned_variance == loaded.stage.objective.learned_variance
-    )
-    if not same:
-        raise ValueError(
-            f"guide_ckpt={path} is a {guide.name!r} checkpoint at {guide.stage.resolution}px with "
-            f"{len(guide.class_names)} classes; autoguidance needs an earlier checkpoint of {loaded.path} "
-            f"({loaded.name!r}, {loaded.stage.resolution}px, {len(loaded.class_names)} classes)"
-        )
-    check_same_schedule(loaded.stage.schedule, guide.stage.schedule, "the guide")
+    problem = guide_problem(guide, loaded)
+    if problem is not None:
+        raise ValueError(f"guide_ckpt={problem}")
     return guide
 
 

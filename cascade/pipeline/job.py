@@ -54,6 +54,7 @@ __all__ = [
     "stage_flag_overrides",
     "stage_pairs",
     "select_stages",
+    "select_guide",
     "stage_settings",
     "settings_from_argv",
     "run_cascade",
@@ -157,6 +158,10 @@ def build_parser(upsamplers: Sequence[str], description: str | None = None) -> a
     p.add_argument("--seed", type=int, help="seed of every stage's noise")
     p.add_argument("--guidance-scale", type=float, help="classifier guidance scale s of the base (0 = off)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale w of the base (1 = off)")
+    p.add_argument(
+        "--guide-scale", type=float, help="autoguidance scale w of the base by --guide-ckpt (1 = off; Karras et al. 2024)"
+    )
+    p.add_argument("--guide-ckpt", help="autoguidance guide: an earlier checkpoint of the base's run ('none': no guide)")
     p.add_argument("--out", help="output folder (default outputs/<class>_seed<seed>)")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--fp32", action="store_true", default=None, help="no bf16 autocast")
@@ -189,6 +194,7 @@ def settings_from_argv(argv: Sequence[str], config: str | Path, *, description: 
         "stop_at": ("stop_at", "--stop-at"),
         "guidance_scale": ("base.settings.classifier_scale", "--guidance-scale"),
         "cfg_scale": ("base.settings.cfg_scale", "--cfg-scale"),
+        "guide_scale": ("base.settings.guide_scale", "--guide-scale"),
     }
     for dest, (key, flag) in simple.items():
         if args[dest] is not None:
@@ -198,6 +204,9 @@ def settings_from_argv(argv: Sequence[str], config: str | Path, *, description: 
     if args["classifier_ckpt"] is not None:
         none = args["classifier_ckpt"].lower() == "none"
         overrides.append(Override("classifier", None if none else args["classifier_ckpt"], "--classifier-ckpt"))
+    if args["guide_ckpt"] is not None:
+        none = args["guide_ckpt"].lower() == "none"
+        overrides.append(Override("guide", None if none else args["guide_ckpt"], "--guide-ckpt"))
     for name, path in pairs:
         overrides.append(Override(f"upsamplers.{name}.ckpt", path, f"--stage {name}={path}"))
     overrides += stage_flag_overrides(args, known)
@@ -239,9 +248,34 @@ def strip(images: list[torch.Tensor], panel: int = STRIP_PANEL) -> torch.Tensor:
     return torch.cat(panels, dim=-1)  # (3, P, len·P)
 
 
+def select_guide(resolved: ResolvedSettings, device: torch.device, notes: list[str]) -> LoadedStage | None:
+    """The base's autoguidance guide, loaded only when its scale is not 1.
+
+    Asked for (``--guide-ckpt``, ``--guide-scale`` or a replay) and absent: an error naming the fix. Set only
+    by a config file and absent: sampling goes on without autoguidance, with a note.
+    """
+    cfg = resolved.config
+    if cfg.base.settings.guide_scale == 1.0:
+        return None
+    asked = resolved.explicit("guide") or resolved.explicit("base.settings.guide_scale")
+    if cfg.guide is not None and Path(cfg.guide).is_file():
+        return open_stage(cfg.guide, device)
+    if asked:
+        where = f"{cfg.guide} does not exist" if cfg.guide else "no guide checkpoint was given"
+        raise FileNotFoundError(
+            f"autoguidance (guide scale {cfg.base.settings.guide_scale:g}) needs a guide network, but {where}; pass "
+            "--guide-ckpt PATH (an earlier checkpoint of the base's run, e.g. runs/base/checkpoints/step_0000400.pt) "
+            "or --guide-scale 1"
+        )
+    notes.append(f"no autoguidance guide at {cfg.guide}: autoguidance is off")
+    cfg.base.settings.guide_scale = 1.0
+    return None
+
+
 def select_stages(
     resolved: ResolvedSettings, device: torch.device, notes: list[str]
-) -> tuple[LoadedStage, list[tuple[str, LoadedStage]], LoadedStage | None]:
+) -> tuple[LoadedStage, list[tuple[str, LoadedStage]], LoadedStage | None, LoadedStage | None]:
+    """The base, the upsamplers (name, stage) that the run reaches, the noisy classifier and the autoguidance guide."""
     cfg = resolved.config
     if not Path(cfg.base.ckpt).is_file():
         raise FileNotFoundError(
@@ -284,7 +318,7 @@ def select_stages(
             break
         upsamplers.append((name, open_stage(slot.ckpt, device)))
         resolution = upsamplers[-1][1].stage.resolution
-    return base, upsamplers, classifier
+    return base, upsamplers, classifier, select_guide(resolved, device, notes)
 
 
 def run_cascade(
@@ -293,8 +327,8 @@ def run_cascade(
     """Load, check and sample the cascade; write PNGs per sample and stage, strips and ``cascade.json``. Returns the record."""
     cfg = resolved.config
     notes: list[str] = []
-    base, upsamplers, classifier = select_stages(resolved, device, notes)
-    cascade = Cascade(base, [up for _, up in upsamplers], classifier, device=device, bf16=cfg.bf16)
+    base, upsamplers, classifier, guide = select_stages(resolved, device, notes)
+    cascade = Cascade(base, [up for _, up in upsamplers], classifier, guide=guide, device=device, bf16=cfg.bf16)
     label = class_index(cascade.class_names, cfg.class_query)
     class_name = cascade.class_names[label]
     names = ["base", *[name for name, _ in upsamplers]]
@@ -317,7 +351,8 @@ def run_cascade(
                 f"{loaded.payload['step']}: run evaluate_stage.py on it again"
             )
     # Hashed once, right after loading: what the record names is what was sampled with.
-    sha256 = {loaded.path: file_sha256(loaded.path) for loaded in [*cascade.stages, *([classifier] if classifier else [])]}
+    extra = [loaded for loaded in (classifier, guide) if loaded is not None]
+    sha256 = {loaded.path: file_sha256(loaded.path) for loaded in [*cascade.stages, *extra]}
     for path, digest in sha256.items():
         expected = resolved.expected_sha256.get(path)
         if expected and digest != expected:
@@ -339,7 +374,9 @@ def run_cascade(
     labels = torch.full((cfg.num,), label, dtype=torch.long)
     print(
         f"sampling {cfg.num} × class {label} ({class_name!r}) through {' → '.join(f'{s.stage.resolution}px' for s in cascade.stages)}"
-        f" on {device}" + (f", classifier guidance s={settings[0].classifier_scale:g}" if classifier else ""),
+        f" on {device}"
+        + (f", classifier guidance s={settings[0].classifier_scale:g}" if classifier else "")
+        + (f", autoguidance w={settings[0].guide_scale:g} by {guide.path} (step {guide.payload['step']})" if guide else ""),
         flush=True,
     )
     outputs = cascade.sample(labels, settings, seed=cfg.seed, progress=progress, on_stage_output=write)
@@ -358,6 +395,8 @@ def run_cascade(
             entry["aug_level_source"] = source
     if classifier is not None:
         described["classifier"]["sha256"] = sha256[classifier.path]
+    if guide is not None:
+        described["guide"]["sha256"] = sha256[guide.path]
     record = {
         "command": list(argv),
         "class": {"index": label, "name": class_name},

@@ -3,7 +3,7 @@
 Every stage is rebuilt from its checkpoint alone (:func:`~cascade.training.checkpoint.load_stage`)
 and plays a role of :mod:`cascade.roles`. :func:`check_chain` says everything that keeps the
 stages from forming one cascade; :meth:`Cascade.sample` then runs the generator (classifier
-and/or classifier-free guidance), noise-augments its output at the chosen level and
+and/or classifier-free guidance and/or autoguidance), noise-augments its output at the chosen level and
 super-resolves it, stage after stage, batch by batch, handing tensors from stage to stage
 (files are only written by the caller).
 
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from cascade.diffusion.samplers import REGISTRY, SamplerName
 from cascade.diffusion.schedules import Spacing, check_same_schedule
 from cascade.roles import Generator, NoisyClassifier, Upsampler
-from cascade.training.checkpoint import CheckpointError, LoadedStage, open_stage
+from cascade.training.checkpoint import CheckpointError, LoadedStage, guide_problem, open_stage
 from cascade.utils.device import bf16_autocast
 from cascade.utils.rng import ImageGenerators
 
@@ -54,6 +54,7 @@ class StageSettings:
     batch_size: int = 16  # images per sampler call (bounds memory; 1024px wants small batches)
     cfg_scale: float = 1.0  # classifier-free guidance w (1 = the conditional model)
     classifier_scale: float = 0.0  # classifier guidance s (generator only)
+    guide_scale: float = 1.0  # autoguidance w by the cascade's guide network (generator only; 1 = off)
     aug_level: int | None = None  # noise-augmentation level s of the low-res input (upsamplers only)
     spacing: Spacing | None = None  # respacing of the training process (None: the sampler's default)
 
@@ -62,17 +63,25 @@ class ChainError(ValueError):
     """Stages that do not form one cascade; the message lists every mismatch."""
 
 
-def check_chain(base: LoadedStage, classifier: LoadedStage | None, upsamplers: Sequence[LoadedStage]) -> None:
+def check_chain(
+    base: LoadedStage,
+    classifier: LoadedStage | None,
+    upsamplers: Sequence[LoadedStage],
+    guide: LoadedStage | None = None,
+) -> None:
     """Raise :class:`ChainError` naming every way the stages fail to chain; return quietly when they fit.
 
     Checked: each checkpoint plays the role its slot needs (generator, noisy classifier,
     upsamplers); the classifier sees the generator's resolution and was trained on its noise
-    process; every upsampler's low-res input is the previous stage's output resolution;
-    class-conditional stages share one class list.
+    process; the autoguidance guide is a checkpoint of the same generator
+    (:func:`~cascade.training.checkpoint.guide_problem`); every upsampler's low-res input is the
+    previous stage's output resolution; class-conditional stages share one class list.
     """
     problems: list[str] = []
     if not isinstance(base.stage, Generator):
         problems.append(f"{base.path} is a {base.name!r} checkpoint, not a base stage (a generator)")
+    elif guide is not None and (problem := guide_problem(guide, base)) is not None:
+        problems.append(f"the guide {problem}")
     if classifier is not None:
         if not isinstance(classifier.stage, NoisyClassifier):
             problems.append(f"{classifier.path} is a {classifier.name!r} checkpoint, not a noisy classifier")
@@ -120,8 +129,10 @@ def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
     return f"{len(a)} vs {len(b)} classes"
 
 
-def check_settings(name: str, stage: Generator | Upsampler, settings: StageSettings, *, guided: bool) -> None:
-    """One clear ValueError for sampler settings that cannot run."""
+def check_settings(
+    name: str, stage: Generator | Upsampler, settings: StageSettings, *, guided: bool, has_guide: bool = False
+) -> None:
+    """One clear ValueError for sampler settings that cannot run (``guided``: a noisy classifier is there; ``has_guide``: a guide)."""
     if settings.sampler not in REGISTRY:
         raise ValueError(f"{name}: unknown sampler {settings.sampler!r}; choose one of {', '.join(REGISTRY)}")
     if settings.steps < 1:
@@ -141,6 +152,17 @@ def check_settings(name: str, stage: Generator | Upsampler, settings: StageSetti
         )
     if settings.classifier_scale > 0 and not guided:
         raise ValueError(f"{name}: classifier guidance scale {settings.classifier_scale} needs a noisy classifier checkpoint")
+    if settings.guide_scale < 0:
+        raise ValueError(f"{name}: the autoguidance scale must be >= 0 (1 = off), got {settings.guide_scale}")
+    if settings.guide_scale != 1.0 and not has_guide:
+        raise ValueError(
+            f"{name}: autoguidance scale {settings.guide_scale} needs a guide network (an earlier checkpoint of the same run); "
+            "pass --guide-ckpt PATH, or --guide-scale 1"
+        )
+    if settings.guide_scale != 1.0 and not isinstance(stage, Generator):
+        raise ValueError(
+            f"{name}: autoguidance is for the generator; an upsampler takes guide scale 1, got {settings.guide_scale}"
+        )
     if isinstance(stage, Upsampler) and settings.aug_level is not None:
         if not stage.noise_augmentation:
             raise ValueError(
@@ -177,7 +199,7 @@ def _batches(n: int, size: int) -> Iterator[tuple[int, slice]]:
 
 
 class Cascade:
-    """A generator (+ noisy classifier) and upsamplers, validated to chain; samples them in memory."""
+    """A generator (+ noisy classifier, + autoguidance guide) and upsamplers, validated to chain; samples them in memory."""
 
     def __init__(
         self,
@@ -185,11 +207,12 @@ class Cascade:
         upsamplers: Sequence[LoadedStage] = (),
         classifier: LoadedStage | None = None,
         *,
+        guide: LoadedStage | None = None,
         device: torch.device = torch.device("cpu"),
         bf16: bool = True,
     ) -> None:
-        check_chain(base, classifier, upsamplers)
-        self.base, self.upsamplers, self.classifier = base, list(upsamplers), classifier
+        check_chain(base, classifier, upsamplers, guide)
+        self.base, self.upsamplers, self.classifier, self.guide = base, list(upsamplers), classifier, guide
         self.device, self.bf16 = device, bf16
 
     @classmethod
@@ -199,6 +222,7 @@ class Cascade:
         upsamplers: Sequence[str | Path] = (),
         classifier: str | Path | None = None,
         *,
+        guide: str | Path | None = None,
         device: torch.device = torch.device("cpu"),
         bf16: bool = True,
     ) -> Cascade:
@@ -206,10 +230,11 @@ class Cascade:
         try:
             loaded_base = open_stage(base, device)
             loaded_clf = open_stage(classifier, device) if classifier is not None else None
+            loaded_guide = open_stage(guide, device) if guide is not None else None
             loaded_ups = [open_stage(p, device) for p in upsamplers]
         except (KeyError, TypeError) as error:  # a checkpoint whose config does not rebuild a stage
             raise CheckpointError(f"a checkpoint does not describe a stage of this version ({error})") from None
-        return cls(loaded_base, loaded_ups, loaded_clf, device=device, bf16=bf16)
+        return cls(loaded_base, loaded_ups, loaded_clf, guide=loaded_guide, device=device, bf16=bf16)
 
     @property
     def generator(self) -> Generator:
@@ -230,7 +255,14 @@ class Cascade:
             raise ValueError(f"expected settings for {len(self.stages)} stages, got {len(settings)}")
         for loaded, s in zip(self.stages, settings):
             assert isinstance(loaded.stage, (Generator, Upsampler))  # check_chain
-            check_settings(loaded.name, loaded.stage, s, guided=loaded is self.base and self.classifier is not None)
+            is_base = loaded is self.base
+            check_settings(
+                loaded.name,
+                loaded.stage,
+                s,
+                guided=is_base and self.classifier is not None,
+                has_guide=is_base and self.guide is not None,
+            )
 
     def aug_levels(self, settings: Sequence[StageSettings]) -> list[int | None]:
         """The augmentation level each stage will use (None for the generator and upsamplers without augmentation)."""
@@ -312,6 +344,8 @@ class Cascade:
                 classifier=clf.net if clf else None,
                 classifier_schedule=clf.stage.schedule if clf else None,
                 classifier_scale=s.classifier_scale,
+                guide=self.guide.net if self.guide else None,
+                guide_scale=s.guide_scale,
                 cfg_scale=s.cfg_scale,
                 generator=generators,
                 progress=progress,
@@ -344,6 +378,7 @@ class Cascade:
         return {
             "stages": described,
             "classifier": self.classifier.describe() if self.classifier else None,
+            "guide": self.guide.describe() if self.guide else None,
             "bf16": self.bf16,
             "device": str(self.device),
         }

@@ -66,6 +66,7 @@ class GeneratorSettings:
     batch_size: int = 16  # images per sampler call (bounds memory)
     cfg_scale: float = 1.0  # classifier-free guidance w (1 = the conditional model)
     classifier_scale: float = 0.0  # classifier guidance s (needs a noisy classifier)
+    guide_scale: float = 1.0  # autoguidance w (needs the cascade's guide: an earlier checkpoint of the base); 1 = off
     spacing: Optional[str] = None  # respacing of the training process; null: the sampler's default
 
 
@@ -105,6 +106,7 @@ class CascadeConfig:
     out: Optional[str] = None  # null → outputs/<class>_seed<seed>
     stop_at: Optional[int] = None  # last resolution to produce; null: every stage of the chain
     classifier: Optional[str] = None  # noisy classifier checkpoint for classifier guidance of the base
+    guide: Optional[str] = None  # autoguidance guide of the base: an earlier checkpoint of the same run (used if guide_scale ≠ 1)
     base: GeneratorSlot = field(default_factory=GeneratorSlot)
     upsamplers: Dict[str, UpsamplerSlot] = field(default_factory=dict)  # in chain order
 
@@ -198,6 +200,10 @@ def read_replay(path: str | Path) -> tuple[dict[str, Any], list[str], dict[str, 
         layer["classifier"] = clf["path"] if clf else None
         if clf:
             expected[clf["path"]] = clf["sha256"]
+        guide = record.get("guide")  # absent from records written before autoguidance: no guide
+        layer["guide"] = guide["path"] if guide else None
+        if guide:
+            expected[guide["path"]] = guide["sha256"]
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, json.JSONDecodeError) as error:
         raise ValueError(f"--replay {path} is not a cascade.json written by cascade_sample.py ({error})") from None
     return layer, names, expected

@@ -69,6 +69,8 @@ def build_parser(upsamplers: Sequence[str], description: str | None = None) -> a
     p.add_argument("--classifier-ckpt", help="noisy classifier for classifier guidance of the base ('none': no guidance)")
     p.add_argument("--guidance-scale", type=float, help="classifier guidance scale s of the base (default: the config's)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale w of the base (default: the config's)")
+    p.add_argument("--guide-scale", type=float, help="autoguidance scale w of the base by --guide-ckpt (default: the config's)")
+    p.add_argument("--guide-ckpt", help="autoguidance guide: an earlier checkpoint of the base's run ('none': no guide)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast (it is used only where the hardware has native bf16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -105,6 +107,11 @@ def resolve(
     if args.classifier_ckpt is not None:
         none = args.classifier_ckpt.lower() == "none"
         overrides.append(Override("classifier", None if none else args.classifier_ckpt, "--classifier-ckpt"))
+    if args.guide_scale is not None:
+        overrides.append(Override("base.settings.guide_scale", args.guide_scale, "--guide-scale"))
+    if args.guide_ckpt is not None:
+        none = args.guide_ckpt.lower() == "none"
+        overrides.append(Override("guide", None if none else args.guide_ckpt, "--guide-ckpt"))
     overrides += [Override(f"upsamplers.{name}.ckpt", path, f"--stage {name}={path}") for name, path in pairs]
     overrides += stage_flag_overrides(flags, known)
     label = CONFIG_SOURCE if pre.config is None else str(config_path)
@@ -130,8 +137,8 @@ def main(argv: Sequence[str] | None = None, *, description: str | None = None) -
         if device.type == "cuda":  # the same kernels for the same batch on every run
             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
         notes: list[str] = []
-        base, upsamplers, classifier = select_stages(resolved, device, notes)
-        cascade = Cascade(base, [up for _, up in upsamplers], classifier, device=device, bf16=not args.fp32)
+        base, upsamplers, classifier, guide = select_stages(resolved, device, notes)
+        cascade = Cascade(base, [up for _, up in upsamplers], classifier, guide=guide, device=device, bf16=not args.fp32)
         names = ["base", *[name for name, _ in upsamplers]]
         settings, sources = shard_settings(resolved, names)
         for name, level in zip(names, cascade.aug_levels(settings)):

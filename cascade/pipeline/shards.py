@@ -130,6 +130,7 @@ def sample_generator_stage(
     generators: ImageGenerators,
     settings: StageSettings,
     classifier: LoadedStage | None = None,
+    guide: LoadedStage | None = None,
 ) -> Tensor:
     """A generator stage's images (B, 3, R, R) in [−1, 1] for classes ``labels`` (B,)."""
     stage = loaded.stage
@@ -142,6 +143,8 @@ def sample_generator_stage(
         classifier=classifier.net if classifier else None,
         classifier_schedule=classifier.stage.schedule if classifier else None,
         classifier_scale=settings.classifier_scale,
+        guide=guide.net if guide else None,
+        guide_scale=settings.guide_scale,
         cfg_scale=settings.cfg_scale,
         generator=generators,
         progress=False,
@@ -187,7 +190,7 @@ def sample_images(
             generators = image_generators(seed, j, indices[part], device)
             with bf16_autocast(device, bf16):
                 if j == 0:
-                    images = sample_generator_stage(loaded, labels[part], generators, s, cascade.classifier)
+                    images = sample_generator_stage(loaded, labels[part], generators, s, cascade.classifier, cascade.guide)
                 else:
                     lowres = outputs[j - 1][part].to(device)  # (b, 3, r, r)
                     images = sample_upsampler_stage(loaded, lowres, labels[part], generators, s, int(levels[j]))
@@ -243,6 +246,7 @@ def _identity(
         "shard_size": job.shard_size,
         "stages": stages,
         "classifier_sha256": sha256[classifier.path] if classifier else None,
+        "guide_sha256": sha256[cascade.guide.path] if cascade.guide else None,
         "bf16": bf16_used,
         "device_type": cascade.device.type,
     }
@@ -353,7 +357,7 @@ def run_shards(
     if job.fixed_class is not None:
         class_labels(range(0), num_classes=num_classes, seed=job.seed, mode=job.classes, fixed=job.fixed_class)  # range check
     bf16_used = bool(bf16 and native_bf16(cascade.device))
-    checkpoints = [*cascade.stages, *([cascade.classifier] if cascade.classifier else [])]
+    checkpoints = [*cascade.stages, *(loaded for loaded in (cascade.classifier, cascade.guide) if loaded is not None)]
     sha256 = {loaded.path: file_sha256(loaded.path) for loaded in checkpoints}
     identity = _identity(job, cascade, settings, bf16_used, sha256)
     resolutions = [int(s.stage.resolution) for s in cascade.stages]

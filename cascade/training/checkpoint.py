@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from cascade.diffusion.schedules import check_same_schedule
 from cascade.roles import Generator, NoisyClassifier, Role, Upsampler
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "load_stage",
     "LoadedStage",
     "open_stage",
+    "guide_problem",
     "upgrade_targets",
     "split_stage_config",
     "checkpoint_paths",
@@ -382,3 +384,31 @@ def open_stage(path: str | Path, device: torch.device) -> LoadedStage:
     """The stage, network (EMA weights, eval mode) and checkpoint at ``path`` as one :class:`LoadedStage`."""
     stage, net, payload = load_stage(path, device=device)
     return LoadedStage(str(path), stage, net, payload)
+
+
+def guide_problem(guide: LoadedStage, model: LoadedStage) -> str | None:
+    """Why ``guide`` cannot be the autoguidance guide of the generator ``model``; None when it can.
+
+    Autoguidance (Karras et al. 2024) contrasts a model with a weaker version of itself, so the
+    guide must denoise the same thing: a generator of the same stage name, resolution, classes,
+    parameterisation, variance and noise process (in practice an earlier checkpoint of the same run).
+    """
+    same = (
+        guide.is_generator
+        and guide.name == model.name
+        and guide.stage.resolution == model.stage.resolution
+        and guide.class_names == model.class_names
+        and guide.stage.objective.parameterization == model.stage.objective.parameterization
+        and guide.stage.objective.learned_variance == model.stage.objective.learned_variance
+    )
+    if not same:
+        return (
+            f"{guide.path} is a {guide.name!r} checkpoint at {guide.stage.resolution}px with {len(guide.class_names)} "
+            f"classes; autoguidance needs an earlier checkpoint of {model.path} ({model.name!r}, "
+            f"{model.stage.resolution}px, {len(model.class_names)} classes)"
+        )
+    try:
+        check_same_schedule(model.stage.schedule, guide.stage.schedule, "the guide")
+    except ValueError as error:
+        return f"{guide.path}: {error}"
+    return None
