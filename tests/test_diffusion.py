@@ -264,7 +264,9 @@ def test_lognormal_timesteps_put_logsnr_on_its_normal(mean, std):
         x = torch.tensor(mean + z * std, dtype=torch.float64)
         assert abs(float((lam < x).double().mean() - normal.cdf(x))) < 0.01  # one step of λ is ≤ 0.1 wide here
     uniform = torch.log(schedule.alphas_cumprod / (1 - schedule.alphas_cumprod))
-    assert lam.std() < uniform[torch.randint(0, 1000, (100_000,), generator=torch.Generator().manual_seed(1))].std()  # narrower than the uniform draw's sech law
+    assert (
+        lam.std() < uniform[torch.randint(0, 1000, (100_000,), generator=torch.Generator().manual_seed(1))].std()
+    )  # narrower than the uniform draw's sech law
 
 
 def test_lognormal_timesteps_refuse_bad_settings():
