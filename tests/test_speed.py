@@ -426,13 +426,31 @@ def test_demo_prints_what_the_tiny_stages_will_choose_on_this_machine(monkeypatc
 
     from cascade.utils import device as device_module
 
-    machine_line = runpy.run_path(str(ROOT / "scripts" / "demo.py"))["machine_line"]
+    demo = runpy.run_path(str(ROOT / "scripts" / "demo.py"))
+    trainer = demo["tiny_base_trainer"]()
     monkeypatch.setattr(device_module, "native_bf16", lambda device: False)
-    emulated = machine_line("cpu")
+    emulated = demo["machine_line"]("cpu", trainer)
     assert emulated.startswith("demo on cpu, ") and "compute: float32" in emulated and "bf16 would be emulated" in emulated
     assert "same stages, steps and pictures on every machine" in emulated and "\n" not in emulated
     monkeypatch.setattr(device_module, "native_bf16", lambda device: True)
-    assert "compute: bf16 autocast" in machine_line("cpu")
+    assert "compute: bf16 autocast" in demo["machine_line"]("cpu", trainer)
+
+
+def test_demo_guides_its_base_with_a_checkpoint_the_tiny_run_keeps() -> None:
+    """The demo's autoguidance guide is a numbered checkpoint of the tiny base that its pruning keeps (2/3 of training)."""
+    import runpy
+
+    from omegaconf import OmegaConf
+
+    demo = runpy.run_path(str(ROOT / "scripts" / "demo.py"))
+    trainer = demo["tiny_base_trainer"]()
+    path = demo["guide_checkpoint"](trainer)
+    step = int(path.removesuffix(".pt").split("_")[-1])
+    kept = range(trainer.max_steps, 0, -trainer.ckpt_every)[: trainer.keep_ckpts]  # the numbered checkpoints left at the end
+    assert path.startswith("runs/base/checkpoints/step_") and step in kept and step < trainer.max_steps
+    short = OmegaConf.merge(trainer, {"keep_ckpts": 1})
+    with pytest.raises(ValueError, match="keeps no checkpoint at step"):
+        demo["guide_checkpoint"](short)
 
 
 def test_demo_bad_device_is_one_line_and_exit_code_2() -> None:
