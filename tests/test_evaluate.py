@@ -463,6 +463,24 @@ def test_base_evaluation_reports_fid_is_precision_recall_accuracy_and_cas(smoke_
         assert (tmp_path / "ev" / png).is_file()
 
 
+def test_sample_grid_rows_start_with_held_out_images_of_their_class():
+    from cascade.data import ShapesDataset
+    from cascade.evaluation.evaluate import _beside_held_out
+    from cascade.evaluation.previews import held_out_by_class
+
+    data = ShapesDataset(size=40, resolution=8, split="test", seed=0)
+    held_out = held_out_by_class(data, [3, 7], per_class=2)  # (2 classes, 2, 3, 8, 8), in the order asked
+    assert held_out is not None and held_out.shape == (2, 2, 3, 8, 8)
+    assert torch.equal(held_out[1, 0], torch.as_tensor(data[7][0]).float()) and int(data[7][1]) == 7
+    samples = torch.rand(2 * 8, 3, 8, 8) * 2 - 1  # class 3's eight samples, then class 7's
+    images, columns = _beside_held_out(samples, held_out, rows=2)
+    assert columns == 2 + 1 + 8 and images.shape == (2 * columns, 3, 8, 8)
+    assert torch.equal(images[0], held_out[0, 0]) and torch.equal(images[columns + 1], held_out[1, 1])
+    assert torch.equal(images[2], torch.ones(3, 8, 8)) and torch.equal(images[columns + 3], samples[8])
+    alone, columns = _beside_held_out(samples[:12], held_out, rows=2)  # a row short of samples: the samples alone
+    assert columns == 8 and torch.equal(alone, samples[:12])
+
+
 @pytest.mark.slow
 def test_autoguidance_by_the_model_itself_changes_nothing_and_a_foreign_guide_is_one_line(smoke_runs, tmp_path):
     base = smoke_runs / "base" / "checkpoints" / "last.pt"

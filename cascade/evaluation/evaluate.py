@@ -318,6 +318,20 @@ def _grid(images: Tensor, nrow: int, path: Path) -> None:
     save_grid(images, nrow, path)
 
 
+def _beside_held_out(samples: Tensor, held_out: Tensor | None, rows: int, per_row: int = 8) -> tuple[Tensor, int]:
+    """A sample grid's images and columns: each class's ``per_row`` samples, after its held-out images and a white gap.
+
+    ``samples`` (rows·per_row, 3, R, R) class after class; ``held_out`` (rows, n, 3, R, R) of the same classes in
+    the same order, or None (then the samples alone, ``per_row`` columns; also when a row has fewer samples).
+    """
+    if held_out is None or len(held_out) != rows or len(samples) != rows * per_row:
+        return samples, per_row
+    shaped = samples.view(rows, per_row, *samples.shape[1:])  # (rows, per_row, 3, R, R)
+    gap = torch.ones_like(shaped[:, :1])  # (rows, 1, 3, R, R): white
+    real = held_out.to(shaped)  # (rows, n, 3, R, R)
+    return torch.cat([real, gap, shaped], dim=1).flatten(0, 1), real.shape[1] + 1 + per_row
+
+
 def _to_uint8(images: Tensor) -> Tensor:
     """Images in [−1, 1] → uint8 as ADM's ``image_sample.py`` quantises its samples: truncated, not rounded."""
     return ((images.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
@@ -407,6 +421,7 @@ def guidance_sweep(
     progress: bool = True,
     keep_best: bool = True,
     classes: Sequence[int] | None = None,
+    held_out: Tensor | None = None,
 ) -> tuple[dict[str, Any], Tensor, Tensor]:
     """For every (classifier scale s, CFG scale w, autoguidance scale g): FID / IS / precision / recall and requested-class accuracy.
 
@@ -421,7 +436,9 @@ def guidance_sweep(
     by their guidance. Under ``torchrun`` each rank samples its batches (:func:`index_batches`),
     features are streamed into statistics and all-reduced (the rows of the first ``pr_num``
     images gathered for precision/recall), and every rank returns the same report; rank 0
-    writes a sample grid per setting, ``guidance_accuracy.png`` and ``fid_vs_accuracy.png``.
+    writes a sample grid per setting (one row per requested class, up to 10, of 8 samples; each row starts with
+    that class's images in ``held_out`` (rows, n, 3, R, R), when given, then a white gap), ``guidance_accuracy.png``
+    and ``fid_vs_accuracy.png``.
     Returns the report and, with ``keep_best`` (on rank 0; empty elsewhere), the samples (uint8
     (N, 3, R, R)) and labels (N,) of the setting with the lowest FID.
     """
@@ -511,7 +528,8 @@ def guidance_sweep(
         grid = gather_images(shown, shown_at)  # (n, 3, R, R) in position order: requested[j]'s m-th image at j + period·m
         if rank == 0:
             at = sorted(shown_positions)
-            _grid(grid[sorted(range(len(at)), key=lambda j: (at[j] % period, at[j]))], 8, out_dir / f"samples_{tag}.png")
+            rows_of_samples = grid[sorted(range(len(at)), key=lambda j: (at[j] % period, at[j]))]  # (n, 3, R, R) by class
+            _grid(*_beside_held_out(rows_of_samples.float().cpu(), held_out, rows), out_dir / f"samples_{tag}.png")
     names = [setting_name(r["classifier_scale"], r["cfg_scale"], r["guide_scale"], sep=", ") for r in results]
     if rank == 0:
         accuracy = {"reference classifier": [r["requested_class_accuracy"] for r in results]}

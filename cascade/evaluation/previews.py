@@ -14,6 +14,7 @@ the trainer calls. PNGs go to ``samples/step_NNNNNNN.png`` and ``samples/latest.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -71,22 +72,23 @@ class GeneratorPreview:
         return {}
 
 
-def held_out_by_class(data, classes: int, per_class: int, max_scan: int = 2000) -> torch.Tensor | None:
-    """The first ``per_class`` images (classes, per_class, C, H, W) of each of the first ``classes`` classes in ``data``.
+def held_out_by_class(data, classes: int | Sequence[int], per_class: int, max_scan: int = 2000) -> torch.Tensor | None:
+    """The first ``per_class`` images (K, per_class, C, H, W) in ``data`` of each of ``classes`` (the first K, or these K).
 
     ``data`` yields (image, label). None when ``per_class`` is 0, there is no data, or the first
     ``max_scan`` items do not hold that many of every class (a rare class in a folder data set).
     """
     if per_class <= 0 or data is None:
         return None
-    found: dict[int, list[torch.Tensor]] = {c: [] for c in range(classes)}
+    wanted = list(range(classes)) if isinstance(classes, int) else [int(c) for c in classes]
+    found: dict[int, list[torch.Tensor]] = {c: [] for c in wanted}
     for index in range(min(len(data), max_scan)):
         image, label = data[index][:2]
         label = int(label)
-        if label < classes and len(found[label]) < per_class:
+        if label in found and len(found[label]) < per_class:
             found[label].append(torch.as_tensor(image).float())
         if all(len(v) == per_class for v in found.values()):
-            return torch.stack([torch.stack(found[c]) for c in range(classes)])
+            return torch.stack([torch.stack(found[c]) for c in wanted])
     return None
 
 

@@ -58,6 +58,7 @@ from cascade.evaluation.evaluate import (
 )
 from cascade.evaluation.features import InceptionFeatures, NoisyClassifierFeatures, TimmFeatures, inception_weights
 from cascade.evaluation.held_out import held_out_data, shown_classes, without_augmentation
+from cascade.evaluation.previews import held_out_by_class
 from cascade.evaluation.tuned import write_tuned
 from cascade.training.checkpoint import LoadedStage, guide_problem, open_stage
 from cascade.utils.device import resolve_device
@@ -355,6 +356,9 @@ def _evaluate_generator(
     classifier = open_stage(run.classifier_ckpt, device) if run.classifier_ckpt else None
     if classifier is not None and not classifier.is_classifier:
         raise ValueError(f"classifier_ckpt={run.classifier_ckpt} is a {classifier.name!r} checkpoint, not a noisy classifier")
+    shown = shown_classes(train)  # a few synsets of ImageNet: request only the classes the real images show
+    requested = None if shown is None else sorted(shown)
+    requested_rows = (requested or list(range(len(loaded.class_names))))[:10]  # the classes of the sample grids' rows
     sweep, samples, labels = guidance_sweep(
         loaded.stage,
         loaded.net,
@@ -364,7 +368,8 @@ def _evaluate_generator(
         real_features=real,
         class_names=loaded.class_names,
         out_dir=out_dir,
-        classes=shown_classes(train),  # a few synsets of ImageNet: request only the classes the real images show
+        classes=requested,
+        held_out=held_out_by_class(val, requested_rows, 2),  # each grid row starts with 2 held-out images of its class
         classifier=classifier.net if classifier else None,
         classifier_schedule=classifier.stage.schedule if classifier else None,
         classifier_scales=run.classifier_scales,
