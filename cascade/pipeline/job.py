@@ -55,6 +55,7 @@ __all__ = [
     "stage_pairs",
     "select_stages",
     "select_guide",
+    "optional_ckpt_overrides",
     "stage_settings",
     "settings_from_argv",
     "run_cascade",
@@ -201,12 +202,7 @@ def settings_from_argv(argv: Sequence[str], config: str | Path, *, description: 
             overrides.append(Override(key, args[dest], flag))
     if args["fp32"]:
         overrides.append(Override("bf16", False, "--fp32"))
-    if args["classifier_ckpt"] is not None:
-        none = args["classifier_ckpt"].lower() == "none"
-        overrides.append(Override("classifier", None if none else args["classifier_ckpt"], "--classifier-ckpt"))
-    if args["guide_ckpt"] is not None:
-        none = args["guide_ckpt"].lower() == "none"
-        overrides.append(Override("guide", None if none else args["guide_ckpt"], "--guide-ckpt"))
+    overrides += optional_ckpt_overrides({"classifier": args["classifier_ckpt"], "guide": args["guide_ckpt"]})
     for name, path in pairs:
         overrides.append(Override(f"upsamplers.{name}.ckpt", path, f"--stage {name}={path}"))
     overrides += stage_flag_overrides(args, known)
@@ -225,6 +221,15 @@ def settings_from_argv(argv: Sequence[str], config: str | Path, *, description: 
 def stage_settings(settings: GeneratorSettings | UpsamplerSettings) -> StageSettings:
     """The orchestrator's settings of one stage (fields a role does not have keep their neutral defaults)."""
     return StageSettings(**asdict(settings))
+
+
+def optional_ckpt_overrides(paths: dict[str, str | None]) -> list[Override]:
+    """The :class:`Override` of each optional checkpoint flag given (``--classifier-ckpt``, ``--guide-ckpt``); 'none' unsets it."""
+    return [
+        Override(key, None if path.lower() == "none" else path, f"--{key}-ckpt")
+        for key, path in paths.items()
+        if path is not None
+    ]
 
 
 def _slug(text: str) -> str:

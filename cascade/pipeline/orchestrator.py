@@ -159,10 +159,6 @@ def check_settings(
             f"{name}: autoguidance scale {settings.guide_scale} needs a guide network (an earlier checkpoint of the same run); "
             "pass --guide-ckpt PATH, or --guide-scale 1"
         )
-    if settings.guide_scale != 1.0 and not isinstance(stage, Generator):
-        raise ValueError(
-            f"{name}: autoguidance is for the generator; an upsampler takes guide scale 1, got {settings.guide_scale}"
-        )
     if isinstance(stage, Upsampler) and settings.aug_level is not None:
         if not stage.noise_augmentation:
             raise ValueError(

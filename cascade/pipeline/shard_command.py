@@ -21,7 +21,14 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from cascade.data import class_index
-from cascade.pipeline.job import add_stage_flags, select_stages, stage_flag_overrides, stage_pairs, stage_settings
+from cascade.pipeline.job import (
+    add_stage_flags,
+    optional_ckpt_overrides,
+    select_stages,
+    stage_flag_overrides,
+    stage_pairs,
+    stage_settings,
+)
 from cascade.pipeline.orchestrator import Cascade, ChainError, StageSettings
 from cascade.pipeline.settings import CONFIG_SOURCE, Override, ResolvedSettings, merge_settings
 from cascade.pipeline.shards import ShardError, ShardJob, run_shards
@@ -104,14 +111,9 @@ def resolve(
         overrides.append(Override("base.settings.classifier_scale", args.guidance_scale, "--guidance-scale"))
     if args.cfg_scale is not None:
         overrides.append(Override("base.settings.cfg_scale", args.cfg_scale, "--cfg-scale"))
-    if args.classifier_ckpt is not None:
-        none = args.classifier_ckpt.lower() == "none"
-        overrides.append(Override("classifier", None if none else args.classifier_ckpt, "--classifier-ckpt"))
     if args.guide_scale is not None:
         overrides.append(Override("base.settings.guide_scale", args.guide_scale, "--guide-scale"))
-    if args.guide_ckpt is not None:
-        none = args.guide_ckpt.lower() == "none"
-        overrides.append(Override("guide", None if none else args.guide_ckpt, "--guide-ckpt"))
+    overrides += optional_ckpt_overrides({"classifier": args.classifier_ckpt, "guide": args.guide_ckpt})
     overrides += [Override(f"upsamplers.{name}.ckpt", path, f"--stage {name}={path}") for name, path in pairs]
     overrides += stage_flag_overrides(flags, known)
     label = CONFIG_SOURCE if pre.config is None else str(config_path)
