@@ -181,3 +181,38 @@ def test_autoguided_base_needs_its_guide_and_moves_the_sample():
 def test_classifier_on_another_schedule_is_refused():
     with pytest.raises(ValueError, match="another noise schedule"):
         check_same_schedule(cosine_schedule(1000), linear_schedule(1000), "the classifier")
+
+
+def test_recolour_keeps_brightness_and_edges_and_changes_only_drawn_images():
+    """random_recolour changes hue/saturation of the drawn fraction only; V (HSV max) and flat regions survive."""
+    from stages.classifier import random_recolour
+
+    images = torch.full((64, 3, 8, 8), -0.6)  # (B, 3, 8, 8) a grey background ...
+    images[:, 0, 2:6, 2:6], images[:, 1, 2:6, 2:6] = 0.8, -0.2  # ... with a reddish square
+    out = random_recolour(images, 0.5, torch.Generator().manual_seed(0))
+    changed = (out - images).abs().flatten(1).amax(1) > 1e-3  # (B,)
+    assert 16 < int(changed.sum()) < 48  # about half, drawn per image
+    assert torch.allclose(out[~changed], images[~changed])
+    value = lambda x: ((x + 1) / 2).amax(1)  # noqa: E731  HSV value, (B, 8, 8)
+    assert torch.allclose(value(out), value(images), atol=1e-4)  # hue and saturation moves keep V
+    grey = out[:, :, 0, 0]  # (B, 3) the background: no saturation to rotate
+    assert torch.allclose(grey, torch.full_like(grey, -0.6), atol=1e-4)
+    square = out[changed][:, :, 3, 3]  # (n, 3) the square's new colours differ from one another
+    assert square.std(0).max() > 0.1
+    again = random_recolour(images, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # from the generator alone: exact resume
+
+
+def test_recoloured_classifier_trains_with_the_generator_only():
+    """The recolouring draws from the training generator: two losses from equal generators are equal, and differ from ADM's."""
+    cfg = compose_train(["stage=classifier", "preset=tiny", "stage.recolour=1.0"])
+    stage = instantiate(cfg.stage)
+    assert stage.recolour == 1.0
+    net = stage.build(num_classes=10).eval()
+    images, labels = torch.rand(4, 3, 64, 64) * 2 - 1, torch.arange(4)
+    first = stage.loss(net, images, labels, torch.Generator().manual_seed(3))
+    assert torch.equal(first, stage.loss(net, images, labels, torch.Generator().manual_seed(3)))
+    plain = instantiate(compose_train(["stage=classifier", "preset=tiny"]).stage)
+    assert not torch.equal(first, plain.loss(net, images, labels, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="recolour"):
+        ClassifierStage(net=stage.net, schedule=stage.schedule, recolour=1.5)
