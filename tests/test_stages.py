@@ -16,7 +16,7 @@ from cascade.diffusion.schedules import cosine_schedule, linear_schedule
 from cascade.nn import EncoderClassifier, UNet
 from cascade.training.checkpoint import load_checkpoint, load_stage
 from stages.base import BaseStage, check_same_schedule
-from stages.classifier import ClassifierStage
+from stages.classifier import ClassifierStage, random_recolour
 from tests.helpers import PRESETS, STAGES, compose_train, run_script, train
 
 
@@ -185,8 +185,6 @@ def test_classifier_on_another_schedule_is_refused():
 
 def test_recolour_keeps_brightness_and_edges_and_changes_only_drawn_images():
     """random_recolour changes hue/saturation of the drawn fraction only; V (HSV max) and flat regions survive."""
-    from stages.classifier import random_recolour
-
     images = torch.full((64, 3, 8, 8), -0.6)  # (B, 3, 8, 8) a grey background ...
     images[:, 0, 2:6, 2:6], images[:, 1, 2:6, 2:6] = 0.8, -0.2  # ... with a reddish square
     out = random_recolour(images, 0.5, torch.Generator().manual_seed(0))
