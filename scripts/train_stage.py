@@ -26,6 +26,7 @@ from cascade.evaluation import previews
 from cascade.training.checkpoint import CheckpointError
 from cascade.training.faults import TrainingDiverged
 from cascade.utils.device import resolve_device
+from stages.upsampler import UpsamplerStage
 
 BAD_INPUT = (ValueError, CheckpointError, FileNotFoundError)
 
@@ -44,6 +45,8 @@ def main(cfg: DictConfig) -> None:
         stage = instantiate(cfg.stage)
         reporter = previews.bind(stage, instantiate(cfg.preview) if cfg.get("preview") is not None else None)
         dataset = instantiate(cfg.data.train, resolution=stage.resolution)
+        if isinstance(stage, UpsamplerStage):
+            dataset = stage.training_data(dataset)  # with crop_windows: only the windows its crops need
         val_data = instantiate(cfg.data.val, resolution=stage.resolution) if cfg.data.get("val") else None
         trainer = instantiate(cfg.trainer)
         config = OmegaConf.to_container(cfg, resolve=True)

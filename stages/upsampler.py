@@ -22,6 +22,8 @@ et al. 2022, "Imagen", §2.4 and App. B):
   equals (up to float rounding) the crop of the full image's conditioning — what a
   full-image sampler sees — without degrading whole 1024px images. The network must be
   attention-free (fully convolutional) for crop training and full-size sampling to agree.
+  With ``crop_windows`` the data pipeline makes only that window of each image
+  (:meth:`UpsamplerStage.training_data`; the built-in data set renders nothing else).
 
 Randomness comes only from the ``torch.Generator`` passed in.
 """
@@ -38,9 +40,11 @@ import kornia
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from cascade.data.imagefolder import image_to_tensor
 from cascade.data.resize import UpsampleMode, central_crop, downsample, upsample  # re-exported: the stage's low-res making
+from cascade.data.windows import AlignedWindows
 from cascade.diffusion.denoiser import VarianceType
 from cascade.diffusion.losses import DiffusionLoss
 from cascade.diffusion.preconditioning import LowresPrior
@@ -156,6 +160,7 @@ class UpsamplerStage(DiffusionStage, Upsampler):
         blur_sigma: Sequence[float] = (0.4, 0.6),  # σ range of the blur, low-res pixels (CDM)
         blur_kernel_size: int | None = None,  # blur kernel side; None → 2·⌈3σ_max⌉ + 1
         crop_size: int | None = None,  # train on random aligned crops of this hi-res size; None → full images
+        crop_windows: bool = False,  # with crop_size: the training data makes only each crop's window (training_data)
         lowres_prior: Callable[..., nn.Module]
         | None = None,  # e.g. cascade.diffusion.preconditioning.LowresPrior (partial): skip around the low-res image
     ) -> None:
@@ -224,6 +229,35 @@ class UpsamplerStage(DiffusionStage, Upsampler):
         self.blur_prob, self.blur_sigma = blur_prob, sigma
         self.blur_kernel_size = blur_kernel_size or 2 * math.ceil(3 * sigma[1]) + 1
         self.crop_size = crop_size
+        if crop_windows and (crop_size is None or self.training_window > resolution):
+            raise ValueError(
+                "crop_windows needs crop training: set crop_size so that the crop and its conditioning context "
+                f"fit the image (crop_size={crop_size}, resolution {resolution})"
+            )
+        self.crop_windows = crop_windows
+
+    @property
+    def crop_context(self) -> int:
+        """Low-res pixels around a crop that its conditioning is computed with (:func:`windowed_crops`)."""
+        return CROP_CONTEXT + self.blur_kernel_size // 2
+
+    @property
+    def training_window(self) -> int | None:
+        """Hi-res side of the window a crop's training example needs: the crop and its context on every side."""
+        return None if self.crop_size is None else self.crop_size + 2 * self.factor * self.crop_context
+
+    def training_data(self, dataset: Dataset) -> Dataset:
+        """The training images as this stage takes them: with ``crop_windows``, random aligned windows of
+        :attr:`training_window` px (:class:`cascade.data.windows.AlignedWindows`; the built-in data set renders
+        just those pixels), otherwise ``dataset`` itself.
+
+        Each window's central crop is trained on (:meth:`training_inputs`), so crop positions are drawn by the
+        data pipeline instead of the training generator, and crops within :attr:`crop_context` low-res pixels of
+        the image border are not drawn (windows stay inside the image).
+        """
+        if not self.crop_windows:
+            return dataset
+        return AlignedWindows(dataset, self.training_window, self.factor)
 
     def net_kwargs(self, num_classes: int) -> dict[str, object]:
         return {**super().net_kwargs(num_classes), "lowres_channels": 3, "aug_level_embedding": self.noise_augmentation}
@@ -256,13 +290,18 @@ class UpsamplerStage(DiffusionStage, Upsampler):
     def training_inputs(self, images: Tensor, generator: torch.Generator | None) -> TrainingInputs:
         """Make a batch's targets and conditioning (:meth:`conditioning`), cropped when ``crop_size`` is set.
 
-        ``images`` (B, 3, R, R) in [−1, 1] at the stage resolution. Computed in float32 even
-        under autocast. Random draws, in order: blur flags, blur σ, levels s (with noise
-        augmentation), crop offsets, then ε (per example when cropping: the conditioning of a
-        crop is computed on a window around it, see :func:`windowed_crops`, and equals the crop
-        of the full image's conditioning).
+        ``images`` (B, 3, R, R) in [−1, 1] at the stage resolution, or with crop training (B, 3, W, W)
+        windows of :attr:`training_window` px (:meth:`training_data`), of which the central crop is taken.
+        Computed in float32 even under autocast. Random draws, in order: blur flags, blur σ, levels s
+        (with noise augmentation), crop offsets (whole images only), then ε (per example when cropping: the
+        conditioning of a crop is computed on a window around it, see :func:`windowed_crops`, and equals
+        the crop of the full image's conditioning).
         """
         batch, device = images.shape[0], images.device
+        side = images.shape[-2:]
+        if side != (self.resolution, self.resolution) and (self.crop_size is None or side != (self.training_window,) * 2):
+            windows = "" if self.crop_size is None else f" or {self.training_window}px windows (crop_windows)"
+            raise ValueError(f"stage {self.name!r} trains on {self.resolution}px images{windows}; got {tuple(side)}")
         with torch.autocast(device.type, enabled=False):
             images = images.float()
             blur = torch.rand(batch, generator=generator, device=device) < self.blur_prob  # (B,)
@@ -275,9 +314,11 @@ class UpsamplerStage(DiffusionStage, Upsampler):
             if self.crop_size is None:
                 cond = self.conditioning(images, k, blur, sigma, generator)  # (B, 3, R, R)
             else:
-                crop, f = self.crop_size // self.factor, self.factor
-                offsets = random_crop_offsets(batch, (images.shape[-2] // f, images.shape[-1] // f), crop, generator, device)
-                context = CROP_CONTEXT + self.blur_kernel_size // 2
+                crop, f, context = self.crop_size // self.factor, self.factor, self.crop_context
+                if side == (self.resolution, self.resolution):
+                    offsets = random_crop_offsets(batch, (side[0] // f, side[1] // f), crop, generator, device)
+                else:  # windows from training_data: the crop is each one's centre
+                    offsets = torch.full((batch, 2), context, dtype=torch.long, device=device)
                 images, cond = windowed_crops(  # (B, 3, c, c) each
                     images,
                     offsets,

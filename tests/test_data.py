@@ -21,6 +21,7 @@ from cascade.data import (
     render_shape,
     sample_shape_params,
 )
+from cascade.data.windows import AlignedWindows
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -96,6 +97,56 @@ def test_shapes_flip_is_mirror() -> None:
     seen = {torch.equal(flipping[4][0], plain) for _ in range(12)}
     assert seen == {True, False}
     assert any(torch.equal(flipping[4][0], plain.flip(-1)) for _ in range(12))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_rendered_window_is_that_crop_of_the_whole_render(flip: bool) -> None:
+    """Windows anywhere (corners, across and beside the object) equal the crop, flip drawn alike."""
+    data = ShapesDataset(resolution=256, flip=flip)
+    for index in range(4):
+        for top, left, size in [(0, 0, 40), (216, 216, 40), (100, 4, 64), (8, 180, 24), (0, 0, 256)]:
+            torch.manual_seed(index)
+            whole, label = data[index]
+            torch.manual_seed(index)
+            window, window_label = data.window(index, top, left, size)
+            assert window_label == label
+            torch.testing.assert_close(window, whole[:, top : top + size, left : left + size], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not inside"):
+        render_shape(data.params(0), 256, (250, 0, 8, 8))
+
+
+class _Plain(torch.utils.data.Dataset):
+    """A data set without windows of its own: AlignedWindows crops its whole images."""
+
+    def __init__(self, dataset: ShapesDataset) -> None:
+        self.dataset, self.resolution = dataset, dataset.resolution
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.dataset[index]
+
+
+def test_aligned_windows_are_aligned_inside_and_the_same_however_they_are_made() -> None:
+    shapes = ShapesDataset(resolution=128, size=40)
+    rendered, cropped = AlignedWindows(shapes, 48, 8), AlignedWindows(_Plain(shapes), 48, 8)
+    assert len(rendered) == 40 and rendered.class_names == shapes.class_names
+    corners = set()
+    for index in range(40):
+        torch.manual_seed(index)  # what the trainer's SeededItems does per (seed, epoch, index)
+        window, label = rendered[index]
+        torch.manual_seed(index)
+        assert torch.equal(window, cropped[index][0]) and label == shapes[index][1]
+        whole = shapes[index][0]
+        found = [
+            (y, x) for y in range(0, 81, 8) for x in range(0, 81, 8) if torch.equal(whole[:, y : y + 48, x : x + 48], window)
+        ]
+        assert len(found) == 1  # an aligned position inside the image
+        corners.add(found[0])
+    assert len(corners) > 20  # positions spread over the image
+    with pytest.raises(ValueError, match="must fit"):
+        AlignedWindows(shapes, 44, 8)
 
 
 def test_shapes_resolution_consistent() -> None:

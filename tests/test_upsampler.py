@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from PIL import Image
 
+from cascade.data import ShapesDataset
+from cascade.data.windows import AlignedWindows
 from cascade.diffusion.losses import DiffusionLoss
 from cascade.diffusion.preconditioning import LowresPrior
 from cascade.diffusion.schedules import linear_schedule
@@ -299,6 +301,54 @@ def test_hi_res_and_low_res_crops_are_aligned():
     for b, (y, x) in enumerate(inputs.offsets.tolist()):
         assert torch.equal(inputs.images[b], batch[b, :, 4 * y : 4 * y + 32, 4 * x : 4 * x + 32])
         assert (inputs.lowres[b] - reference[b, :, 4 * y : 4 * y + 32, 4 * x : 4 * x + 32]).abs().max() < 0.08
+
+
+def window_stage(**overrides) -> UpsamplerStage:
+    """A 128px ← 32px stage training 16px crops from 64px windows (context 6 low-res pixels), blur always on."""
+    return small_stage(
+        resolution=128,
+        lowres_resolution=32,
+        crop_size=16,
+        crop_windows=True,
+        noise_augmentation=False,
+        aug_schedule=None,
+        aug_max_level=None,
+        sample_aug_level=None,
+        blur_prob=1.0,
+        lowres_upsample="bicubic",
+        **overrides,
+    )
+
+
+def test_a_window_trains_its_central_crop_with_the_whole_images_conditioning():
+    stage = window_stage()
+    assert stage.crop_context == CROP_CONTEXT + 2 and stage.training_window == 16 + 2 * 4 * stage.crop_context == 64
+    batch = images(5, 128, seed=3)
+    corners = [(0, 0), (64, 64), (8, 40), (32, 0), (60, 4)]  # hi-res window (top, left), multiples of the factor
+    windows = torch.stack([batch[b, :, y : y + 64, x : x + 64] for b, (y, x) in enumerate(corners)])
+    inputs = stage.training_inputs(windows, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the draws of training_inputs: blur flags, then σ
+    blur = torch.rand(5, generator=g) < 1.0
+    sigma = 0.4 + 0.2 * torch.rand(5, generator=g)
+    whole = stage.conditioning(batch, None, blur, sigma, None)  # (5, 3, 128, 128)
+    for b, (y, x) in enumerate(corners):
+        crop = (slice(None), slice(y + 24, y + 40), slice(x + 24, x + 40))  # the window's central 16px
+        assert torch.equal(inputs.images[b], batch[b][crop])
+        torch.testing.assert_close(inputs.lowres[b], whole[b][crop], rtol=0, atol=1e-5)
+    assert inputs.offsets.tolist() == [[6, 6]] * 5
+
+
+def test_training_data_makes_windows_only_when_asked():
+    shapes = ShapesDataset(resolution=128, size=16)
+    assert small_stage(resolution=128, lowres_resolution=32, crop_size=16).training_data(shapes) is shapes
+    windows = window_stage().training_data(shapes)
+    assert isinstance(windows, AlignedWindows) and (windows.size, windows.align) == (64, 4)
+    torch.manual_seed(0)
+    assert window_stage().training_inputs(windows[0][0][None], None).images.shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="trains on 128px images or 64px windows"):
+        window_stage().training_inputs(torch.zeros(1, 3, 48, 48), None)
+    with pytest.raises(ValueError, match="crop_windows needs crop training"):
+        small_stage(crop_windows=True)
 
 
 # --- sampling and helpers -------------------------------------------------------------------------------

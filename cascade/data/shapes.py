@@ -34,12 +34,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cascade.data.domain import ImageDomain
+from cascade.data.windows import WindowSource
 from cascade.utils.rng import keyed_seed
 
 __all__ = ["ShapesDataset", "ShapeParams", "sample_shape_params", "redraw_unresolved", "render_shape", "SHAPE_CLASSES"]
 
 Split = Literal["train", "test"]
 RGB = tuple[float, float, float]
+Window = tuple[int, int, int, int]  # (top, left, height, width) in pixels
 
 # (colour name, base RGB, shape, texture) per class; the class name is "<colour> <shape> with <texture>".
 SHAPE_CLASSES: tuple[tuple[str, RGB, str, str], ...] = (
@@ -353,16 +355,17 @@ def _background(x: Tensor, y: Tensor, p: ShapeParams, px: float) -> Tensor:
     return bg if hatch is None else bg * hatch
 
 
-def _bbox(p: ShapeParams, resolution: int) -> tuple[slice, slice]:
-    """Pixel rows/cols that may touch the object (shape, outline and edge ramp)."""
+def _bbox(p: ShapeParams, resolution: int, window: Window) -> tuple[slice, slice]:
+    """Pixel rows/cols of ``window`` that may touch the object (shape, outline and edge ramp), relative to the window."""
     reach = 1.2 * p.size + p.outline_width + 4.0 / resolution
+    top, left, height, width = window
 
-    def span(c: float) -> slice:
-        lo = math.floor((c - reach + 1) * resolution / 2)
-        hi = math.ceil((c + reach + 1) * resolution / 2)
-        return slice(max(lo, 0), min(hi, resolution))
+    def span(c: float, start: int, length: int) -> slice:
+        lo = math.floor((c - reach + 1) * resolution / 2) - start
+        hi = math.ceil((c + reach + 1) * resolution / 2) - start
+        return slice(min(max(lo, 0), length), min(max(hi, 0), length))
 
-    return span(p.center[1]), span(p.center[0])
+    return span(p.center[1], top, height), span(p.center[0], left, width)
 
 
 def _paint_object(img: Tensor, x: Tensor, y: Tensor, p: ShapeParams, px: float) -> None:
@@ -389,16 +392,25 @@ def _paint_object(img: Tensor, x: Tensor, y: Tensor, p: ShapeParams, px: float) 
     img.add_((_colour(p.outline_color) - img) * band)
 
 
-def render_shape(params: ShapeParams, resolution: int) -> Tensor:
-    """Render a scene at ``resolution``² pixels: float32 (3, R, R) in [-1, 1]. Pure function."""
+def render_shape(params: ShapeParams, resolution: int, window: Window | None = None) -> Tensor:
+    """Render a scene at ``resolution``² pixels: float32 (3, R, R) in [-1, 1]. Pure function.
+
+    ``window`` = (top, left, height, width) renders only those pixels of the R×R image, (3, height, width):
+    the same values as that crop of the whole render (each pixel is computed from its own centre alone), at
+    the cost of the window — what crop training at 1024px needs instead of a million pixels per image.
+    """
     if resolution < 1:
         raise ValueError(f"resolution must be positive, got {resolution}")
+    top, left, height, width = window = window or (0, 0, resolution, resolution)
+    if not (0 <= top and 0 <= left and 0 < height and 0 < width and top + height <= resolution and left + width <= resolution):
+        raise ValueError(f"window (top, left, height, width) = {window} is not inside the {resolution}x{resolution} image")
     coords = _pixel_centres(resolution)
-    x, y = coords.view(1, -1), coords.view(-1, 1)  # (1, R), (R, 1)
+    x, y = coords[left : left + width].view(1, -1), coords[top : top + height].view(-1, 1)  # (1, w), (h, 1)
     px = 2.0 / resolution  # pixel size, normalised units
-    img = _background(x, y, params, px)  # (3, R, R)
-    rows, cols = _bbox(params, resolution)
-    _paint_object(img[:, rows, cols], x[:, cols], y[rows, :], params, px)
+    img = _background(x, y, params, px)  # (3, h, w)
+    rows, cols = _bbox(params, resolution, window)
+    if rows.start < rows.stop and cols.start < cols.stop:
+        _paint_object(img[:, rows, cols], x[:, cols], y[rows, :], params, px)
     return img.mul_(2.0).sub_(1.0).clamp_(-1.0, 1.0)
 
 
@@ -425,7 +437,7 @@ def redraw_unresolved(params: ShapeParams, lowres_resolution: int, generator: to
 # ----------------------------------------------------------------------------- dataset
 
 
-class ShapesDataset(Dataset[tuple[Tensor, int]]):
+class ShapesDataset(Dataset[tuple[Tensor, int]], WindowSource):
     """Procedural class-conditional shapes: (image (3, R, R) float32 in [-1, 1], label).
 
     Item ``i`` is the scene :func:`sample_shape_params` draws for (seed, split, i),
@@ -481,3 +493,11 @@ class ShapesDataset(Dataset[tuple[Tensor, int]]):
         if self.flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return image, p.label
+
+    def window(self, index: int, top: int, left: int, size: int) -> tuple[Tensor, int]:
+        """Pixels [top, top+size) × [left, left+size) of item ``index`` and its label, rendered alone
+        (:class:`cascade.data.windows.WindowSource`); the flip is drawn as in ``self[index]``."""
+        p = self.params(int(index))
+        if self.flip and torch.rand(()) < 0.5:  # the window of the flipped image: the mirrored window, flipped
+            return render_shape(p, self.resolution, (top, self.resolution - left - size, size, size)).flip(-1), p.label
+        return render_shape(p, self.resolution, (top, left, size, size)), p.label
