@@ -88,14 +88,14 @@ def group_norm_kernels() -> ModuleType | None:
 
 
 def _announce_first_build(cpp_extension: ModuleType, name: str, level: str) -> None:
-    """One line on stderr when no built library is cached yet: the next ~25 s go to the compiler."""
+    """One line on stderr when no built library is cached yet: the next ~15 s go to the compiler."""
     try:
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))  # private API, only for this message
     except Exception:
         return
     if not any(build_dir.glob(f"{name}*.so")):
         print(
-            f"cascade: compiling the channels-last GroupNorm kernel for this CPU ({level}), once (~25 s); cached in {build_dir}",
+            f"cascade: compiling the channels-last GroupNorm kernel for this CPU ({level}), once (~15 s); cached in {build_dir}",
             file=sys.stderr,
             flush=True,
         )

@@ -11,7 +11,12 @@
 // kRowsPerItem rows in float32 and the items of an example are combined in double in a fixed order,
 // so a result does not depend on how the items were scheduled.
 
-#include <torch/extension.h>
+// The narrowest headers that declare what is used: torch/extension.h (all of libtorch's C++ API) took three times
+// as long to compile, and this file is compiled on the user's machine the first time a run needs it.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512F__)
