@@ -172,10 +172,16 @@ def main() -> None:
         results.append(bench)
         s = bench.summary()
         sampled = s["sampling"]
+        by_layout = sampled["s_per_step_by_layout"]
+        other = "".join(
+            f", {layout} {seconds * 1e3:.0f} ms/step ({seconds / sampled['s_per_step']:.2f}x as long)"
+            for layout, seconds in by_layout.items()
+            if layout != sampled["layout"]
+        )
         print(
             f"[{name}] {s['params'] / 1e6:.2f}M params, {s['train_gflops_per_image']:.2f} GFLOP/image (train step), "
-            f"sampling {sampled['batch']} image(s): {sampled['s_per_step'] * 1e3:.0f} ms/step, "
-            f"{sampled['s_per_image'] * 1e3:.0f} ms/image for {sampled['steps']} steps"
+            f"sampling {sampled['batch']} image(s) {sampled['layout']}: {sampled['s_per_step'] * 1e3:.0f} ms/step, "
+            f"{sampled['s_per_image'] * 1e3:.0f} ms/image for {sampled['steps']} steps{other}"
         )
         for label, ratio in s["speedups"].items():
             print(f"[{name}]   {label}: {ratio:.2f}x")

@@ -361,3 +361,37 @@ def test_checkpoints_written_before_the_roles_load(tmp_path, name, role, p_uncon
         assert stage.sample(loaded, labels, steps=2, generator=g, progress=False).shape == (2, 3, 8, 8)
     else:
         assert stage.sample(loaded, torch.zeros(2, 3, 4, 4), labels, steps=2, generator=g, progress=False).shape == (2, 3, 16, 16)
+
+
+# --- loaded networks' memory format ---------------------------------------------------------------
+
+
+def test_loaded_network_samples_channels_last_on_a_cpu_with_the_kernel_and_the_same_images(tmp_path, monkeypatch):
+    from cascade.nn.native import group_norm_kernels
+    from cascade.training import checkpoint
+
+    if group_norm_kernels() is None:
+        pytest.skip("the C++ GroupNorm kernel cannot be built here")
+    config = {
+        "_target_": "stages.base.GeneratorStage",
+        "name": "base",
+        "resolution": 8,
+        "net": NET,
+        "schedule": {"_target_": "cascade.diffusion.schedules.cosine_schedule", "num_steps": 1000},
+        "objective": {"_target_": "cascade.diffusion.losses.DiffusionLoss"},
+    }
+    net = perturbed(instantiate(config).build(num_classes=3))
+    state = net.state_dict()
+    payload = {"stage": "base", "config": {"stage": config, "seed": 0}, "class_names": ["a", "b", "c"], "resolution": 8}
+    payload.update(step=1, model=state, ema=state)
+    save_checkpoint(payload, tmp_path / "last.pt")
+    stage, fast, _ = load_stage(tmp_path / "last.pt")
+    monkeypatch.setattr(checkpoint, "group_norm_kernels", lambda: None)  # as where it cannot be built
+    _, plain, _ = load_stage(tmp_path / "last.pt")
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)  # a 1×1 kernel is stored alike in both layouts, a 3×3 one is not
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
+    labels = torch.tensor([0, 2])
+    images = [stage.sample(n, labels, steps=3, generator=torch.Generator().manual_seed(0), progress=False) for n in (fast, plain)]
+    assert torch.allclose(images[0], images[1], atol=1e-4)  # float32: the layouts differ in summation order only

@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from cascade.nn.native import group_norm_kernels
+from cascade.training.checkpoint import inference_memory_format
 from cascade.training.trainer import Stage, accumulate_gradients
 from cascade.utils.device import bf16_autocast, native_bf16
 
@@ -385,7 +386,7 @@ class StageBench:
     twin_params: int | None = None
     twin_config: dict[str, Any] | None = None
     twin_flops_per_image: int = 0
-    sampling: dict[str, float] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)  # in the layout load_stage picks here, and per layout
     peak_tflops: float | None = None
 
     def images_per_s(self, v: Variant, best: bool = True) -> float:
@@ -558,21 +559,31 @@ def benchmark_stage(
         net.eval()
         with torch.inference_mode():
             bench.sample_flops_per_image_step = count_flops(lambda: sample(net, 1)) // sample_batch
-        sample(net, 1)  # warm-up
+        # The layout load_stage gives the network here, and on CPUs where that is channels-last also NCHW, interleaved.
+        layouts = {"NCHW": torch.contiguous_format}
+        if inference_memory_format(device) == torch.channels_last:
+            layouts["channels-last"] = torch.channels_last
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        best = math.inf
+        best = dict.fromkeys(layouts, math.inf)
+        for fmt in layouts.values():
+            sample(net.to(memory_format=fmt), 1)  # warm-up
         for _ in range(2):
-            sync()
-            start = time.perf_counter()
-            sample(net, sample_steps)
-            sync()
-            best = min(best, time.perf_counter() - start)
+            for layout, fmt in layouts.items():
+                net.to(memory_format=fmt)
+                sync()
+                start = time.perf_counter()
+                sample(net, sample_steps)
+                sync()
+                best[layout] = min(best[layout], time.perf_counter() - start)
+        used = list(layouts)[-1]
         bench.sampling = {
             "batch": sample_batch,
             "steps": sample_steps,
-            "s_per_step": best / sample_steps,
-            "s_per_image": best / sample_batch,
-            "s_per_image_step": best / sample_steps / sample_batch,
+            "layout": used,
+            "s_per_step": best[used] / sample_steps,
+            "s_per_image": best[used] / sample_batch,
+            "s_per_image_step": best[used] / sample_steps / sample_batch,
+            "s_per_step_by_layout": {layout: seconds / sample_steps for layout, seconds in best.items()},
         }
     return bench
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from cascade.diffusion.schedules import check_same_schedule
+from cascade.nn.native import group_norm_kernels
 from cascade.roles import Generator, NoisyClassifier, Role, Upsampler
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "load_checkpoint",
     "load_latest",
     "load_stage",
+    "inference_memory_format",
     "LoadedStage",
     "open_stage",
     "guide_problem",
@@ -309,7 +311,8 @@ def load_stage(
     The stage is instantiated from the checkpoint's resolved config (hydra ``_target_``, old
     paths and keywords upgraded: :func:`upgrade_targets`, :func:`split_stage_config`), the
     network built for its class names, and ``weights`` (``ema`` or ``model``) loaded. The
-    stage must play one of the roles of :mod:`cascade.roles`.
+    stage must play one of the roles of :mod:`cascade.roles`. The network is laid out as it
+    samples fastest here (:func:`inference_memory_format`).
     """
     from hydra.utils import instantiate  # local: keeps checkpoint I/O importable without hydra's start-up cost
 
@@ -323,7 +326,21 @@ def load_stage(
         )
     net = stage.build(num_classes=len(payload["class_names"]))
     net.load_state_dict(_without_untrained_null_rows(payload[weights], net.state_dict()))
-    return stage, net.to(device).eval(), payload
+    device = torch.device(device)
+    return stage, net.to(device).to(memory_format=inference_memory_format(device)).eval(), payload
+
+
+def inference_memory_format(device: torch.device) -> torch.memory_format:
+    """Channels-last on a CPU with the C++ GroupNorm kernel, else NCHW: the layout a loaded network samples in.
+
+    The CPU rule of training's ``channels_last=auto`` (:func:`cascade.utils.device.choose_compute`): oneDNN's
+    convolutions then run NHWC without converting every input and output, and the norms run on the kernel
+    (README, "Speed and scale": sampling times in both layouts). Inputs may come in either layout; outputs follow
+    the network's. On CUDA networks stay NCHW: no GPU measurement chose otherwise.
+    """
+    if device.type == "cpu" and group_norm_kernels() is not None:
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _without_untrained_null_rows(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
