@@ -38,6 +38,7 @@ import torch
 from cascade.diffusion.schedules import check_same_schedule
 from cascade.nn.native import group_norm_kernels
 from cascade.roles import Generator, NoisyClassifier, Role, Upsampler
+from cascade.utils.device import choose_compute
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -338,9 +339,10 @@ def inference_memory_format(device: torch.device) -> torch.memory_format:
     (README, "Speed and scale": sampling times in both layouts). Inputs may come in either layout; outputs follow
     the network's. On CUDA networks stay NCHW: no GPU measurement chose otherwise.
     """
-    if device.type == "cpu" and group_norm_kernels() is not None:
-        return torch.channels_last
-    return torch.contiguous_format
+    if device.type != "cpu":
+        return torch.contiguous_format
+    choice = choose_compute(device, bf16=True, channels_last="auto", norm_kernel=lambda: group_norm_kernels() is not None)
+    return torch.channels_last if choice.channels_last else torch.contiguous_format
 
 
 def _without_untrained_null_rows(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

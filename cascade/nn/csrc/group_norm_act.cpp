@@ -11,8 +11,8 @@
 // kRowsPerItem rows in float32 and the items of an example are combined in double in a fixed order,
 // so a result does not depend on how the items were scheduled.
 
-// The narrowest headers that declare what is used: torch/extension.h (all of libtorch's C++ API) took three times
-// as long to compile, and this file is compiled on the user's machine the first time a run needs it.
+// The narrowest headers that declare what is used, not torch/extension.h (all of libtorch's C++ API): this file is
+// compiled on the user's machine the first time a run needs it (README, "Speed and scale": the build times).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
