@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 
 from cascade.data.resize import downsample, upsample
 from cascade.diffusion.losses import DiffusionLoss
-from cascade.diffusion.samplers import REGISTRY, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from cascade.diffusion.samplers import REGISTRY, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde
 from cascade.diffusion.schedules import cosine_schedule, linear_schedule
 from cascade.evaluation import previews
 from cascade.nn import UNet
@@ -242,6 +242,7 @@ def test_sampler_registry_says_spacing_and_guidance_mode():
         "ddpm": (sample_ddpm, "uniform", "mean"),
         "ddim": (sample_ddim, "logsnr", "eps"),
         "dpmpp_2m": (sample_dpmpp_2m, "logsnr", "eps"),
+        "dpmpp_2m_sde": (sample_dpmpp_2m_sde, "logsnr", "eps"),
     }
     assert default_spacing("ddpm") == "uniform" and default_spacing("dpmpp_2m") == "logsnr"
 

@@ -139,7 +139,7 @@ def tiny_base_and_classifier() -> tuple[BaseStage, torch.nn.Module, ClassifierSt
     return base, base_net, clf, clf_net
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_guided_base_sampling_runs_every_sampler(sampler):
     base, base_net, clf, clf_net = tiny_base_and_classifier()
     labels = torch.tensor([0, 3])

@@ -35,11 +35,12 @@ __all__ = [
     "sample_ddpm",
     "sample_ddim",
     "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
     "get_sampler",
     "sampler_spec",
 ]
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"]
 GuidanceMode = Literal["mean", "eps"]  # how classifier guidance enters a step (cascade.diffusion.guidance)
 
 
@@ -123,6 +124,46 @@ def sample_ddim(
     return x
 
 
+def _dpmpp_2m(
+    model_fn: ModelFn,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    cond: Mapping[str, Tensor] | None,
+    generator: Generator,
+    progress: bool,
+    lower_order_final: bool,
+    stochastic: bool,
+) -> Tensor:
+    """The multistep loop shared by DPM-Solver++(2M) and its SDE form; ``stochastic`` picks the update."""
+    cond = dict(cond or {})
+    alpha_t = schedule.alphas_cumprod.sqrt()  # (K,)
+    sigma_t = (1.0 - schedule.alphas_cumprod).sqrt()  # (K,)
+    # Host copies, read once: a step reads no tensor value (no device sync; CUDA-graph friendly).
+    alpha, sigma, lam = alpha_t.tolist(), sigma_t.tolist(), (alpha_t / sigma_t).log().tolist()
+    x = x_T
+    x0_prev: Tensor | None = None
+    h_prev = 0.0
+    for k, t in _steps(schedule, x, "DPM-Solver++(2M) SDE" if stochastic else "DPM-Solver++(2M)", progress):
+        out = model_fn(x, t, **cond)
+        x0 = x0_from_eps(x, out.eps, torch.tensor(alpha[k] ** 2, dtype=x.dtype))  # (B, C, H, W)
+        if k == 0:
+            return x0
+        h = lam[k - 1] - lam[k]
+        if x0_prev is None or (k == 1 and lower_order_final):
+            d = x0  # first order: the first step has no history; the last one is too long to extrapolate
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        if stochastic:
+            # x_{i} = (σ_i/σ_{i−1}) e^{−h} x_{i−1} + α_i (1 − e^{−2h}) D + σ_i √(1 − e^{−2h}) z
+            x = (sigma[k - 1] / sigma[k] * math.exp(-h)) * x - alpha[k - 1] * math.expm1(-2 * h) * d
+            x = x + sigma[k - 1] * math.sqrt(-math.expm1(-2 * h)) * _noise_like(x, generator)
+        else:
+            x = (sigma[k - 1] / sigma[k]) * x - alpha[k - 1] * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
 @torch.inference_mode()
 def sample_dpmpp_2m(
     model_fn: ModelFn,
@@ -144,29 +185,30 @@ def sample_dpmpp_2m(
     σ = 0, returns x̂_0. One model evaluation per schedule step.
     ``generator`` is accepted for the shared signature; the solver is deterministic.
     """
-    del generator
-    cond = dict(cond or {})
-    alpha_t = schedule.alphas_cumprod.sqrt()  # (K,)
-    sigma_t = (1.0 - schedule.alphas_cumprod).sqrt()  # (K,)
-    # Host copies, read once: a step reads no tensor value (no device sync; CUDA-graph friendly).
-    alpha, sigma, lam = alpha_t.tolist(), sigma_t.tolist(), (alpha_t / sigma_t).log().tolist()
-    x = x_T
-    x0_prev: Tensor | None = None
-    h_prev = 0.0
-    for k, t in _steps(schedule, x, "DPM-Solver++(2M)", progress):
-        out = model_fn(x, t, **cond)
-        x0 = x0_from_eps(x, out.eps, torch.tensor(alpha[k] ** 2, dtype=x.dtype))  # (B, C, H, W)
-        if k == 0:
-            return x0
-        h = lam[k - 1] - lam[k]
-        if x0_prev is None or (k == 1 and lower_order_final):
-            d = x0  # first order: the first step has no history; the last one is too long to extrapolate
-        else:
-            r = h_prev / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = (sigma[k - 1] / sigma[k]) * x - alpha[k - 1] * math.expm1(-h) * d
-        x0_prev, h_prev = x0, h
-    return x
+    return _dpmpp_2m(model_fn, x_T, schedule, cond, None, progress, lower_order_final, stochastic=False)
+
+
+@torch.inference_mode()
+def sample_dpmpp_2m_sde(
+    model_fn: ModelFn,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    cond: Mapping[str, Tensor] | None = None,
+    generator: Generator = None,
+    progress: bool = True,
+    lower_order_final: bool = True,
+) -> Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, §4 and App. B): the same multistep solver for the reverse SDE.
+
+    With the notation of :func:`sample_dpmpp_2m` and the same D_i (the midpoint form):
+    x_i = (σ_i/σ_{i−1}) e^{−h_i} x_{i−1} + α_i (1 − e^{−2h_i}) D_i + σ_i √(1 − e^{−2h_i}) z_i, z_i ~ N(0, I).
+    Each step forgets part of x_{i−1} and draws fresh noise in its place, so errors of the model at
+    earlier steps are partly washed out rather than carried along the ODE's trajectory; the cost is the
+    ODE's (one model evaluation per step) but it needs more steps for the same discretisation error.
+    The noise comes from ``generator`` (per-image streams make image i's noise independent of its batch: :mod:`cascade.utils.rng`).
+    """
+    return _dpmpp_2m(model_fn, x_T, schedule, cond, generator, progress, lower_order_final, stochastic=True)
 
 
 @dataclass(frozen=True)
@@ -189,6 +231,7 @@ REGISTRY: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(sample_ddpm, default_spacing="uniform", guidance_mode="mean"),
     "ddim": SamplerSpec(sample_ddim, default_spacing="logsnr", guidance_mode="eps"),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, default_spacing="logsnr", guidance_mode="eps"),
+    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, default_spacing="logsnr", guidance_mode="eps"),
 }
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {name: spec.fn for name, spec in REGISTRY.items()}
