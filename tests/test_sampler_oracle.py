@@ -18,6 +18,8 @@ from cascade.utils.rng import randn
 from tests.mixture import GaussianMixture, MixtureModel
 
 diffusers = pytest.importorskip("diffusers")
+# diffusers 0.42 builds its sigmas with np.array(tensor, copy=False), which NumPy 2 warns about: theirs, not ours
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 MIXTURE = GaussianMixture(shape=(3, 4, 4))
 STEPS = 10

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -124,17 +124,35 @@ def sample_ddim(
     return x
 
 
-def _dpmpp_2m(
+@torch.inference_mode()
+def sample_dpmpp_2m(
     model_fn: ModelFn,
     x_T: Tensor,
     schedule: NoiseSchedule,
-    cond: Mapping[str, Tensor] | None,
-    generator: Generator,
-    progress: bool,
-    lower_order_final: bool,
-    stochastic: bool,
+    *,
+    cond: Mapping[str, Tensor] | None = None,
+    generator: Generator = None,
+    progress: bool = True,
+    lower_order_final: bool = True,
+    stochastic: bool = False,
 ) -> Tensor:
-    """The multistep loop shared by DPM-Solver++(2M) and its SDE form; ``stochastic`` picks the update."""
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second-order multistep solver of the diffusion ODE.
+
+    In the data-prediction form with λ = log(α/σ), α = √ᾱ, σ = √(1−ᾱ), h_i = λ_{i} − λ_{i−1}:
+    x_i = (σ_i/σ_{i−1}) x_{i−1} − α_i (e^{−h_i} − 1) D_i, with D_i = (1 + 1/(2r_i)) x̂_0^{(i−1)}
+    − 1/(2r_i) x̂_0^{(i−2)}, r_i = h_{i−1}/h_i. The first step is first order (DDIM); so is the
+    step onto the schedule's first step when ``lower_order_final`` (the usual remedy for the
+    large last log-SNR jump of few-step schedules; Lu et al. 2022b §5); the final jump, to
+    σ = 0, returns x̂_0. One model evaluation per schedule step.
+
+    ``stochastic``: the solver of the reverse SDE instead (SDE-DPM-Solver++(2M), Lu et al. 2022b §4, the
+    midpoint form), with the same D_i: x_i = (σ_i/σ_{i−1}) e^{−h_i} x_{i−1} + α_i (1 − e^{−2h_i}) D_i
+    + σ_i √(1 − e^{−2h_i}) z_i, z_i ~ N(0, I) from ``generator`` (per-image streams make image i's noise
+    independent of its batch: :mod:`cascade.utils.rng`). Each step forgets part of x_{i−1} and draws fresh
+    noise in its place, so the model's errors at earlier steps are partly washed out rather than carried along
+    the ODE's trajectory; it needs more steps for the same discretisation error. Without it ``generator`` is
+    unused: the ODE solver is deterministic.
+    """
     cond = dict(cond or {})
     alpha_t = schedule.alphas_cumprod.sqrt()  # (K,)
     sigma_t = (1.0 - schedule.alphas_cumprod).sqrt()  # (K,)
@@ -155,7 +173,6 @@ def _dpmpp_2m(
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
         if stochastic:
-            # x_{i} = (σ_i/σ_{i−1}) e^{−h} x_{i−1} + α_i (1 − e^{−2h}) D + σ_i √(1 − e^{−2h}) z
             x = (sigma[k - 1] / sigma[k] * math.exp(-h)) * x - alpha[k - 1] * math.expm1(-2 * h) * d
             x = x + sigma[k - 1] * math.sqrt(-math.expm1(-2 * h)) * _noise_like(x, generator)
         else:
@@ -164,51 +181,9 @@ def _dpmpp_2m(
     return x
 
 
-@torch.inference_mode()
-def sample_dpmpp_2m(
-    model_fn: ModelFn,
-    x_T: Tensor,
-    schedule: NoiseSchedule,
-    *,
-    cond: Mapping[str, Tensor] | None = None,
-    generator: Generator = None,
-    progress: bool = True,
-    lower_order_final: bool = True,
-) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second-order multistep solver of the diffusion ODE.
-
-    In the data-prediction form with λ = log(α/σ), α = √ᾱ, σ = √(1−ᾱ), h_i = λ_{i} − λ_{i−1}:
-    x_i = (σ_i/σ_{i−1}) x_{i−1} − α_i (e^{−h_i} − 1) D_i, with D_i = (1 + 1/(2r_i)) x̂_0^{(i−1)}
-    − 1/(2r_i) x̂_0^{(i−2)}, r_i = h_{i−1}/h_i. The first step is first order (DDIM); so is the
-    step onto the schedule's first step when ``lower_order_final`` (the usual remedy for the
-    large last log-SNR jump of few-step schedules; Lu et al. 2022b §5); the final jump, to
-    σ = 0, returns x̂_0. One model evaluation per schedule step.
-    ``generator`` is accepted for the shared signature; the solver is deterministic.
-    """
-    return _dpmpp_2m(model_fn, x_T, schedule, cond, None, progress, lower_order_final, stochastic=False)
-
-
-@torch.inference_mode()
-def sample_dpmpp_2m_sde(
-    model_fn: ModelFn,
-    x_T: Tensor,
-    schedule: NoiseSchedule,
-    *,
-    cond: Mapping[str, Tensor] | None = None,
-    generator: Generator = None,
-    progress: bool = True,
-    lower_order_final: bool = True,
-) -> Tensor:
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, §4 and App. B): the same multistep solver for the reverse SDE.
-
-    With the notation of :func:`sample_dpmpp_2m` and the same D_i (the midpoint form):
-    x_i = (σ_i/σ_{i−1}) e^{−h_i} x_{i−1} + α_i (1 − e^{−2h_i}) D_i + σ_i √(1 − e^{−2h_i}) z_i, z_i ~ N(0, I).
-    Each step forgets part of x_{i−1} and draws fresh noise in its place, so errors of the model at
-    earlier steps are partly washed out rather than carried along the ODE's trajectory; the cost is the
-    ODE's (one model evaluation per step) but it needs more steps for the same discretisation error.
-    The noise comes from ``generator`` (per-image streams make image i's noise independent of its batch: :mod:`cascade.utils.rng`).
-    """
-    return _dpmpp_2m(model_fn, x_T, schedule, cond, generator, progress, lower_order_final, stochastic=True)
+def sample_dpmpp_2m_sde(model_fn: ModelFn, x_T: Tensor, schedule: NoiseSchedule, **options: Any) -> Tensor:
+    """SDE-DPM-Solver++(2M): :func:`sample_dpmpp_2m` with ``stochastic=True`` (its keyword options otherwise)."""
+    return sample_dpmpp_2m(model_fn, x_T, schedule, stochastic=True, **options)
 
 
 @dataclass(frozen=True)
