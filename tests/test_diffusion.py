@@ -23,7 +23,7 @@ from cascade.diffusion.process import (
     x0_eps_from_prediction,
     x0_from_eps,
 )
-from cascade.diffusion.samplers import sample_ddim, sample_ddpm
+from cascade.diffusion.samplers import SAMPLERS, sample_ddim, sample_ddpm
 from cascade.diffusion.schedules import (
     NoiseSchedule,
     cosine_schedule,
@@ -340,11 +340,9 @@ def test_samplers_are_reproducible_and_respect_the_generator():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_samplers_run_on_cuda():
-    from cascade.diffusion.samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde
-
     schedule = respace(SCHEDULES["cosine"], 10)
     model_fn = lambda x, t, **_: ModelOutput(eps=0.3 * x)  # noqa: E731
     x_T = torch.randn(4, 3, 8, 8, device="cuda")
-    for sampler in (sample_ddpm, sample_ddim, sample_dpmpp_2m, sample_dpmpp_2m_sde):
+    for sampler in SAMPLERS.values():
         out = sampler(model_fn, x_T, schedule, generator=torch.Generator("cuda").manual_seed(0), progress=False)
         assert out.device.type == "cuda" and torch.isfinite(out).all()

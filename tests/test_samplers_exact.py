@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cascade.diffusion.guidance import autoguidance, classifier_free_guidance, classifier_guidance
-from cascade.diffusion.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde
+from cascade.diffusion.samplers import REGISTRY, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde
 from cascade.diffusion.schedules import cosine_schedule, linear_schedule, respace
 from tests.mixture import GaussianMixture, MixtureModel
 
@@ -94,7 +94,8 @@ def test_dpm_solver_uses_one_evaluation_per_step():
     assert counted.calls == steps == 25
 
 
-GUIDED_CASES = [(*case, mode) for case, mode in zip(SAMPLER_CASES, ["mean", "eps", "eps", "eps"])]
+GUIDANCE_MODES = {spec.fn: spec.guidance_mode for spec in REGISTRY.values()}  # how each sampler takes classifier guidance
+GUIDED_CASES = [(*case, GUIDANCE_MODES[case[0]]) for case in SAMPLER_CASES]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from cascade.diffusion.samplers import SAMPLERS
 from cascade.diffusion.schedules import cosine_schedule, linear_schedule
 from cascade.nn import EncoderClassifier, UNet
 from cascade.training.checkpoint import load_checkpoint, load_stage
@@ -139,7 +140,7 @@ def tiny_base_and_classifier() -> tuple[BaseStage, torch.nn.Module, ClassifierSt
     return base, base_net, clf, clf_net
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_guided_base_sampling_runs_every_sampler(sampler):
     base, base_net, clf, clf_net = tiny_base_and_classifier()
     labels = torch.tensor([0, 3])

@@ -49,7 +49,7 @@ __all__ = [
 class StageSettings:
     """How one stage samples. ``aug_level`` is for upsamplers with noise augmentation (None → the stage's trained default)."""
 
-    sampler: SamplerName = "dpmpp_2m"  # ddpm | ddim | dpmpp_2m | dpmpp_2m_sde
+    sampler: SamplerName = "dpmpp_2m"  # a name of cascade.diffusion.samplers.REGISTRY
     steps: int = 25  # sampler steps (= model evaluations, ×2 with CFG)
     batch_size: int = 16  # images per sampler call (bounds memory; 1024px wants small batches)
     cfg_scale: float = 1.0  # classifier-free guidance w (1 = the conditional model)
