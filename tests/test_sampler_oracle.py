@@ -55,9 +55,10 @@ def test_dpmpp_2m_matches_diffusers_scheduler(schedule_name: str, stochastic: bo
     model = MixtureModel(MIXTURE, schedule)
     x_T = torch.randn((BATCH, *MIXTURE.shape), generator=torch.Generator().manual_seed(3))
     sampler = sample_dpmpp_2m_sde if stochastic else sample_dpmpp_2m
-    run = lambda seed: sampler(
-        model, x_T, steps, generator=torch.Generator().manual_seed(seed), progress=False, lower_order_final=False
-    )  # noqa: E731
+
+    def run(seed: int) -> torch.Tensor:
+        return sampler(model, x_T, steps, generator=torch.Generator().manual_seed(seed), progress=False, lower_order_final=False)
+
     ours = run(7)
     noises = None
     if stochastic:  # the draws ours made: one per step but the last (which returns x̂_0), from the same stream
