@@ -397,12 +397,15 @@ def test_benchmark_bad_input_is_one_line_and_exit_code_2(args: list[str], messag
 
 
 def test_compute_choice_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """trainer.channels_last=auto: NHWC on a CPU where the C++ GroupNorm kernel is there, NCHW where it is not; bf16
-    autocast only where native; the one printed line says which and why."""
+    """trainer.channels_last=auto: NHWC on a CPU where the C++ GroupNorm kernel is there, NCHW where it is not and in
+    float32 on an AVX2-only CPU (measured faster there); bf16 autocast only where native; the one printed line says
+    which and why. Sampling stays channels-last wherever the kernel is (inference_memory_format)."""
+    from cascade.training import checkpoint as checkpoint_module
     from cascade.utils import device as device_module
     from cascade.utils.device import choose_compute
 
     cpu = torch.device("cpu")
+    monkeypatch.setattr(device_module, "cpu_vector_width", lambda: "AVX-512")
     monkeypatch.setattr(device_module, "native_bf16", lambda device: False)
     emulated = choose_compute(cpu, bf16=True, channels_last="auto", norm_kernel=lambda: True)
     assert (emulated.bf16, emulated.channels_last) == (False, True)
@@ -417,6 +420,17 @@ def test_compute_choice_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> 
     assert not choose_compute(cpu, bf16=False, channels_last="auto", norm_kernel=lambda: True).bf16
     with pytest.raises(ValueError, match="true, false or auto"):
         choose_compute(cpu, bf16=True, channels_last="yes", norm_kernel=lambda: True)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(device_module, "cpu_vector_width", lambda: "AVX2")
+    monkeypatch.setattr(device_module, "native_bf16", lambda device: False)
+    avx2 = choose_compute(cpu, bf16=True, channels_last="auto", norm_kernel=lambda: pytest.fail("not consulted"))
+    assert (avx2.bf16, avx2.channels_last) == (False, False) and "faster on AVX2" in avx2.reason
+    assert "AVX2" in avx2.line() and avx2.line().startswith("compute: float32, NCHW (")
+    assert choose_compute(cpu, bf16=False, channels_last=True, norm_kernel=lambda: True).channels_last  # the config wins
+    monkeypatch.setattr(checkpoint_module, "group_norm_kernels", lambda: object())
+    assert checkpoint_module.inference_memory_format(cpu) == torch.channels_last  # sampling: NHWC on AVX2 too
+    monkeypatch.setattr(checkpoint_module, "group_norm_kernels", lambda: None)
+    assert checkpoint_module.inference_memory_format(cpu) == torch.contiguous_format
 
 
 def test_demo_prints_what_the_tiny_stages_will_choose_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,7 +38,6 @@ import torch
 from cascade.diffusion.schedules import check_same_schedule
 from cascade.nn.native import group_norm_kernels
 from cascade.roles import Generator, NoisyClassifier, Role, Upsampler
-from cascade.utils.device import choose_compute
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -334,15 +333,15 @@ def load_stage(
 def inference_memory_format(device: torch.device) -> torch.memory_format:
     """Channels-last on a CPU with the C++ GroupNorm kernel, else NCHW: the layout a loaded network samples in.
 
-    The CPU rule of training's ``channels_last=auto`` (:func:`cascade.utils.device.choose_compute`): oneDNN's
-    convolutions then run NHWC without converting every input and output, and the norms run on the kernel
-    (README, "Speed and scale": sampling times in both layouts). Inputs may come in either layout; outputs follow
-    the network's. On CUDA networks stay NCHW: no GPU measurement chose otherwise.
+    oneDNN's convolutions then run NHWC without converting every input and output, and the norms run on the kernel.
+    Unlike training's ``channels_last=auto`` (:func:`cascade.utils.device.choose_compute`), this holds on AVX2-only CPUs
+    too: there NCHW trains faster but channels-last samples faster (README, "Speed and scale": sampling times in both
+    layouts per CPU kind). Inputs may come in either layout; outputs follow the network's. On CUDA networks stay NCHW:
+    no GPU measurement chose otherwise.
     """
     if device.type != "cpu":
         return torch.contiguous_format
-    choice = choose_compute(device, bf16=True, channels_last="auto", norm_kernel=lambda: group_norm_kernels() is not None)
-    return torch.channels_last if choice.channels_last else torch.contiguous_format
+    return torch.channels_last if group_norm_kernels() is not None else torch.contiguous_format
 
 
 def _without_untrained_null_rows(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,16 @@ from typing import Literal
 
 import torch
 
-__all__ = ["resolve_device", "keep_freed_memory", "native_bf16", "bf16_autocast", "cpu_kind", "ComputeChoice", "choose_compute"]
+__all__ = [
+    "resolve_device",
+    "keep_freed_memory",
+    "native_bf16",
+    "bf16_autocast",
+    "cpu_kind",
+    "cpu_vector_width",
+    "ComputeChoice",
+    "choose_compute",
+]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
 
@@ -86,9 +95,14 @@ def cpu_kind() -> str:
         for name, label in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16"))
         if getattr(cpu, name, None) is not None and getattr(cpu, name)()
     ]
-    capability = torch.backends.cpu.get_cpu_capability()
-    width = "AVX-512" if capability.startswith("AVX512") else "AVX2" if capability.startswith("AVX2") else capability
+    width = cpu_vector_width()
     return f"{width}, {'/'.join(has)}" if has else f"{width}, no AVX512-BF16/AMX"
+
+
+def cpu_vector_width() -> str:
+    """The widest vector instructions PyTorch's CPU kernels use here: ``AVX-512``, ``AVX2``, or its own name for others."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "AVX-512" if capability.startswith("AVX512") else "AVX2" if capability.startswith("AVX2") else capability
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,10 @@ def choose_compute(
     - bf16 autocast only where native (:func:`native_bf16`); elsewhere float32.
     - ``auto`` on a CPU: channels-last when the C++ GroupNorm kernel is there (oneDNN's convolutions run NHWC without
       layout conversions, and the norms run on the kernel in bf16 and float32; README "Speed and scale" has the measured
-      gain per CPU kind); NCHW without it (PyTorch's channels-last GroupNorm is the slow one).
+      gain per CPU kind); NCHW without it (PyTorch's channels-last GroupNorm is the slow one), and NCHW on a CPU whose
+      widest vectors are AVX2 (float32 there: oneDNN's NCHW training steps were 1.06-1.14x faster than NHWC for every
+      stage, README "On a CPU with AVX2 only"; sampling there stays channels-last, see
+      :func:`cascade.training.checkpoint.inference_memory_format`).
     - ``auto`` on CUDA: channels-last under bf16 (cuDNN's tensor-core convolutions are NHWC kernels), NCHW in float32.
     """
     if channels_last not in (True, False, "auto"):
@@ -139,6 +156,8 @@ def choose_compute(
     if device.type == "cuda":
         layout = "NHWC tensor-core convolutions" if autocast else "float32 convolutions"
         return ComputeChoice(autocast, autocast, f"{precision}; auto layout: {layout}")
+    if not autocast and cpu_vector_width() == "AVX2":
+        return ComputeChoice(False, False, f"{precision}; auto layout: NCHW, whose float32 training steps are faster on AVX2")
     if norm_kernel():
         return ComputeChoice(autocast, True, f"{precision}; auto layout: NHWC convolutions with the C++ GroupNorm kernel")
     return ComputeChoice(autocast, False, f"{precision}; auto layout: no C++ GroupNorm kernel, so NCHW")
