@@ -219,7 +219,7 @@ def test_generator_preview_puts_held_out_images_of_each_class_before_its_samples
     )  # fmt: skip
     previews.GeneratorPreview(steps=2, per_class=2, real_per_class=2)(stage, net, context)
     grid = (
-        torch.from_numpy(np.asarray(Image.open(tmp_path / "latest.png").convert("RGB"))).permute(2, 0, 1) / 255
+        torch.from_numpy(np.array(Image.open(tmp_path / "latest.png").convert("RGB"))).permute(2, 0, 1) / 255
     )  # (3, 2 + 3·10, 2 + 5·10): 8px tiles, 2px gaps
     assert grid.shape == (3, 32, 52)
     tile = lambda r, c: grid[:, 2 + 10 * r : 10 + 10 * r, 2 + 10 * c : 10 + 10 * c]  # noqa: E731
