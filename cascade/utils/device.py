@@ -132,8 +132,8 @@ def choose_compute(
     - ``auto`` on a CPU: channels-last when the C++ GroupNorm kernel is there (oneDNN's convolutions run NHWC without
       layout conversions, and the norms run on the kernel in bf16 and float32; README "Speed and scale" has the measured
       gain per CPU kind); NCHW without it (PyTorch's channels-last GroupNorm is the slow one), and NCHW on a CPU whose
-      widest vectors are AVX2 (float32 there: oneDNN's NCHW training steps were 1.06-1.14x faster than NHWC for every
-      stage, README "On a CPU with AVX2 only"; sampling there stays channels-last, see
+      widest vectors are AVX2 (float32 there: oneDNN's NCHW training steps measured faster than NHWC for every stage,
+      README "On a CPU with AVX2 only"; sampling there stays channels-last, see
       :func:`cascade.training.checkpoint.inference_memory_format`).
     - ``auto`` on CUDA: channels-last under bf16 (cuDNN's tensor-core convolutions are NHWC kernels), NCHW in float32.
     """
