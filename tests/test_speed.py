@@ -398,8 +398,8 @@ def test_benchmark_bad_input_is_one_line_and_exit_code_2(args: list[str], messag
 
 def test_compute_choice_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """trainer.channels_last=auto: NHWC on a CPU where the C++ GroupNorm kernel is there, NCHW where it is not and in
-    float32 on an AVX2-only CPU (measured faster there); bf16 autocast only where native; the one printed line says
-    which and why. Sampling stays channels-last wherever the kernel is (inference_memory_format)."""
+    float32 on an AVX2-only CPU (measured faster there); bf16 autocast only where native, and with trainer.bf16=auto
+    only where it also trains faster; the one printed line says which and why. Sampling stays channels-last wherever the kernel is (inference_memory_format)."""
     from cascade.training import checkpoint as checkpoint_module
     from cascade.utils import device as device_module
     from cascade.utils.device import choose_compute
@@ -417,6 +417,16 @@ def test_compute_choice_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(device_module, "native_bf16", lambda device: True)
     native = choose_compute(cpu, bf16=True, channels_last="auto", norm_kernel=lambda: True)
     assert (native.bf16, native.channels_last) == (True, True) and "native bf16" in native.reason
+    # auto: bf16 where it is native and trains faster: AMX, or AVX512-BF16 on AMD; float32 on Intel without AMX.
+    for vendor, amx, expected in (("AuthenticAMD", False, True), ("GenuineIntel", True, True), ("GenuineIntel", False, False)):
+        monkeypatch.setattr(device_module, "cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        auto = choose_compute(cpu, bf16="auto", channels_last="auto", norm_kernel=lambda: True)
+        assert (auto.bf16, auto.channels_last) == (expected, True), (vendor, amx)
+        assert expected or "Intel AVX512-BF16 without AMX: float32 steps are faster" in auto.line()
+        assert choose_compute(cpu, bf16=True, channels_last="auto", norm_kernel=lambda: True).bf16  # true: wherever native
+    with pytest.raises(ValueError, match="trainer.bf16 must be true, false or auto"):
+        choose_compute(cpu, bf16="sometimes", channels_last="auto", norm_kernel=lambda: True)  # type: ignore[arg-type]
     assert not choose_compute(cpu, bf16=False, channels_last="auto", norm_kernel=lambda: True).bf16
     with pytest.raises(ValueError, match="true, false or auto"):
         choose_compute(cpu, bf16=True, channels_last="yes", norm_kernel=lambda: True)  # type: ignore[arg-type]
@@ -435,7 +445,7 @@ def test_compute_choice_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_demo_prints_what_the_tiny_stages_will_choose_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """scripts/demo.py's first line reads the tiny preset's trainer settings through choose_compute: float32 where bf16
-    would be emulated, bf16 autocast where native, and says the work does not depend on the machine."""
+    would be emulated or slower, bf16 autocast where native and faster, and says the work does not depend on the machine."""
     import runpy
 
     from cascade.utils import device as device_module
@@ -447,7 +457,11 @@ def test_demo_prints_what_the_tiny_stages_will_choose_on_this_machine(monkeypatc
     assert emulated.startswith("demo on cpu, ") and "compute: float32" in emulated and "bf16 would be emulated" in emulated
     assert "same stages, steps and pictures on every machine" in emulated and "\n" not in emulated
     monkeypatch.setattr(device_module, "native_bf16", lambda device: True)
+    monkeypatch.setattr(device_module, "cpu_vendor", lambda: "AuthenticAMD")
     assert "compute: bf16 autocast" in demo["machine_line"]("cpu", trainer)
+    monkeypatch.setattr(device_module, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert "compute: float32" in demo["machine_line"]("cpu", trainer)  # native but slower: Intel without AMX
 
 
 def test_demo_guides_its_base_with_a_checkpoint_the_tiny_run_keeps() -> None:

@@ -118,7 +118,7 @@ class Trainer:
         sample_every: int = 5000,  # report period: sample grids / accuracies (also at the end)
         log_every: int = 100,  # metrics.jsonl period
         num_workers: int = 4,  # data loader workers per rank
-        bf16: bool = True,  # bf16 autocast where native: CUDA, CPUs with AMX / AVX512-BF16
+        bf16: bool | Literal["auto"] = "auto",  # bf16 autocast: true where native, auto where native and faster (choose_compute)
         channels_last: bool | Literal["auto"] = False,  # NHWC memory format; auto: by the machine (utils.device.choose_compute)
         micro_batch_size: int | None = None,  # per-rank micro-batch for gradient accumulation; None = the whole rank batch
         compile: bool = False,  # torch.compile the network for the training step (EMA and checkpoints keep the plain module)
@@ -130,6 +130,8 @@ class Trainer:
             raise ValueError("trainer.max_steps and trainer.batch_size must be >= 1")
         if channels_last not in (True, False, "auto"):
             raise ValueError(f"trainer.channels_last must be true, false or auto, got {channels_last!r}")
+        if bf16 not in (True, False, "auto"):
+            raise ValueError(f"trainer.bf16 must be true, false or auto, got {bf16!r}")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"trainer.micro_batch_size must be >= 1 or null, got {micro_batch_size}")
         self.micro_batch_size, self.compile, self.tf32 = micro_batch_size, compile, tf32
@@ -256,6 +258,7 @@ class Trainer:
             rank=rank,
             world_size=world_size,
             micro=micro,
+            bf16=compute.bf16,
             memory_format=memory_format,
             class_names=class_names,
             state=state,
@@ -334,7 +337,7 @@ class Trainer:
             step=state.step,
             first_chunk=run.rank * (per_rank // run.micro),
             no_sync=run.ddp.no_sync if run.ddp is not None else None,
-            autocast=partial(bf16_autocast, device, self.bf16),
+            autocast=partial(bf16_autocast, device, run.bf16),
         )
         grad_norm = torch.nn.utils.clip_grad_norm_(state.net.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf)
         bad, run.stopping = faults.agree([not faults.is_finite(loss_value, grad_norm), stop.requested], device, run.world_size)
@@ -435,7 +438,7 @@ class Trainer:
             generator=torch.Generator(device).manual_seed(run.seed),
         )
         # fork_rng: whatever the report draws from the global generators, training continues as if it had not run.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bf16_autocast(device, self.bf16):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bf16_autocast(device, run.bf16):
             metrics = run.reporter(state.ema.module, context)
         state.net.train()
         if metrics:
@@ -511,6 +514,7 @@ class _Run:
     rank: int
     world_size: int
     micro: int  # per-rank micro-batch
+    bf16: bool  # bf16 autocast in training steps and reports (choose_compute)
     memory_format: torch.memory_format
     class_names: list[str]
     state: TrainingState

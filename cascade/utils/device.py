@@ -20,6 +20,8 @@ __all__ = [
     "bf16_autocast",
     "cpu_kind",
     "cpu_vector_width",
+    "cpu_vendor",
+    "bf16_trains_faster",
     "ComputeChoice",
     "choose_compute",
 ]
@@ -105,6 +107,38 @@ def cpu_vector_width() -> str:
     return "AVX-512" if capability.startswith("AVX512") else "AVX2" if capability.startswith("AVX2") else capability
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string from ``/proc/cpuinfo`` (``GenuineIntel``, ``AuthenticAMD``, ...), or ``""`` where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def bf16_trains_faster(device: torch.device) -> tuple[bool, str]:
+    """Whether a bf16-autocast training step beats a float32 one here, and why: ``trainer.bf16=auto``.
+
+    Native bf16 (:func:`native_bf16`) is not enough on every CPU. With AMX tiles, and on AMD's AVX512-BF16 (whose
+    512-bit float32 FMAs run at half rate, so bf16 dot products double it), bf16 steps are faster. On an Intel CPU
+    with AVX512-BF16 but no AMX (Cooper Lake, or a Sapphire/Emerald Rapids guest whose AMX is hidden) the two full-rate
+    float32 FMA ports match the bf16 dot products, and the conversions around oneDNN's bf16 kernels make every tiny
+    stage's training step slower than in float32 (README, "Speed and scale" has the measured ratios).
+    """
+    if not native_bf16(device):
+        return False, "bf16 would be emulated"
+    if device.type == "cuda":
+        return True, "native bf16 on this GPU"
+    cpu = getattr(torch, "cpu", None)
+    amx = getattr(cpu, "_is_amx_tile_supported", None)
+    if (amx is None or not amx()) and cpu_vendor() == "GenuineIntel":
+        return False, "Intel AVX512-BF16 without AMX: float32 steps are faster"
+    return True, "native bf16"
+
+
 @dataclass(frozen=True)
 class ComputeChoice:
     """The precision and memory format of a training run, and why (:func:`choose_compute`)."""
@@ -122,35 +156,37 @@ class ComputeChoice:
 def choose_compute(
     device: torch.device,
     *,
-    bf16: bool,  # the config's trainer.bf16: autocast where native
+    bf16: bool | Literal["auto"],  # the config's trainer.bf16: true (wherever native), false, or auto (where it pays)
     channels_last: bool | Literal["auto"],  # the config's trainer.channels_last
     norm_kernel: Callable[[], bool],  # whether the C++ channels-last GroupNorm kernel is available (may build it)
 ) -> ComputeChoice:
-    """Precision and memory format for ``device``; ``channels_last="auto"`` picks the layout by what the machine has.
+    """Precision and memory format for ``device``; ``auto`` picks each by what the machine has.
 
-    - bf16 autocast only where native (:func:`native_bf16`); elsewhere float32.
-    - ``auto`` on a CPU: channels-last when the C++ GroupNorm kernel is there (oneDNN's convolutions run NHWC without
-      layout conversions, and the norms run on the kernel in bf16 and float32; README "Speed and scale" has the measured
-      gain per CPU kind); NCHW without it (PyTorch's channels-last GroupNorm is the slow one), and NCHW on a CPU whose
-      widest vectors are AVX2 (float32 there: oneDNN's NCHW training steps measured faster than NHWC for every stage,
-      README "On a CPU with AVX2 only"; sampling there stays channels-last, see
+    - ``bf16=True``: bf16 autocast wherever native (:func:`native_bf16`), float32 elsewhere. ``bf16="auto"``: only where
+      native and faster for training (:func:`bf16_trains_faster`: not on Intel CPUs with AVX512-BF16 but no AMX).
+    - ``channels_last="auto"`` on a CPU: channels-last when the C++ GroupNorm kernel is there (oneDNN's convolutions
+      run NHWC without layout conversions, and the norms run on the kernel in bf16 and float32; README "Speed and
+      scale" has the measured gain per CPU kind); NCHW without it (PyTorch's channels-last GroupNorm is the slow one),
+      and NCHW on a CPU whose widest vectors are AVX2 (float32 there: oneDNN's NCHW training steps measured faster
+      than NHWC for every stage, README "On a CPU with AVX2 only"; sampling there stays channels-last, see
       :func:`cascade.training.checkpoint.inference_memory_format`).
-    - ``auto`` on CUDA: channels-last under bf16 (cuDNN's tensor-core convolutions are NHWC kernels), NCHW in float32.
+    - ``channels_last="auto"`` on CUDA: channels-last under bf16 (cuDNN's tensor-core convolutions are NHWC kernels),
+      NCHW in float32.
     """
     if channels_last not in (True, False, "auto"):
         raise ValueError(f"trainer.channels_last must be true, false or auto, got {channels_last!r}")
-    autocast = bf16 and native_bf16(device)
-    if device.type == "cuda":
-        precision = "native bf16 on this GPU" if autocast else "bf16 off" if not bf16 else "this GPU has no bf16"
+    if bf16 not in (True, False, "auto"):
+        raise ValueError(f"trainer.bf16 must be true, false or auto, got {bf16!r}")
+    native = native_bf16(device)
+    faster, why = bf16_trains_faster(device)
+    autocast = native if bf16 is True else faster if bf16 == "auto" else False
+    where = "this GPU" if device.type == "cuda" else f"this CPU has {cpu_kind()}"
+    if bf16 is False:
+        precision = f"bf16 off by config; {where}"
+    elif bf16 is True and native:
+        precision = f"{where}: native bf16 (trainer.bf16=true)"
     else:
-        kind = cpu_kind()
-        precision = (
-            f"this CPU has {kind}: native bf16"
-            if autocast
-            else f"bf16 off by config; CPU {kind}"
-            if not bf16
-            else f"this CPU has {kind}: bf16 would be emulated"
-        )
+        precision = f"{where}: {why}"
     if channels_last != "auto":
         return ComputeChoice(autocast, bool(channels_last), f"{precision}; layout set in the config")
     if device.type == "cuda":
