@@ -122,11 +122,11 @@ def cpu_vendor() -> str:
 def bf16_trains_faster(device: torch.device) -> tuple[bool, str]:
     """Whether a bf16-autocast training step beats a float32 one here, and why: ``trainer.bf16=auto``.
 
-    Native bf16 (:func:`native_bf16`) is not enough on every CPU. With AMX tiles, and on AMD's AVX512-BF16 (whose
-    512-bit float32 FMAs run at half rate, so bf16 dot products double it), bf16 steps are faster. On an Intel CPU
-    with AVX512-BF16 but no AMX (Cooper Lake, or a Sapphire/Emerald Rapids guest whose AMX is hidden) the two full-rate
-    float32 FMA ports match the bf16 dot products, and the conversions around oneDNN's bf16 kernels make every tiny
-    stage's training step slower than in float32 (README, "Speed and scale" has the measured ratios).
+    Native bf16 (:func:`native_bf16`) is not enough on every CPU. With AMX tiles, and on AMD's AVX512-BF16 (EPYC),
+    bf16 training steps measured faster than float32 ones; on an Intel CPU with AVX512-BF16 but no AMX (measured on an
+    Emerald Rapids guest whose AMX is hidden; Cooper Lake is the other such part, not measured) every tiny stage's
+    step measured slower in bf16 (README, "Speed and scale" has the ratios). A likely reason: there, float32 FMAs run
+    at full 512-bit rate, so bf16 dot products gain little and the conversions around oneDNN's bf16 kernels cost more.
     """
     if not native_bf16(device):
         return False, "bf16 would be emulated"
