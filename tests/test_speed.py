@@ -443,6 +443,26 @@ def test_compute_choice_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> 
     assert checkpoint_module.inference_memory_format(cpu) == torch.contiguous_format
 
 
+def test_reference_judges_train_in_bf16_only_where_it_trains_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evaluation's reference classifiers follow the stages' trainer.bf16=auto rule: bf16 autocast is asked for
+    only where bf16_trains_faster says so (float32 on Intel AVX512-BF16 CPUs without AMX), and never when bf16=False."""
+    from torch.utils.data import TensorDataset
+
+    from cascade.evaluation import metrics as metrics_module
+
+    asked: list[bool] = []
+    real = metrics_module.bf16_autocast
+    monkeypatch.setattr(
+        metrics_module, "bf16_autocast", lambda device, enabled=True: asked.append(enabled) or real(device, False)
+    )
+    data = TensorDataset(torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 0, 1]))
+    for faster, bf16, expected in ((False, True, False), (True, True, True), (True, False, False)):
+        monkeypatch.setattr(metrics_module, "bf16_trains_faster", lambda device, faster=faster: (faster, "test"))
+        asked.clear()
+        metrics_module.train_reference_classifier(data, num_classes=2, steps=1, batch_size=4, bf16=bf16, progress=False)
+        assert asked == [expected], (faster, bf16)
+
+
 def test_demo_prints_what_the_tiny_stages_will_choose_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """scripts/demo.py's first line reads the tiny preset's trainer settings through choose_compute: float32 where bf16
     would be emulated or slower, bf16 autocast where native and faster, and says the work does not depend on the machine."""

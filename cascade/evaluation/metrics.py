@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from cascade.data.resize import downsample, upsample
 from cascade.diffusion.process import q_sample
 from cascade.diffusion.schedules import NoiseSchedule
-from cascade.utils.device import bf16_autocast
+from cascade.utils.device import bf16_autocast, bf16_trains_faster
 
 __all__ = [
     "random_crops",
@@ -119,8 +119,10 @@ def train_reference_classifier(
     With ``crop`` each step sees one random ``crop``×``crop`` window of every image (so the
     network judges crops of large images). The initial weights and every draw come from
     ``seed``; the global RNG state is left as it was. ``bf16``: the forward pass under bf16
-    autocast where the hardware has it natively (:func:`~cascade.utils.device.bf16_autocast`).
+    autocast where the hardware has it natively and it trains faster than float32 there, as the
+    stages' ``trainer.bf16=auto`` (:func:`~cascade.utils.device.bf16_trains_faster`).
     """
+    bf16 = bf16 and bf16_trains_faster(device)[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = timm.create_model(arch, pretrained=False, num_classes=num_classes).to(device)
