@@ -12,9 +12,9 @@ retrained, so running the demo again only samples. README (Quickstart) gives its
 
 First it prints, on one line, what the training runs will choose on this machine and why
 (:func:`cascade.utils.device.choose_compute` on the tiny preset's trainer settings): bf16 autocast only
-where the hardware has it natively and it trains faster than float32, the memory format by the CPU kind and what
-is built here. Nothing else
-depends on the machine: a slower one trains the same stages for the same steps and draws the same pictures, later.
+where the hardware has it natively and it trains faster than float32, the memory format by the CPU kind and
+what is built here. Nothing else depends on the machine: a slower one trains the same stages for the same
+steps and draws the same pictures, later.
 """
 
 from __future__ import annotations

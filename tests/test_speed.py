@@ -399,7 +399,8 @@ def test_benchmark_bad_input_is_one_line_and_exit_code_2(args: list[str], messag
 def test_compute_choice_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """trainer.channels_last=auto: NHWC on a CPU where the C++ GroupNorm kernel is there, NCHW where it is not and in
     float32 on an AVX2-only CPU (measured faster there); bf16 autocast only where native, and with trainer.bf16=auto
-    only where it also trains faster; the one printed line says which and why. Sampling stays channels-last wherever the kernel is (inference_memory_format)."""
+    only where it also trains faster; the one printed line says which and why. Sampling stays channels-last wherever
+    the kernel is (inference_memory_format)."""
     from cascade.training import checkpoint as checkpoint_module
     from cascade.utils import device as device_module
     from cascade.utils.device import choose_compute
@@ -465,7 +466,8 @@ def test_reference_judges_train_in_bf16_only_where_it_trains_faster(monkeypatch:
 
 def test_demo_prints_what_the_tiny_stages_will_choose_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """scripts/demo.py's first line reads the tiny preset's trainer settings through choose_compute: float32 where bf16
-    would be emulated or slower, bf16 autocast where native and faster, and says the work does not depend on the machine."""
+    would be emulated or slower, bf16 autocast where native and faster, and says the work does not depend on the
+    machine."""
     import runpy
 
     from cascade.utils import device as device_module

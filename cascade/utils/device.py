@@ -72,9 +72,13 @@ def native_bf16(device: torch.device) -> bool:
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    checks = (getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None))
-    return any(bool(check()) for check in checks if check is not None)
+    return _cpu_has("_is_amx_tile_supported") or _cpu_has("_is_avx512_bf16_supported")
+
+
+def _cpu_has(check: str) -> bool:
+    """PyTorch's run-time CPU feature check ``torch.cpu.<check>()``; False where this PyTorch lacks it."""
+    found = getattr(getattr(torch, "cpu", None), check, None)
+    return found is not None and bool(found())
 
 
 def bf16_autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
@@ -91,11 +95,10 @@ def bf16_autocast(device: torch.device, enabled: bool = True) -> contextlib.Abst
 def cpu_kind() -> str:
     """What decides CPU speed here, e.g. ``AVX-512, no AVX512-BF16/AMX``: native bf16 matrix units or not, and the
     float32 vector width (PyTorch's run-time detection)."""
-    cpu = getattr(torch, "cpu", None)
     has = [
         label
-        for name, label in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16"))
-        if getattr(cpu, name, None) is not None and getattr(cpu, name)()
+        for check, label in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16"))
+        if _cpu_has(check)
     ]
     width = cpu_vector_width()
     return f"{width}, {'/'.join(has)}" if has else f"{width}, no AVX512-BF16/AMX"
@@ -132,9 +135,7 @@ def bf16_trains_faster(device: torch.device) -> tuple[bool, str]:
         return False, "bf16 would be emulated"
     if device.type == "cuda":
         return True, "native bf16 on this GPU"
-    cpu = getattr(torch, "cpu", None)
-    amx = getattr(cpu, "_is_amx_tile_supported", None)
-    if (amx is None or not amx()) and cpu_vendor() == "GenuineIntel":
+    if not _cpu_has("_is_amx_tile_supported") and cpu_vendor() == "GenuineIntel":
         return False, "Intel AVX512-BF16 without AMX: float32 steps are faster"
     return True, "native bf16"
 
