@@ -100,6 +100,7 @@ class Upsampler(_DiffusionRole):
     noise_augmentation: bool  # the low-res input is corrupted at a level s the network is told (CDM §4.3)
     aug_max_level: int | None  # highest trained level s (None without augmentation)
     sample_aug_level: int | None  # default s at sampling (None without augmentation)
+    enforce_consistency: bool  # default at sampling: outputs projected onto downsample(output) = the low-res input
 
     @abstractmethod
     def sample(
@@ -113,10 +114,15 @@ class Upsampler(_DiffusionRole):
         steps: int = 25,
         spacing: Spacing | None = None,
         cfg_scale: float = 1.0,
+        enforce_consistency: bool | None = None,
         generator: RandomSource = None,
         progress: bool = True,
     ) -> Tensor:
-        """Super-resolve ``lowres`` (B, 3, h, w) in [−1, 1] to (B, 3, f·h, f·w) in [−1, 1]."""
+        """Super-resolve ``lowres`` (B, 3, h, w) in [−1, 1] to (B, 3, f·h, f·w) in [−1, 1].
+
+        ``enforce_consistency`` (None: the stage's default) projects the output onto the images whose
+        downsample is ``lowres``.
+        """
 
 
 class NoisyClassifier(ABC):

@@ -1,7 +1,7 @@
 """Super-resolve your own image with a trained upsampler stage (sr256: 64→256, sr1024: 256→1024).
 
     python scripts/super_resolve.py --ckpt runs/sr256/checkpoints/last.pt --input photo.png [--class 3]
-        [--aug-level 50] [--steps 25] [--sampler dpmpp_2m] [--seed 0] [--out photo_256px.png] [--device auto]
+        [--aug-level 50] [--consistency on|off] [--steps 25] [--sampler dpmpp_2m] [--seed 0] [--out photo_256px.png] [--device auto]
 
 The input is centre-cropped to a square and resized (antialiased) to the stage's low-res
 resolution when it is not already that size; a note says so. Without --class a
@@ -19,7 +19,7 @@ from torchvision.utils import save_image
 from cascade.data import class_index
 from cascade.diffusion.samplers import SAMPLERS
 from cascade.training.checkpoint import CheckpointError, load_stage
-from cascade.utils.cli import OneLineParser
+from cascade.utils.cli import OneLineParser, on_off
 from cascade.utils.device import resolve_device
 from stages.upsampler import UpsamplerStage, load_image, super_resolve
 
@@ -30,6 +30,13 @@ def main() -> None:
     parser.add_argument("--input", required=True, help="image to super-resolve (any format PIL reads)")
     parser.add_argument("--class", dest="class_", default=None, help="class index or name (default: the null class)")
     parser.add_argument("--aug-level", type=int, default=None, help="noise-augmentation level s (default: the stage's)")
+    parser.add_argument(
+        "--consistency",
+        type=on_off,
+        default=None,
+        metavar="on|off",
+        help="project the output onto the images whose downsample is the input (default: the stage's)",
+    )
     parser.add_argument("--steps", type=int, default=25, help="sampler steps")
     parser.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS), help="sampler")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
@@ -56,6 +63,7 @@ def main() -> None:
             sampler=args.sampler,
             steps=args.steps,
             cfg_scale=args.cfg_scale,
+            enforce_consistency=args.consistency,
             generator=generator,
         )
         for note in notes:

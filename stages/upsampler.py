@@ -15,6 +15,10 @@ et al. 2022, "Imagen", §2.4 and App. B):
   (embedded like t). At sampling s is one fixed level (``sample_aug_level`` or the caller's).
 * z is resized back up to the output resolution (``lowres_upsample``: bicubic by default)
   and the U-Net concatenates it with x_t on channels (``lowres``).
+* **Consistency enforcement** (optional, at sampling; Bahat & Michaeli 2020, §4): with
+  ``enforce_consistency`` every output is projected onto the images whose downsample is the
+  un-augmented low-res input (:func:`cascade.diffusion.consistency.project_onto_observation`):
+  the low frequencies the input shows are kept exactly, the detail it cannot show is the model's.
 * **Crop training** (Imagen App. B): with ``crop_size`` the loss sees random ``crop_size``
   crops of the hi-res image, at offsets that are multiples of the factor, with the
   conditioning of exactly the aligned low-res region. The conditioning of a crop is
@@ -45,6 +49,7 @@ from torch.utils.data import Dataset
 from cascade.data.imagefolder import image_to_tensor
 from cascade.data.resize import UpsampleMode, central_crop, downsample, upsample  # re-exported: the stage's low-res making
 from cascade.data.windows import AlignedWindows
+from cascade.diffusion.consistency import project_onto_observation
 from cascade.diffusion.denoiser import VarianceType
 from cascade.diffusion.losses import DiffusionLoss
 from cascade.diffusion.preconditioning import LowresPrior
@@ -155,6 +160,7 @@ class UpsamplerStage(DiffusionStage, Upsampler):
         noise_augmentation: bool = True,  # CDM noise conditioning augmentation; False: ADM's upsamplers (none, no level)
         aug_max_level: int | None = None,  # s_max: training levels s ~ U{0..s_max}, timesteps of aug_schedule (default 500)
         sample_aug_level: int | None = None,  # the fixed s at sampling (≤ s_max; default 50); sweep it for the best result
+        enforce_consistency: bool = False,  # sampling default: project outputs onto downsample(output) = the low-res input
         lowres_upsample: UpsampleMode = "bicubic",  # how the conditioning is resized up to the output size
         blur_prob: float = 0.0,  # fraction of training examples whose low-res image is blurred
         blur_sigma: Sequence[float] = (0.4, 0.6),  # σ range of the blur, low-res pixels (CDM)
@@ -235,6 +241,7 @@ class UpsamplerStage(DiffusionStage, Upsampler):
                 f"fit the image (crop_size={crop_size}, resolution {resolution})"
             )
         self.crop_windows = crop_windows
+        self.enforce_consistency = bool(enforce_consistency)
 
     @property
     def crop_context(self) -> int:
@@ -386,6 +393,7 @@ class UpsamplerStage(DiffusionStage, Upsampler):
         steps: int = 25,
         spacing: Spacing | None = None,
         cfg_scale: float = 1.0,
+        enforce_consistency: bool | None = None,
         generator: rng.Generator = None,
         progress: bool = True,
     ) -> Tensor:
@@ -395,9 +403,11 @@ class UpsamplerStage(DiffusionStage, Upsampler):
         on crops). ``class_labels`` (B,): the classes; ``None`` on a class-conditional stage uses
         the null class (the unconditional model trained through ``p_uncond``). ``aug_level``:
         the fixed noise-augmentation level s (default ``sample_aug_level``; refused on a stage
-        without noise augmentation). Random draws (through :func:`cascade.utils.rng.randn`, per
-        image with :class:`~cascade.utils.rng.ImageGenerators`), in order: the augmentation
-        noise, x_T, then the sampler's.
+        without noise augmentation). ``enforce_consistency`` (default: the stage's): project the
+        output onto the images whose downsample is ``lowres`` itself (not its augmented copy), then
+        clamp. Random draws (through :func:`cascade.utils.rng.randn`, per image with
+        :class:`~cascade.utils.rng.ImageGenerators`), in order: the augmentation noise, x_T, then
+        the sampler's.
         """
         if lowres.ndim != 4 or lowres.shape[1] != 3:
             raise ValueError(f"lowres must be a (B, 3, H, W) batch, got shape {tuple(lowres.shape)}")
@@ -421,7 +431,19 @@ class UpsamplerStage(DiffusionStage, Upsampler):
             raise ValueError(f"stage {self.name!r} is not class-conditional; give no class")
         options = SamplingOptions(sampler=sampler, steps=steps, spacing=spacing, cfg_scale=cfg_scale, progress=progress)
         x_T = rng.randn(cond_image.shape, generator, device=lowres.device)  # (B, 3, H, W)
-        return self.run_sampler(net, x_T, cond, options, generator)
+        out = self.run_sampler(net, x_T, cond, options, generator)  # (B, 3, H, W)
+        if self.enforce_consistency if enforce_consistency is None else enforce_consistency:
+            out = self.make_consistent(out, lowres)
+        return out
+
+    def make_consistent(self, images: Tensor, lowres: Tensor) -> Tensor:
+        """``images`` (B, 3, f·h, f·w) projected onto downsample(·) = ``lowres`` (B, 3, h, w), clamped to [−1, 1].
+
+        The projection keeps what downsampling cannot see and replaces the rest by ``lowres``'s
+        (:func:`~cascade.diffusion.consistency.project_onto_observation`); the clamp moves only pixels
+        the projection pushed past the range.
+        """
+        return project_onto_observation(images, lowres, partial(downsample, factor=self.factor)).clamp(-1.0, 1.0)
 
 
 # --- Super-resolving a user's image -----------------------------------------------------------------
@@ -477,6 +499,7 @@ def super_resolve(
     sampler: SamplerName = "dpmpp_2m",
     steps: int = 25,
     cfg_scale: float = 1.0,
+    enforce_consistency: bool | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
 ) -> tuple[Tensor, list[str]]:
@@ -495,6 +518,7 @@ def super_resolve(
         sampler=sampler,
         steps=steps,
         cfg_scale=cfg_scale,
+        enforce_consistency=enforce_consistency,
         generator=generator,
         progress=progress,
     )

@@ -652,6 +652,7 @@ def aug_level_sweep(
     seed: int = 0,
     progress: bool = True,
     redraw: Callable[[int, torch.Generator], Tensor] | None = None,
+    enforce_consistency: bool | None = None,
 ) -> dict[str, Any]:
     """Super-resolve ``num_images`` held-out images of ``data`` (at the stage resolution) at every augmentation level s.
 
@@ -671,6 +672,9 @@ def aug_level_sweep(
     are the ``realistic_bound``: what a perfect model that invents detail (rather than averaging it away)
     scores, the reference for how much PSNR realism costs on this data. Image j's draws come from
     ``derive_seed(seed, REDRAW_STREAM, j)``.
+
+    ``enforce_consistency`` (None: the stage's default) projects every output onto its input
+    (:meth:`~cascade.roles.Upsampler.sample`); the report says which was used.
     """
     if not stage.noise_augmentation and list(aug_levels) != [None]:
         raise ValueError(f"{stage.name} was trained without noise conditioning augmentation: it has no aug levels to sweep")
@@ -711,6 +715,7 @@ def aug_level_sweep(
                     aug_level=s,
                     sampler=sampler,
                     steps=steps,
+                    enforce_consistency=enforce_consistency,
                     generator=image_generators(seed, SR_STREAM, batch, device),
                     progress=False,
                 )
@@ -751,6 +756,7 @@ def aug_level_sweep(
         "crop": crop,
         "sampler": sampler,
         "steps": steps,
+        "enforce_consistency": stage.enforce_consistency if enforce_consistency is None else enforce_consistency,
         "seed": seed,
         "pr_num": min(pr_num, len(indices)),
         "seeding": f"output j: torch.Generator seeded with cascade.utils.rng.derive_seed(seed, {SR_STREAM}, j), every level",

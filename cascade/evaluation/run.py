@@ -155,6 +155,7 @@ class EvaluationConfig:
     sr_batch_size: int = 8
     sr_steps: int = 25
     sr_sampler: str = "dpmpp_2m"
+    enforce_consistency: Optional[bool] = None  # project outputs onto their low-res inputs; null: the checkpoint's default
     # classifier
     eval_buckets: int = 4
     eval_images: int = 1000
@@ -184,6 +185,7 @@ class EvaluationConfig:
             write_tuned=self.write_tuned,
             num_images=self.num_images,
             crop=self.sr_crop,
+            enforce_consistency=self.enforce_consistency,
         )
 
     def classifier(self) -> ClassifierEvaluation:
@@ -219,6 +221,7 @@ class UpsamplerEvaluation:
     write_tuned: bool
     num_images: int
     crop: int | None  # super-resolve the central aligned crop of this hi-res size
+    enforce_consistency: bool | None  # project outputs onto their low-res inputs; None: the stage's default
 
 
 @dataclass
@@ -485,8 +488,14 @@ def _evaluate_upsampler(
         seed=cfg.seed,
         progress=cfg.progress,
         redraw=redraw,
+        enforce_consistency=run.enforce_consistency,
     )
     rank, _ = rank_world()
+    if sweep["enforce_consistency"] and rank == 0:
+        print(
+            f"{loaded.name}'s outputs are projected onto their low-res inputs (enforce_consistency): the consistency "
+            "figures are exact up to the final clamp to [-1, 1]; PSNR, SSIM, HF ratio and FID say what the model adds"
+        )
     bound = sweep["realistic_bound"]
     if bound is not None and rank == 0:
         print(

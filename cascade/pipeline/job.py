@@ -45,7 +45,7 @@ from cascade.pipeline.settings import (
     read_replay,
 )
 from cascade.training.checkpoint import CheckpointError, LoadedStage, open_stage
-from cascade.utils.cli import OneLineParser
+from cascade.utils.cli import OneLineParser, on_off
 from cascade.utils.device import resolve_device
 
 __all__ = [
@@ -128,6 +128,13 @@ def add_stage_flags(p: argparse.ArgumentParser, upsamplers: Sequence[str]) -> No
                 metavar="S",
                 help=f"noise-augmentation level s of {name}'s low-res input",
             )
+            group.add_argument(
+                f"--{name}-consistency",
+                dest=f"{name}:consistency",
+                type=on_off,
+                metavar="on|off",
+                help=f"project {name}'s outputs onto the images whose downsample is its input (default: the checkpoint's)",
+            )
 
 
 def stage_flag_overrides(args: dict[str, Any], names: Sequence[str]) -> list[Override]:
@@ -137,7 +144,7 @@ def stage_flag_overrides(args: dict[str, Any], names: Sequence[str]) -> list[Ove
         prefix = "base" if name == "base" else f"upsamplers.{name}"
         options = {
             **{k: v[0] for k, v in STAGE_OPTIONS.items()},
-            **({"aug-level": "settings.aug_level"} if name != "base" else {}),
+            **({"aug-level": "settings.aug_level", "consistency": "settings.enforce_consistency"} if name != "base" else {}),
         }
         for option, key in options.items():
             if args.get(f"{name}:{option}") is not None:

@@ -56,6 +56,7 @@ class StageSettings:
     classifier_scale: float = 0.0  # classifier guidance s (generator only)
     guide_scale: float = 1.0  # autoguidance w by the cascade's guide network (generator only; 1 = off)
     aug_level: int | None = None  # noise-augmentation level s of the low-res input (upsamplers only)
+    enforce_consistency: bool | None = None  # project outputs onto the low-res input (upsamplers only; None: the stage's)
     spacing: Spacing | None = None  # respacing of the training process (None: the sampler's default)
 
 
@@ -356,6 +357,7 @@ class Cascade:
             steps=s.steps,
             spacing=s.spacing,
             cfg_scale=s.cfg_scale,
+            enforce_consistency=s.enforce_consistency,
             generator=generators,
             progress=progress,
         )
@@ -370,6 +372,12 @@ class Cascade:
                 entry["aug_level"] = level
             else:
                 entry.pop("aug_level")
+            if isinstance(loaded.stage, Upsampler):  # the value in effect, so a replay projects as this run did
+                entry["enforce_consistency"] = (
+                    loaded.stage.enforce_consistency if s.enforce_consistency is None else s.enforce_consistency
+                )
+            else:
+                entry.pop("enforce_consistency")
             described.append(entry)
         return {
             "stages": described,

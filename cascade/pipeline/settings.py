@@ -79,6 +79,7 @@ class UpsamplerSettings:
     batch_size: int = 4  # 1024px wants small batches
     cfg_scale: float = 1.0  # classifier-free guidance w of a class-conditional upsampler
     aug_level: Optional[int] = None  # noise-augmentation level s of the low-res input; null: the checkpoint's sample_aug_level
+    enforce_consistency: Optional[bool] = None  # project outputs onto downsample(output) = input; null: the checkpoint's
     spacing: Optional[str] = None
 
 

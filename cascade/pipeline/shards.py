@@ -167,6 +167,7 @@ def sample_upsampler_stage(
         steps=settings.steps,
         spacing=settings.spacing,
         cfg_scale=settings.cfg_scale,
+        enforce_consistency=settings.enforce_consistency,
         generator=generators,
         progress=False,
     )
