@@ -75,6 +75,16 @@ STAGE_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "spacing": ("settings.spacing", str, "respacing of the training process (default: the sampler's)"),
 }
 METAVARS = {"ckpt": "PATH", "steps": "N", "batch-size": "N", "spacing": "SPACING"}
+# Upsamplers only: flag suffix → (dotted key in the stage's slot, type, metavar, help with {name}).
+UPSAMPLER_OPTIONS: dict[str, tuple[str, Any, str, str]] = {
+    "aug-level": ("settings.aug_level", int, "S", "noise-augmentation level s of {name}'s low-res input"),
+    "consistency": (
+        "settings.enforce_consistency",
+        on_off,
+        "on|off",
+        "project {name}'s outputs onto the images whose downsample is its input (default: the checkpoint's)",
+    ),
+}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -114,26 +124,15 @@ def stage_pairs(values: list[str], parser: argparse.ArgumentParser) -> list[tupl
 
 
 def add_stage_flags(p: argparse.ArgumentParser, upsamplers: Sequence[str]) -> None:
-    """``--<name>-ckpt/-steps/-sampler/-batch-size/-spacing`` (and ``-aug-level`` for upsamplers) for the base and ``upsamplers``."""
+    """``--<name>-ckpt/-steps/-sampler/-batch-size/-spacing`` (and ``-aug-level``, ``-consistency`` for upsamplers) for the base and ``upsamplers``."""
     for name in ("base", *upsamplers):
         group = p.add_argument_group(f"stage {name}", "the generator" if name == "base" else "an upsampler")
         for option, (_, kind, what) in STAGE_OPTIONS.items():
             extra = {"choices": list(SAMPLERS)} if option == "sampler" else {"metavar": METAVARS[option]}
             group.add_argument(f"--{name}-{option}", dest=f"{name}:{option}", type=kind, help=f"{name} {what}", **extra)
-        if name != "base":
+        for option, (_, kind, metavar, what) in UPSAMPLER_OPTIONS.items() if name != "base" else ():
             group.add_argument(
-                f"--{name}-aug-level",
-                dest=f"{name}:aug-level",
-                type=int,
-                metavar="S",
-                help=f"noise-augmentation level s of {name}'s low-res input",
-            )
-            group.add_argument(
-                f"--{name}-consistency",
-                dest=f"{name}:consistency",
-                type=on_off,
-                metavar="on|off",
-                help=f"project {name}'s outputs onto the images whose downsample is its input (default: the checkpoint's)",
+                f"--{name}-{option}", dest=f"{name}:{option}", type=kind, metavar=metavar, help=what.format(name=name)
             )
 
 
@@ -144,7 +143,7 @@ def stage_flag_overrides(args: dict[str, Any], names: Sequence[str]) -> list[Ove
         prefix = "base" if name == "base" else f"upsamplers.{name}"
         options = {
             **{k: v[0] for k, v in STAGE_OPTIONS.items()},
-            **({"aug-level": "settings.aug_level", "consistency": "settings.enforce_consistency"} if name != "base" else {}),
+            **({k: v[0] for k, v in UPSAMPLER_OPTIONS.items()} if name != "base" else {}),
         }
         for option, key in options.items():
             if args.get(f"{name}:{option}") is not None:
