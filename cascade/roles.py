@@ -124,6 +124,10 @@ class Upsampler(_DiffusionRole):
         downsample is ``lowres``.
         """
 
+    def consistency_in_effect(self, enforce_consistency: bool | None) -> bool:
+        """Whether :meth:`sample` called with this ``enforce_consistency`` projects: the call's choice, else the stage's."""
+        return self.enforce_consistency if enforce_consistency is None else bool(enforce_consistency)
+
 
 class NoisyClassifier(ABC):
     """p_φ(y | x_t, t) trained on a generator's noise process: its gradient guides sampling (ADM §4)."""

@@ -432,7 +432,7 @@ class UpsamplerStage(DiffusionStage, Upsampler):
         options = SamplingOptions(sampler=sampler, steps=steps, spacing=spacing, cfg_scale=cfg_scale, progress=progress)
         x_T = rng.randn(cond_image.shape, generator, device=lowres.device)  # (B, 3, H, W)
         out = self.run_sampler(net, x_T, cond, options, generator)  # (B, 3, H, W)
-        if self.enforce_consistency if enforce_consistency is None else enforce_consistency:
+        if self.consistency_in_effect(enforce_consistency):
             out = self.make_consistent(out, lowres)
         return out
 

@@ -756,7 +756,7 @@ def aug_level_sweep(
         "crop": crop,
         "sampler": sampler,
         "steps": steps,
-        "enforce_consistency": stage.enforce_consistency if enforce_consistency is None else enforce_consistency,
+        "enforce_consistency": stage.consistency_in_effect(enforce_consistency),
         "seed": seed,
         "pr_num": min(pr_num, len(indices)),
         "seeding": f"output j: torch.Generator seeded with cascade.utils.rng.derive_seed(seed, {SR_STREAM}, j), every level",

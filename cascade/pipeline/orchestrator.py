@@ -373,9 +373,7 @@ class Cascade:
             else:
                 entry.pop("aug_level")
             if isinstance(loaded.stage, Upsampler):  # the value in effect, so a replay projects as this run did
-                entry["enforce_consistency"] = (
-                    loaded.stage.enforce_consistency if s.enforce_consistency is None else s.enforce_consistency
-                )
+                entry["enforce_consistency"] = loaded.stage.consistency_in_effect(s.enforce_consistency)
             else:
                 entry.pop("enforce_consistency")
             described.append(entry)
