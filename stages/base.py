@@ -7,6 +7,11 @@ no null class at all, as ADM's released models). An unconditional stage
 (``class_conditional: false``, e.g. ADM's 256px unconditional model) never sees the label; it
 reaches a class only through classifier guidance. At sampling, classifier guidance (a noisy
 classifier) and/or classifier-free guidance steer it towards the requested class.
+
+With ``self_condition`` the network also sees its own estimate of x_0
+(:mod:`cascade.diffusion.self_conditioning`; Chen, Zhang & Hinton 2022): in training on half of
+the (micro-)batches, drawn from the training generator so that a resumed run draws the same; at
+sampling on every model call.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from cascade.diffusion.denoiser import VarianceType
 from cascade.diffusion.losses import DiffusionLoss
 from cascade.diffusion.samplers import SamplerName
 from cascade.diffusion.schedules import NoiseSchedule, Spacing, check_same_schedule
+from cascade.diffusion.self_conditioning import SelfConditioning
 from cascade.roles import Generator
 from cascade.utils import rng
 from stages.core import DiffusionStage, SamplingOptions, default_spacing
@@ -41,7 +47,9 @@ class GeneratorStage(DiffusionStage, Generator):
         class_conditional: bool = True,  # the network sees the class; False: unconditional (guided by a classifier)
         p_uncond: float = 0.1,  # label dropout for classifier-free guidance; 0: no null class
         fixed_variance: VarianceType = "large",  # Σ at sampling when the variance is not learned
+        self_condition: bool = False,  # the network also sees its own x̂_0 estimate (Chen et al. 2022)
     ) -> None:
+        self.self_condition = self_condition
         super().__init__(
             net=net,
             schedule=schedule,
@@ -53,9 +61,29 @@ class GeneratorStage(DiffusionStage, Generator):
             fixed_variance=fixed_variance,
         )
 
+    def net_kwargs(self, num_classes: int) -> dict[str, object]:
+        """The U-Net's arguments; with self-conditioning its ``lowres`` input carries the x̂_0 estimate."""
+        kwargs = super().net_kwargs(num_classes)
+        if self.self_condition:
+            kwargs["lowres_channels"] = 3
+        return kwargs
+
+    def precondition(self, net: nn.Module) -> nn.Module:
+        """``net`` wrapped in :class:`SelfConditioning` when ``self_condition``, else unchanged."""
+        if not self.self_condition:
+            return net
+        return SelfConditioning(net, schedule=self.schedule, parameterization=self.objective.parameterization)
+
     def loss(self, net: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
-        """Per-example diffusion loss at uniformly drawn t, with labels dropped to ∅ at rate p_uncond."""
-        return self.diffusion_loss(net, images, labels, generator)
+        """Per-example diffusion loss at t drawn by the objective, with labels dropped to ∅ at rate p_uncond.
+
+        Random draws, in order: with ``self_condition`` one coin for the whole batch (refine from
+        the network's own estimate, probability 1/2), then those of :meth:`diffusion_loss`.
+        """
+        cond: dict[str, object] = {}
+        if self.self_condition:
+            cond["refine"] = bool(torch.rand((), generator=generator, device=images.device) < 0.5)
+        return self.diffusion_loss(net, images, labels, generator, **cond)
 
     @torch.no_grad()
     def sample(
