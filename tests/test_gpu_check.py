@@ -65,7 +65,7 @@ def test_unet_attention_runs_on_a_fused_sdpa_backend() -> None:
     stage = gpu_check.instantiate(gpu_check.compose_config("base", "tiny").stage)
     net = stage.build(num_classes=10)
     result = gpu_check.sdpa_check(stage, net, torch.device("cpu"), 2)
-    assert any(isinstance(m, UNet) for m in net.modules())  # the tiny base wraps its U-Net (self-conditioning)
+    assert any(isinstance(m, UNet) for m in net.modules())  # a self-conditioned base wraps its U-Net
     assert result["passed"], result["error"]
 
 
