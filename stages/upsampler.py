@@ -267,7 +267,10 @@ class UpsamplerStage(DiffusionStage, Upsampler):
         return AlignedWindows(dataset, self.training_window, self.factor)
 
     def net_kwargs(self, num_classes: int) -> dict[str, object]:
-        return {**super().net_kwargs(num_classes), "lowres_channels": 3, "aug_level_embedding": self.noise_augmentation}
+        kwargs = {**super().net_kwargs(num_classes), "lowres_channels": 3, "aug_level_embedding": self.noise_augmentation}
+        if self.lowres_prior is not None:  # a configured partial: its keywords say whether it reads a detail-scale channel
+            kwargs["out_channels"] += LowresPrior.extra_output_channels(**getattr(self.lowres_prior, "keywords", {}))
+        return kwargs
 
     def precondition(self, net: nn.Module) -> nn.Module:
         """``net`` wrapped in ``lowres_prior`` (preconditioning around the conditioning image) when configured."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -175,3 +177,94 @@ def test_upsampler_stage_applies_the_detail_weighting():
     t, s = net.net.seen
     weight = net.loss_weight(t, s)  # (6,)
     assert torch.allclose(losses[True], losses[False] * weight, rtol=1e-5) and bool((weight > 1).any())
+
+
+class Logit(nn.Module):
+    """F ≡ 0 and a given detail-scale logit map (1, 1, H, W), then ``extra`` zero channels (a learned variance)."""
+
+    def __init__(self, logit: torch.Tensor, extra: int = 0) -> None:
+        super().__init__()
+        self.logit, self.extra = logit, extra
+
+    def forward(self, x_t, t, *, lowres, aug_level, **cond):
+        b, _, h, w = x_t.shape
+        zeros = torch.zeros(b, 3, h, w)
+        return torch.cat([zeros, self.logit.expand(b, 1, h, w), torch.zeros(b, self.extra, h, w)], dim=1)
+
+
+@pytest.mark.parametrize("k", [100, 500, 900])
+def test_learned_detail_scale_is_the_per_pixel_posterior(k):
+    """Pixels whose logits give τ_0 = 0.02 and τ_0 = 0.4: with F = 0, x̂_0 is each pixel's own Gaussian posterior mean."""
+    schedule, aug = linear_schedule(1000), linear_schedule(1000)
+    tau_max, tau0 = 0.5, 0.05
+    low, high = 0.02, 0.4
+    logit_of = lambda tau: math.log(tau / (tau_max - tau)) - math.log(tau0 / (tau_max - tau0))  # noqa: E731  sigmoid(g + b) = τ/τ_max
+    half = N // 2
+    logit = torch.cat([torch.full((half,), logit_of(low)), torch.full((half,), logit_of(high))]).view(1, 1, 1, N)
+    prior = LowresPrior(Logit(logit, extra=3), schedule=schedule, aug_schedule=aug, residual_std=tau0, detail_scale_max=tau_max)
+    g = torch.Generator().manual_seed(k)
+    lowres = (torch.rand(N, generator=g) * 2 - 1).view(1, 1, 1, N).expand(1, 3, 1, N)  # aug level 0: the centre m itself
+    tau = torch.cat([torch.full((half,), low), torch.full((half,), high)])
+    x0 = lowres[0, 0, 0] + tau * torch.randn(N, generator=g)  # (N,) ~ N(m, τ(x)²) pixel by pixel
+    ab = schedule.alphas_cumprod[k]
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn(N, generator=g)
+    t, s = schedule.timesteps[k : k + 1], aug.timesteps[:1]
+    out = prior(x_t.view(1, 1, 1, N).expand(1, 3, 1, N), t, lowres=lowres, aug_level=s)
+    assert out.shape == (1, 6, 1, N) and torch.equal(out[:, 3:], torch.zeros(1, 3, 1, N))  # the variance passes through
+    x0_hat, _ = x0_eps_from_prediction(out[:, :3], "v", x_t.view(1, 1, 1, N).expand(1, 3, 1, N), ab.view(1, 1, 1, 1).float())
+    residual = x0 - x0_hat[0, 0, 0]
+    m = lowres[0, 0, 0]
+    for group in (slice(0, half), slice(half, N)):  # the Bayes residual is orthogonal to the pixel's own observation
+        r, obs = residual[group], (x_t - ab.sqrt() * m)[group]
+        assert abs(float((r * obs).mean())) < 3e-3 * float(obs.std())
+        assert abs(float(r.mean())) < 3e-3
+
+
+def test_learned_detail_scale_starts_at_the_fixed_prior():
+    """A zero logit gives exactly the fixed-τ_0 prior; the stage sizes its network for the extra channel and trains it."""
+    schedule, aug = linear_schedule(1000), linear_schedule(1000)
+    g = torch.Generator().manual_seed(0)
+    x_t, lowres = torch.randn(2, 3, 8, 8, generator=g), torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    t, s = schedule.timesteps[[700, 20]], aug.timesteps[[0, 40]]
+    fixed = LowresPrior(Zero(), schedule=schedule, aug_schedule=aug, residual_std=0.05)
+    learned = LowresPrior(
+        Logit(torch.zeros(1, 1, 1, 1)), schedule=schedule, aug_schedule=aug, residual_std=0.05, detail_scale_max=0.4
+    )
+    assert torch.allclose(learned(x_t, t, lowres=lowres, aug_level=s), fixed(x_t, t, lowres=lowres, aug_level=s), atol=1e-6)
+    assert LowresPrior.extra_output_channels(residual_std=0.05) == 0
+    assert LowresPrior.extra_output_channels(residual_std=0.05, detail_scale_max=0.4) == 1
+    with pytest.raises(ValueError, match="must exceed residual_std"):
+        LowresPrior(Zero(), schedule=schedule, aug_schedule=aug, residual_std=0.05, detail_scale_max=0.05)
+    with pytest.raises(ValueError, match="use one of the two"):
+        LowresPrior(Zero(), schedule=schedule, aug_schedule=aug, residual_std=0.05, detail_scale_max=0.4, detail_weighting=True)
+
+    net = instantiate(
+        {"_target_": "cascade.nn.UNet", "_partial_": True, "model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
+         "attention_resolutions": [], "middle_attention": False}
+    )  # fmt: skip
+    prior = instantiate(
+        {
+            "_target_": "cascade.diffusion.preconditioning.LowresPrior",
+            "_partial_": True,
+            "residual_std": 0.05,
+            "detail_scale_max": 0.4,
+        }
+    )
+    stage = UpsamplerStage(
+        net=net,
+        schedule=schedule,
+        aug_schedule=aug,
+        objective=DiffusionLoss(parameterization="v", learned_variance=True),
+        name="sr16",
+        resolution=16,
+        lowres_resolution=4,
+        lowres_prior=prior,
+    )
+    wrapped = stage.build(num_classes=3)
+    assert wrapped.net.out[-1].out_channels == 3 + 1 + 3  # F, the logit, the learned variance
+    torch.nn.init.normal_(wrapped.net.out[-1].weight, std=0.01)  # past the zero initialisation: gradients reach the logit
+    loss = stage.loss(wrapped, torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([0, 1]), torch.Generator().manual_seed(1))
+    loss.mean().backward()
+    assert torch.isfinite(loss).all() and float(wrapped.net.out[-1].weight.grad[3].abs().sum()) > 0
+    out = stage.sample(wrapped, torch.zeros(2, 3, 4, 4), torch.tensor([0, 2]), aug_level=0, steps=2, progress=False, generator=g)
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()

@@ -33,9 +33,22 @@ detail the low-res image implies (an edge's sharp profile, a stripe's phase), si
 longer shows it. EDM's λ(σ) = 1/c_out² (Karras et al. 2022, §5, Table 1) gives F's error unit
 weight at every level; ``detail_weighting`` does that by multiplying the v-loss by
 (α² τ² + σ²)/τ² (:meth:`LowresPrior.loss_weight`), which leaves the low-noise weight at 1.
+
+A learned detail scale. One τ_0 for every pixel is a poor prior: detail is dense in a texture and
+absent from a flat background, and what the low-res image shows of either is the same flat colour.
+With a small τ_0 the skip never lets x_t's emerging texture through and F must output ~detail/τ_0
+(ten at τ_0 = 0.05 for a stripe of amplitude 0.5); with a large one F must cancel the noise that the
+skip passes through every flat area, pixel by pixel, which a briefly trained network does not: it
+leaves grain. With ``detail_scale_max`` the network's output carries one more channel, a logit g, and
+the prior's spread becomes per pixel, τ_0(x) = τ_max · sigmoid(g + b) with b such that g = 0 (a
+zero-initialised output layer) gives ``residual_std``: the posterior formulas above hold pixel by
+pixel (they never mix pixels), and "no detail here" is one logit per region instead of a noise map.
+This is the heteroscedastic form of the EDM skip; the network is trained through x̂_0 as before.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -68,8 +81,9 @@ def _posterior_x0(x_t: Tensor, alpha_bar: Tensor, mean: Tensor, tau2: Tensor, f:
 class LowresPrior(nn.Module):
     """A network ``net(x_t, t, lowres=, aug_level=, ...)`` preconditioned around its low-res input; predicts v.
 
-    ``net``'s first ``channels`` outputs are F (see the module docstring); any further
-    channels (a learned variance) pass through unchanged. ``schedule`` is the stage's
+    ``net``'s first ``channels`` outputs are F (see the module docstring); with ``detail_scale_max``
+    the next one is the detail-scale logit (:meth:`detail_variance`); any further channels (a
+    learned variance) pass through unchanged. ``schedule`` is the stage's
     training process (t → ᾱ_t), ``aug_schedule`` the conditioning augmentation's (s → ᾱ_s).
     """
 
@@ -83,17 +97,36 @@ class LowresPrior(nn.Module):
         data_std: float = 0.5,  # σ_d: std of images in [−1, 1] (EDM's σ_data)
         channels: int = 3,  # image channels (the rest of the output passes through)
         detail_weighting: bool = False,  # training: weigh F's error alike at every noise level (loss_weight)
+        detail_scale_max: float | None = None,  # learned per-pixel τ_0 in (0, this) from one more output channel
     ) -> None:
         super().__init__()
         if residual_std <= 0 or data_std <= 0:
             raise ValueError(f"residual_std and data_std must be > 0, got {residual_std} and {data_std}")
+        if detail_scale_max is not None and detail_scale_max <= residual_std:
+            raise ValueError(
+                f"detail_scale_max={detail_scale_max} must exceed residual_std={residual_std} (the scale an "
+                "untrained network starts at); raise it or leave it unset for one fixed τ_0"
+            )
+        if detail_scale_max is not None and detail_weighting:
+            raise ValueError(
+                "detail_weighting weighs the loss by the prior's fixed τ_0, which detail_scale_max makes per pixel "
+                "and learned; use one of the two"
+            )
         self.net, self.channels = net, channels
         self.residual_std, self.data_std = residual_std, data_std
-        self.detail_weighting = detail_weighting
+        self.detail_weighting, self.detail_scale_max = detail_weighting, detail_scale_max
         self.schedule, self.aug_schedule = schedule, aug_schedule
         # Rebuilt from the config, so not part of the state dict.
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.clone().float(), persistent=False)
         self.register_buffer("aug_alphas_cumprod", aug_schedule.alphas_cumprod.clone().float(), persistent=False)
+
+    @staticmethod
+    def extra_output_channels(detail_scale_max: float | None = None, **_: object) -> int:
+        """Output channels the wrapped network needs besides F (and a learned variance): 1 for the detail-scale logit.
+
+        Takes the constructor's keywords, so a stage can size its network from a configured partial.
+        """
+        return 0 if detail_scale_max is None else 1
 
     def __getattr__(self, name: str):  # the wrapped network's attributes (num_classes, resolution, ...)
         try:
@@ -133,10 +166,19 @@ class LowresPrior(nn.Module):
         """x̂_0 = m + c (x_t − α m) + c_out F; all (B, C, H, W) but t (B,) and τ² (B, 1, 1, 1)."""
         return _posterior_x0(x_t, self.alpha_bar(t), mean, tau2, f)
 
+    def detail_variance(self, logit: Tensor) -> Tensor:
+        """τ_0(x)² (B, 1, H, W) from the detail-scale logit g (B, 1, H, W): (τ_max · sigmoid(g + b))², g = 0 → ``residual_std``²."""
+        tau_max = float(self.detail_scale_max)  # type: ignore[arg-type]
+        offset = -math.log(tau_max / self.residual_std - 1.0)  # sigmoid(offset) = τ_0 / τ_max
+        return (tau_max * torch.sigmoid(logit + offset)) ** 2
+
     def forward(self, x_t: Tensor, t: Tensor, *, lowres: Tensor, aug_level: Tensor, **cond: Tensor) -> Tensor:
-        out = self.net(x_t, t, lowres=lowres, aug_level=aug_level, **cond).float()  # (B, C + extra, H, W)
+        out = self.net(x_t, t, lowres=lowres, aug_level=aug_level, **cond).float()  # (B, C + gate + extra, H, W)
         f, extra = out[:, : self.channels], out[:, self.channels :]
-        mean, tau2 = self.prior(lowres, aug_level)
+        mean, tau2 = self.prior(lowres, aug_level)  # (B, C, H, W), (B, 1, 1, 1)
+        if self.detail_scale_max is not None:
+            logit, extra = extra[:, :1], extra[:, 1:]  # (B, 1, H, W), the rest (a learned variance) passes through
+            tau2 = tau2 - self.residual_std**2 + self.detail_variance(logit)  # (B, 1, H, W): τ_0(x)² + the aug term
         alpha_bar = self.alpha_bar(t)  # (B, 1, 1, 1)
         x0 = _posterior_x0(x_t.float(), alpha_bar, mean, tau2, f)  # (B, C, H, W)
         v = (alpha_bar.sqrt() * x_t.float() - x0) / (1.0 - alpha_bar).sqrt()  # (B, C, H, W)
