@@ -173,7 +173,7 @@ class LowresPrior(nn.Module):
         return (tau_max * torch.sigmoid(logit + offset)) ** 2
 
     def forward(self, x_t: Tensor, t: Tensor, *, lowres: Tensor, aug_level: Tensor, **cond: Tensor) -> Tensor:
-        out = self.net(x_t, t, lowres=lowres, aug_level=aug_level, **cond).float()  # (B, C + gate + extra, H, W)
+        out = self.net(x_t, t, lowres=lowres, aug_level=aug_level, **cond).float()  # (B, C [+ logit] + extra, H, W)
         f, extra = out[:, : self.channels], out[:, self.channels :]
         mean, tau2 = self.prior(lowres, aug_level)  # (B, C, H, W), (B, 1, 1, 1)
         if self.detail_scale_max is not None:
