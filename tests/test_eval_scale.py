@@ -111,7 +111,7 @@ def test_upsampler_and_classifier_evaluation_on_two_ranks_equal_one_process(smok
     assert reports[0]["accuracy_by_t"] == reports[1]["accuracy_by_t"] and reports[1]["world_size"] == 2  # counts: exact
 
     sr256 = smoke_runs / "sr256" / "checkpoints" / "last.pt"
-    sweep = ["aug_levels=[7,30]", "num_images=6", "sr_batch_size=2", "sr_steps=1", "write_tuned=false", "pr_k=2"]
+    sweep = ["aug_levels=[7,30]", "num_images=6", "sr_crop=128", "sr_batch_size=2", "sr_steps=1", "write_tuned=false", "pr_k=2"]
     sweep += ["reference.arch=test_convnext", "reference.steps=2", "reference.batch_size=8", "reference.eval_images=8"]
     reports = []
     for name, launch, extra in (
