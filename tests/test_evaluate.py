@@ -14,7 +14,13 @@ import torch.nn.functional as F
 
 from cascade.data.resize import downsample
 from cascade.evaluation import features as features_module
-from cascade.evaluation.evaluate import classification_accuracy_score, json_ready, reference_classifier, select_level
+from cascade.evaluation.evaluate import (
+    classification_accuracy_score,
+    faithful_levels,
+    json_ready,
+    reference_classifier,
+    select_level,
+)
 from cascade.evaluation.features import FeatureError, InceptionFeatures, inception_weights, tiles
 from cascade.evaluation.fid import fid, frechet_distance, inception_score, knn_radii, precision_recall
 from cascade.evaluation.metrics import ShapeJudge, colour_blind, luminance, psnr, ssim, super_resolution_metrics, topk_accuracy
@@ -127,6 +133,25 @@ def test_select_level_by_metric_direction_and_ties():
     assert select_level(sweep, "psnr")["aug_level"] == 0
     with pytest.raises(ValueError, match="select_by='lpips' is not a metric of the sweep; choose one of: fid, psnr"):
         select_level(sweep, "lpips")
+
+
+def test_faithful_levels_keep_a_noisy_level_from_winning_on_fid():
+    """The tiny sr256's sweep: s = 100 has the lowest FID only because the conditioning's noise reaches the output."""
+    sweep = [
+        {"aug_level": 0, "fid": 14.9, "psnr": 27.47, "psnr_bicubic": 27.24, "ssim": 0.907, "ssim_bicubic": 0.913},
+        {"aug_level": 50, "fid": 11.7, "psnr": 26.30, "psnr_bicubic": 27.24, "ssim": 0.870, "ssim_bicubic": 0.913},
+        {"aug_level": 100, "fid": 9.7, "psnr": 24.35, "psnr_bicubic": 27.24, "ssim": 0.408, "ssim_bicubic": 0.913},
+    ]
+    assert select_level(sweep, "fid")["aug_level"] == 100
+    assert [r["aug_level"] for r in faithful_levels(sweep, {"psnr": 1.0, "ssim": 0.05})] == [0, 50]
+    assert select_level(faithful_levels(sweep, {"psnr": 1.0, "ssim": 0.05}), "fid")["aug_level"] == 50
+    assert [r["aug_level"] for r in faithful_levels(sweep, {"psnr": 0.5})] == [0]
+    assert faithful_levels(sweep, {"ssim": 0.001}) == []  # the caller then chooses over all levels and says so
+    for bad in ({"fid": 1.0}, {"psnr": -1.0}):
+        with pytest.raises(ValueError, match="must map psnr / ssim to margins >= 0"):
+            faithful_levels(sweep, bad)
+    with pytest.raises(ValueError, match="must map psnr / ssim"):  # refused when the settings are read, before sampling
+        evaluation_config({"ckpt": "x.pt", "select_max_loss": {"lpips": 0.1}}).upsampler()
 
 
 def test_tiles_are_aligned_and_paired_between_sets():
@@ -389,7 +414,10 @@ def test_upsampler_sweep_writes_a_level_that_cascade_sample_uses(smoke_runs, tmp
     assert bound["consistency_psnr"] > 35 and 0.8 < bound["hf_ratio"] < 1.25 and bound["psnr"] < 60
     assert "psnr_bicubic" not in bound and "realistic bound" in result.stdout
     chosen = report["chosen_aug_level"]
-    assert chosen == select_level(report["levels"], "fid")["aug_level"]
+    faithful = faithful_levels(report["levels"], report["select_max_loss"])  # the tiny preset's fidelity bounds
+    assert report["select_max_loss"] == {"psnr": 1.0, "ssim": 0.05}
+    assert chosen == select_level(faithful or report["levels"], "fid")["aug_level"]
+    assert ("within 1 dB of bicubic's PSNR and 0.05 of bicubic's SSIM" in report["chosen_by"]) == bool(faithful)
     assert read_tuned(sr256)["settings"] == {"aug_level": chosen}
     for png in ["sr_sweep.png", "sr_samples.png"]:
         assert (tmp_path / "ev" / png).is_file()

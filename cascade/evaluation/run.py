@@ -48,6 +48,7 @@ from cascade.evaluation.evaluate import (
     aug_level_sweep,
     classification_accuracy_score,
     classifier_noise_accuracy,
+    faithful_levels,
     guidance_sweep,
     json_ready,
     plot_sr_sweep,
@@ -149,6 +150,7 @@ class EvaluationConfig:
     # upsampler
     aug_levels: List[int] = field(default_factory=lambda: [0, 25, 50, 100, 200, 300])
     select_by: str = "fid"
+    select_max_loss: Optional[Dict[str, float]] = None  # e.g. {psnr: 1.0, ssim: 0.05}: only levels this close to bicubic compete
     write_tuned: bool = True
     num_images: int = 1000
     sr_crop: Optional[int] = None
@@ -182,6 +184,7 @@ class EvaluationConfig:
             batch_size=self.sr_batch_size,
             aug_levels=[int(s) for s in self.aug_levels],
             select_by=self.select_by,
+            max_loss=None if self.select_max_loss is None else dict(self.select_max_loss),
             write_tuned=self.write_tuned,
             num_images=self.num_images,
             crop=self.sr_crop,
@@ -218,10 +221,15 @@ class UpsamplerEvaluation:
     batch_size: int
     aug_levels: list[int]
     select_by: str
+    max_loss: dict[str, float] | None  # metric → how far below bicubic's a level may be and still be chosen
     write_tuned: bool
     num_images: int
     crop: int | None  # super-resolve the central aligned crop of this hi-res size
     enforce_consistency: bool | None  # project outputs onto their low-res inputs; None: the stage's default
+
+    def __post_init__(self) -> None:
+        if self.max_loss is not None:
+            faithful_levels([], self.max_loss)  # checks the margins before any sampling
 
 
 @dataclass
@@ -512,15 +520,22 @@ def _evaluate_upsampler(
                 f"(bicubic {sweep['bicubic']['fid']:.2f}); {loaded.name} has no aug level to choose, no tuned file written"
             )
         return {"features": features.description, "reference": ref_report, **sweep, "noise_augmentation": False}
-    best = select_level(sweep["levels"], run.select_by)
+    faithful = sweep["levels"] if run.max_loss is None else faithful_levels(sweep["levels"], run.max_loss)
+    best = select_level(faithful or sweep["levels"], run.select_by)
     if rank == 0:
         plot_sr_sweep(sweep, best["aug_level"], run.select_by, out_dir / "sr_sweep.png")
     chosen_by = f"{'lowest' if run.select_by in LOWER_IS_BETTER else 'highest'} {run.select_by} over aug levels {run.aug_levels}"
+    if run.max_loss is not None:
+        within = " and ".join(
+            f"{margin:g}{' dB' if m == 'psnr' else ''} of bicubic's {m.upper()}" for m, margin in run.max_loss.items()
+        )
+        chosen_by += f" within {within}" if faithful else f" (none is within {within}: chosen over all of them)"
     report = {
         "features": features.description,
         "reference": ref_report,
         **sweep,
         "select_by": run.select_by,
+        "select_max_loss": run.max_loss,
         "chosen_aug_level": best["aug_level"],
         "chosen_by": chosen_by,
         "tuned_file": None,
